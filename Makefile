@@ -1,0 +1,51 @@
+# Two commands, on a fresh Debian/Ubuntu machine as root:  make demo   /   make test
+# Each one installs what it needs (Debian packages when missing, a .venv with the project).
+
+VENV       := .venv
+BIN        := $(VENV)/bin
+PYTHON     ?= python3
+# Debian packages the lab and the tests use (checked with dpkg, installed only when missing).
+APT_PACKAGES := python3-venv python3-pip debootstrap systemd-container nut-server nut-client haproxy \
+                dpkg-dev gnupg apt-utils openssh-client openssh-server socat iproute2 procps psmisc curl
+
+.PHONY: all demo test test-unit test-integration lint system-packages venv clean
+
+all: test
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(BIN)/fleet: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/fleet
+
+lint: venv
+	$(BIN)/ruff check .
+
+test-unit: venv
+	$(BIN)/pytest -q tests/unit
+
+test-integration: system-packages venv
+	$(BIN)/pytest -q tests/integration
+
+test: system-packages venv lint
+	$(BIN)/pytest -q -n 2 tests/unit
+	$(BIN)/pytest -q tests/integration
+
+demo: system-packages venv
+	$(BIN)/fleet release check releases/2026-11.yaml --against releases/2026-10.yaml
+	$(BIN)/fleet inventory --stack lab -o .fleet/lab-inventory.yml
+	$(BIN)/ansible-inventory -i .fleet/lab-inventory.yml --graph
+
+clean:
+	rm -rf $(VENV) .fleet .pytest_cache .ruff_cache
