@@ -28,6 +28,15 @@ app = typer.Typer(
 release_app = typer.Typer(help="Check release bundles (releases/YYYY-MM.yaml).", no_args_is_help=True)
 app.add_typer(release_app, name="release")
 
+
+def _register_lab() -> None:
+    from lab.cli import app as lab_app
+
+    app.add_typer(lab_app, name="lab")
+
+
+_register_lab()
+
 out = Console()
 
 

@@ -1,0 +1,340 @@
+"""`fleet lab up|down|status|fault|inventory`: bring the lab up, inspect it, break it, tear it down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.errors import InputError
+from infra.fleet import Fleet, load_stack
+from infra.inventory import host_vars
+from lab import hosts as labhosts
+from lab import services
+from lab.base import ensure_base
+from lab.layout import DEFAULT_PORT_BASE, LabState, Layout, Ports
+
+HOST_FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "host-down", "ssh-hang")
+UPS_FAULTS = ("ups-on-battery",)
+FAULTS = HOST_FAULTS + UPS_FAULTS
+NEEDED_COMMANDS = ["debootstrap", "systemd-nspawn", "haproxy", "ssh-keygen", "ssh", "dpkg-deb", "gpg",
+                   "apt-ftparchive", "upsc"]
+
+Log = Callable[[str], None]
+
+
+class LabError(Exception):
+    """The lab cannot do what was asked (not root, a package missing, a port taken, ...)."""
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is as good as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ssh_banner(port: int, timeout: float = 2) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+@dataclass
+class Lab:
+    """One lab: its fleet, its layout and its ports."""
+
+    stack: str
+    project_dir: Path
+    layout: Layout
+    fleet: Fleet
+    ports: Ports
+
+    @classmethod
+    def open(cls, stack: str = "lab", project_dir: str | Path = ".", state_dir: str | Path | None = None,
+             port_base: int | None = None) -> Lab:
+        layout = Layout.for_stack(stack, state_dir)
+        state = LabState.load(layout)
+        if state is not None:
+            stack, project_dir, port_base = state.stack, state.project_dir, port_base or state.port_base
+        fleet = load_stack(stack, project_dir)
+        return cls(stack, Path(project_dir).absolute(), layout, fleet, Ports.plan(fleet, port_base or DEFAULT_PORT_BASE))
+
+    # --- queries ---------------------------------------------------------------------------------
+
+    def daemon_pid(self) -> int | None:
+        try:
+            pid = json.loads((self.layout.root / "daemon.json").read_text())["pid"]
+        except (FileNotFoundError, KeyError, json.JSONDecodeError):
+            return None
+        return pid if _pid_alive(pid) else None
+
+    def host_status(self, name: str) -> dict:
+        try:
+            return json.loads(self.layout.host(name).status.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"state": "down"}
+
+    def faults(self) -> dict[str, list[str]]:
+        try:
+            return json.loads((self.layout.root / "faults.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def inventory_path(self) -> Path:
+        return self.layout.inventory_dir
+
+    # --- up ----------------------------------------------------------------------------------------
+
+    def up(self, log: Log = print, fresh: bool = False, timeout: float = 180) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (systemd-nspawn, overlayfs mounts); run `fleet lab up` as root")
+        missing = services.require_commands(NEEDED_COMMANDS)
+        if missing:
+            raise LabError("missing system packages: " + "; ".join(missing)
+                           + " — `make demo` / `make test` install them, or apt-get install them")
+        if self.daemon_pid():
+            log(f"lab {self.stack!r} is already up ({self.layout.root})")
+            return
+        taken = [p for p in self.ports.all() if services.port_in_use(p)]
+        if taken:
+            raise LabError(f"loopback ports already in use: {taken[:8]}; choose another --port-base")
+        if fresh and (self.layout.root / "hosts").exists():
+            shutil.rmtree(self.layout.root / "hosts")
+        for stale in ("faults.json", "daemon.json"):
+            (self.layout.root / stale).unlink(missing_ok=True)
+        started = time.monotonic()
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        (self.layout.root / "logs").mkdir(exist_ok=True)
+        base = ensure_base(self.layout.cache, log)
+        self._publish(log)
+        pubkey = self._ssh_key()
+        secrets_file = self.layout.root / "secrets.json"
+        if not secrets_file.exists():
+            secrets_file.write_text(json.dumps({"ups_monitor": services.new_secret()}))
+            os.chmod(secrets_file, 0o600)
+        monitor_password = json.loads(secrets_file.read_text())["ups_monitor"]
+        known = []
+        for name in sorted(self.fleet.hosts):
+            dirs = self.layout.host(name)
+            labhosts.mount_overlay(base, dirs)
+            hostkey = labhosts.write_host_files(dirs, name, self.ports.hosts[name].ssh, pubkey)
+            known.append(f"[127.0.0.1]:{self.ports.hosts[name].ssh} ssh-ed25519 {hostkey}")
+            _write_hardware(dirs.hw, host_vars(self.fleet, self.fleet.hosts[name]))
+            dirs.desired.write_text("up")
+        self.layout.known_hosts.write_text("\n".join(known) + "\n")
+        from lab.inventory import write_inventory
+
+        write_inventory(self.fleet, self.layout, self.ports, monitor_password)
+        LabState(self.stack, str(self.project_dir), self.ports.base, hosts=sorted(self.fleet.hosts)).save(self.layout)
+        log(f"starting {len(self.fleet.hosts)} hosts and the lab services")
+        with open(self.layout.daemon_log, "a") as out:
+            subprocess.Popen([sys.executable, "-m", "lab.daemon", str(self.layout.root)], stdin=subprocess.DEVNULL,
+                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                             cwd=Path(__file__).resolve().parents[1])
+        try:
+            self._wait_daemon(timeout=60)
+            self.wait_hosts(sorted(self.fleet.hosts), timeout, log)
+        except LabError:
+            self.down(log=lambda _: None)
+            raise
+        log(f"lab up in {time.monotonic() - started:.0f}s; inventory: {self.inventory_path()}")
+
+    def _publish(self, log: Log) -> None:
+        www = self.layout.www
+        www.mkdir(parents=True, exist_ok=True)
+        releases = self.project_dir / "releases"
+        count = services.publish_artifacts(self.layout, releases)
+        log(f"artifact store: {count} weights file(s)")
+        try:
+            from lab.aptrepo import build_repo
+        except ImportError:
+            return
+        info = build_repo(self.layout.repo_dir, releases)
+        link = www / "apt"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(info.served_dir)
+        log(f"apt repository: {info.served_dir}")
+
+    def _ssh_key(self) -> str:
+        self.layout.ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = self.layout.ssh_key
+        if not key.exists():
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "fleet-lab", "-f", str(key)],
+                           check=True)
+        return key.with_suffix(".pub").read_text()
+
+    def _wait_daemon(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                state = json.loads((self.layout.root / "daemon.json").read_text())["state"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                state = "starting"
+            if state == "running":
+                return
+            if state.startswith("failed"):
+                raise LabError(f"the lab daemon failed to start: {state} (see {self.layout.daemon_log})")
+            time.sleep(0.3)
+        raise LabError(f"the lab daemon did not start within {timeout:.0f}s (see {self.layout.daemon_log})")
+
+    def wait_hosts(self, names: list[str], timeout: float, log: Log = print) -> None:
+        """Wait until each host's sshd answers with its banner."""
+        deadline = time.monotonic() + timeout
+        pending = list(names)
+        while pending and time.monotonic() < deadline:
+            pending = [n for n in pending if not ssh_banner(self.ports.hosts[n].ssh)]
+            if pending:
+                time.sleep(0.5)
+        if pending:
+            raise LabError(f"hosts not reachable over SSH after {timeout:.0f}s: {', '.join(pending)} "
+                           f"(console logs under {self.layout.root / 'hosts'})")
+        for n in names:
+            log(f"  {n}: ssh on 127.0.0.1:{self.ports.hosts[n].ssh}")
+
+    # --- down --------------------------------------------------------------------------------------
+
+    def down(self, log: Log = print, timeout: float = 150) -> list[str]:
+        """Stop everything; returns what was left behind (empty when clean)."""
+        pid = self.daemon_pid()
+        if pid:
+            log(f"stopping the lab daemon (pid {pid}) and its hosts")
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            if _pid_alive(pid):
+                log("the lab daemon did not stop in time; killing what is left")
+                os.kill(pid, signal.SIGKILL)
+        self._reap_leftovers(log)
+        leftovers = self.leftovers()
+        for item in leftovers:
+            log(f"left behind: {item}")
+        if not leftovers:
+            (self.layout.root / "faults.json").unlink(missing_ok=True)
+            log("lab down: no process, mount, port or lock left")
+        return leftovers
+
+    def _processes(self) -> list[int]:
+        """PIDs that belong to this lab: anything whose command line or environment names its directory."""
+        marker = str(self.layout.root).encode()
+        mine = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                data = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+            except OSError:
+                continue
+            if marker in data and _pid_alive(int(entry.name)):
+                mine.append(int(entry.name))
+        for name in self.fleet.hosts:
+            pid = self.host_status(name).get("init_pid")
+            if pid and _pid_alive(pid) and labhosts.process_name(pid) == "systemd":
+                mine.append(pid)
+        return sorted(set(mine))
+
+    def _reap_leftovers(self, log: Log) -> None:
+        for pid in self._processes():
+            log(f"killing leftover process {pid} ({labhosts.process_name(pid)})")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+        for name in self.fleet.hosts:
+            try:
+                labhosts.unmount_overlay(self.layout.host(name))
+            except subprocess.CalledProcessError:
+                subprocess.run(["umount", "-l", str(self.layout.host(name).merged)], check=False)
+        self.layout.lock_file.unlink(missing_ok=True)
+
+    def leftovers(self) -> list[str]:
+        out = [f"process {pid} ({labhosts.process_name(pid)})" for pid in self._processes()]
+        out += [f"mount {self.layout.host(n).merged}" for n in self.fleet.hosts
+                if labhosts.is_mounted(self.layout.host(n).merged)]
+        out += [f"port 127.0.0.1:{p}" for p in self.ports.all() if services.port_in_use(p)]
+        if self.layout.lock_file.exists():
+            out.append(f"lock {self.layout.lock_file}")
+        return out
+
+    # --- faults ------------------------------------------------------------------------------------
+
+    def fault(self, target: str, kind: str, clear: bool = False, log: Log = print) -> None:
+        ups = [u for _, u in services.ups_units(self.fleet)]
+        if kind not in FAULTS:
+            raise InputError.single("fleet lab fault", "KIND", kind, f"unknown fault; known: {', '.join(FAULTS)}")
+        if kind in UPS_FAULTS and target not in ups:
+            raise InputError.single("fleet lab fault", "TARGET", target, f"{kind} takes a UPS: {', '.join(ups)}")
+        if kind in HOST_FAULTS and target not in self.fleet.hosts:
+            raise InputError.single("fleet lab fault", "TARGET", target,
+                                    f"no such host; hosts: {', '.join(sorted(self.fleet.hosts))}")
+        if not self.daemon_pid():
+            raise LabError("the lab is not up")
+        if kind == "ups-on-battery":
+            services.write_ups_state(self.layout.service_dir("nut"), target, on_battery=not clear)
+        elif kind == "host-down":
+            dirs = self.layout.host(target)
+            dirs.desired.write_text("up" if clear else "down")
+            if clear:
+                self.wait_hosts([target], 120, log=lambda _: None)
+            else:
+                self._wait_state(target, "down", 90)
+        elif kind == "ssh-hang":
+            self._signal_sshd(target, signal.SIGCONT if clear else signal.SIGSTOP)
+        else:
+            _set_fault(self.layout.host(target).hw, kind, not clear)
+        faults = self.faults()
+        active = set(faults.get(target, []))
+        (active.discard if clear else active.add)(kind)
+        faults[target] = sorted(active)
+        (self.layout.root / "faults.json").write_text(json.dumps({k: v for k, v in faults.items() if v}))
+        log(f"{target}: {kind} {'cleared' if clear else 'injected'}")
+
+    def _wait_state(self, name: str, state: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.host_status(name).get("state") == state:
+                return
+            time.sleep(0.3)
+        raise LabError(f"{name} did not reach {state} within {timeout:.0f}s")
+
+    def _signal_sshd(self, name: str, sig: signal.Signals) -> None:
+        pid = self.host_status(name).get("pid")
+        if not pid or not _pid_alive(pid):
+            raise LabError(f"{name} is not running")
+        # the listener is the sshd whose parent is the container's systemd
+        for child in labhosts.descendants(pid):
+            if labhosts.process_name(child) == "sshd":
+                os.kill(child, sig)
+
+
+def _write_hardware(hw_dir: Path, hv: dict) -> None:
+    from lab.hardware import write_hardware
+
+    write_hardware(hw_dir, hv)
+
+
+def _set_fault(hw_dir: Path, kind: str, on: bool) -> None:
+    from lab.hardware import set_fault
+
+    set_fault(hw_dir, kind, on)

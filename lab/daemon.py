@@ -1,0 +1,124 @@
+"""The lab daemon: runs the lab's services and supervises its containers until told to stop.
+
+Started detached by `fleet lab up` (`python -m lab.daemon STATE_DIR`); `fleet lab down` sends it
+SIGTERM, and it powers the containers off through their init, stops the services, unmounts the
+overlays and releases the lab lock before it exits.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from infra.fleet import load_stack
+from lab import services
+from lab.hosts import HostSupervisor, unmount_overlay
+from lab.layout import Layout, LabState, Ports
+
+
+class Daemon:
+    def __init__(self, root: Path):
+        self.layout = Layout(root, Path("/nonexistent"))
+        state = LabState.load(self.layout)
+        if state is None:
+            raise SystemExit(f"{root}: no lab.json; run `fleet lab up`")
+        self.state = state
+        self.fleet = load_stack(state.stack, state.project_dir)
+        self.ports = Ports.plan(self.fleet, state.port_base)
+        self.stop_requested = threading.Event()
+        self.services: list[services.Service] = []
+        self.hosts: dict[str, HostSupervisor] = {}
+        self.log_file = open(self.layout.daemon_log, "a", buffering=1)
+
+    def log(self, message: str) -> None:
+        self.log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+
+    def run(self) -> int:
+        lock = open(self.layout.lock_file, "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.log("another lab daemon holds the lock; exiting")
+            return 3
+        lock.write(json.dumps({"pid": os.getpid(), "started": time.time()}))
+        lock.flush()
+        signal.signal(signal.SIGTERM, lambda *_: self.stop_requested.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop_requested.set())
+        try:
+            self.start()
+            self._write_ready("running")
+            while not self.stop_requested.wait(1):
+                pass
+        except Exception as exc:  # report why the lab could not start, then clean up
+            self.log(f"error: {exc}")
+            self._write_ready(f"failed: {exc}")
+        finally:
+            self.shutdown()
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+            self.layout.lock_file.unlink(missing_ok=True)
+        return 0
+
+    def start(self) -> None:
+        secrets = json.loads((self.layout.root / "secrets.json").read_text())
+        self.services = [services.http_service(self.layout, self.ports),
+                         *services.nut_services(self.layout, self.fleet, self.ports, secrets["ups_monitor"]),
+                         services.haproxy_service(self.layout, self.fleet, self.ports)]
+        redfish = _redfish(self.layout, self.fleet, self.ports)
+        if redfish is not None:
+            self.services.append(redfish)
+        for svc in self.services:
+            self.log(f"starting {svc.name}")
+            svc.start()
+        for svc in self.services:
+            svc.ready()
+        for name in sorted(self.fleet.hosts):
+            sup = HostSupervisor(name, self.layout.host(name), self.log)
+            self.hosts[name] = sup
+            sup.start()
+
+    def shutdown(self) -> None:
+        self.log("stopping containers")
+        with ThreadPoolExecutor(max_workers=max(1, len(self.hosts))) as pool:
+            list(pool.map(lambda sup: sup.stop(), self.hosts.values()))
+        for svc in reversed(self.services):
+            self.log(f"stopping {svc.name}")
+            svc.stop()
+        for name in self.fleet.hosts:
+            try:
+                unmount_overlay(self.layout.host(name))
+            except Exception as exc:
+                self.log(f"{name}: unmount failed: {exc}")
+        self._write_ready("stopped")
+        self.log("stopped")
+
+    def _write_ready(self, state: str) -> None:
+        path = self.layout.root / "daemon.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"state": state, "pid": os.getpid(), "at": time.time()}))
+        tmp.replace(path)
+
+
+def _redfish(layout: Layout, fleet, ports: Ports):
+    """The Redfish emulator as a lab service, one system per bare-metal host."""
+    try:
+        from lab.redfish import redfish_service
+    except ImportError:
+        return None
+    systems = sorted(h.name for h in fleet.hosts.values() if h.bmc)
+    return redfish_service(layout, systems, ports.redfish) if systems else None
+
+
+def main() -> None:
+    sys.exit(Daemon(Path(sys.argv[1])).run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The inventory the lab writes: `fleet inventory`'s, with the lab's addresses, ports and SSH settings.
+
+It is a directory (hosts.yml + group_vars/all/), so `ansible -i "$(fleet lab inventory)" all -m ping`
+works as is. The NUT monitor password lives in group_vars/all/secrets.yml (mode 0600), never in
+hosts.yml, logs or reports.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from infra.fleet import Fleet
+from infra.inventory import Endpoint, build_inventory, host_vars
+from lab.layout import Layout, Ports
+
+
+def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpoint]:
+    ssh_args = (f"-o UserKnownHostsFile={layout.known_hosts} -o StrictHostKeyChecking=yes "
+                "-o ControlMaster=auto -o ControlPersist=60s -o ConnectTimeout=10")
+    endpoints = {}
+    for name, host in fleet.hosts.items():
+        hp = ports.hosts[name]
+        ups = host_vars(fleet, host)["fleet_ups"]
+        extra = {
+            "ansible_ssh_private_key_file": str(layout.ssh_key),
+            "ansible_ssh_common_args": ssh_args,
+            "ansible_python_interpreter": "/usr/bin/python3",
+            # every lab pool, AWS ones included, sits behind the lab's HAProxy
+            "fleet_lb": {"kind": "haproxy", "api": f"127.0.0.1:{ports.haproxy_api}", "backend": host.pool,
+                         "server": name},
+            "fleet_artifacts_url": f"http://127.0.0.1:{ports.http}/artifacts",
+            "fleet_ups": [dict(u, host="127.0.0.1", port=ports.upsd) for u in ups],
+        }
+        if host.bmc:
+            extra["fleet_bmc"] = {"endpoint": f"http://127.0.0.1:{ports.redfish}", "system_id": name,
+                                  "username": host.bmc.username, "verify_tls": False}
+        endpoints[name] = Endpoint("127.0.0.1", hp.ssh, hp.serving, extra)
+    return endpoints
+
+
+def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, monitor_password: str) -> Path:
+    inv = build_inventory(fleet, lab_endpoints(fleet, layout, ports))
+    inv["all"]["vars"].update({
+        "fleet_apt_repo_url": f"http://127.0.0.1:{ports.http}/apt/",
+        "fleet_apt_repo_keyring_url": f"http://127.0.0.1:{ports.http}/apt/fleet-lab-archive-keyring.gpg",
+    })
+    target = layout.inventory_dir
+    (target / "group_vars/all").mkdir(parents=True, exist_ok=True)
+    header = f"# The lab's inventory for fleet {fleet.name!r} (written by `fleet lab up`).\n"
+    (target / "hosts.yml").write_text(header + yaml.safe_dump(inv, sort_keys=False, width=120))
+    secrets = target / "group_vars/all/secrets.yml"
+    secrets.write_text(yaml.safe_dump({"fleet_ups_monitor_user": "monitor",
+                                       "fleet_ups_monitor_password": monitor_password}))
+    os.chmod(secrets, 0o600)
+    return target

@@ -1,0 +1,168 @@
+"""Where the lab keeps its state and which loopback ports it uses.
+
+Everything of one lab lives under its state directory (default `./.lab/<stack>`, or
+`$FLEET_LAB_DIR`); the debootstrap'd base image is cached once per machine under
+`/var/cache/fleet-lab` (or `$FLEET_LAB_CACHE`). Ports are a pure function of the fleet and a base
+port, so the inventory, HAProxy and the containers agree without talking to each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from infra.fleet import Fleet
+
+DEFAULT_PORT_BASE = 42000
+CONTAINER_HW_DIR = "/var/lib/fleet-lab/hw"
+
+
+@dataclass(frozen=True)
+class HostPorts:
+    ssh: int
+    serving: int
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Every loopback port of one lab."""
+
+    base: int
+    hosts: dict[str, HostPorts]
+    frontends: dict[str, int]  # pool -> HAProxy frontend port
+    haproxy_api: int
+    upsd: int
+    redfish: int
+    http: int  # apt repository and model-weights artifacts
+
+    @classmethod
+    def plan(cls, fleet: Fleet, base: int = DEFAULT_PORT_BASE) -> Ports:
+        names = sorted(fleet.hosts)
+        if len(names) > 99 or len(fleet.pools) > 90:
+            raise ValueError("the lab supports at most 99 hosts and 90 pools")
+        return cls(
+            base=base,
+            hosts={n: HostPorts(ssh=base + 1 + i, serving=base + 101 + i) for i, n in enumerate(names)},
+            frontends={p: base + 201 + i for i, p in enumerate(sorted(fleet.pools))},
+            haproxy_api=base + 300,
+            upsd=base + 301,
+            redfish=base + 302,
+            http=base + 303,
+        )
+
+    def all(self) -> list[int]:
+        ports = [p for hp in self.hosts.values() for p in (hp.ssh, hp.serving)]
+        return [*ports, *self.frontends.values(), self.haproxy_api, self.upsd, self.redfish, self.http]
+
+
+@dataclass
+class LabState:
+    """What `lab up` recorded: the stack, the ports and the daemon, read by every other lab command."""
+
+    stack: str
+    project_dir: str
+    port_base: int
+    daemon_pid: int | None = None
+    hosts: list[str] = field(default_factory=list)
+
+    def save(self, layout: Layout) -> None:
+        layout.root.mkdir(parents=True, exist_ok=True)
+        tmp = layout.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(layout.state_file)
+
+    @classmethod
+    def load(cls, layout: Layout) -> LabState | None:
+        try:
+            return cls(**json.loads(layout.state_file.read_text()))
+        except FileNotFoundError:
+            return None
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    cache: Path
+
+    @classmethod
+    def for_stack(cls, stack: str, state_dir: str | Path | None = None) -> Layout:
+        root = Path(state_dir or os.environ.get("FLEET_LAB_DIR") or Path(".lab") / stack).absolute()
+        cache = Path(os.environ.get("FLEET_LAB_CACHE", "/var/cache/fleet-lab"))
+        return cls(root, cache)
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / "lab.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "lab.lock"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.root / "logs" / "daemon.log"
+
+    @property
+    def ssh_dir(self) -> Path:
+        return self.root / "ssh"
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.ssh_dir / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.ssh_dir / "known_hosts"
+
+    @property
+    def inventory_dir(self) -> Path:
+        return self.root / "inventory"
+
+    @property
+    def www(self) -> Path:
+        return self.root / "www"
+
+    @property
+    def repo_dir(self) -> Path:
+        return self.root / "apt"
+
+    def host(self, name: str) -> HostDirs:
+        return HostDirs(self.root / "hosts" / name)
+
+    def service_dir(self, name: str) -> Path:
+        return self.root / "services" / name
+
+
+@dataclass(frozen=True)
+class HostDirs:
+    root: Path
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def merged(self) -> Path:
+        return self.root / "rootfs"
+
+    @property
+    def hw(self) -> Path:
+        return self.root / "hw"
+
+    @property
+    def desired(self) -> Path:
+        return self.root / "desired"
+
+    @property
+    def status(self) -> Path:
+        return self.root / "status.json"
+
+    @property
+    def console_log(self) -> Path:
+        return self.root / "console.log"
