@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -76,7 +77,8 @@ class Lab:
         if state is not None:
             stack, project_dir, port_base = state.stack, state.project_dir, port_base or state.port_base
         fleet = load_stack(stack, project_dir)
-        return cls(stack, Path(project_dir).absolute(), layout, fleet, Ports.plan(fleet, port_base or DEFAULT_PORT_BASE))
+        ports = Ports.plan(fleet, port_base or DEFAULT_PORT_BASE)
+        return cls(stack, Path(project_dir).absolute(), layout, fleet, ports)
 
     # --- queries ---------------------------------------------------------------------------------
 
@@ -256,10 +258,8 @@ class Lab:
     def _reap_leftovers(self, log: Log) -> None:
         for pid in self._processes():
             log(f"killing leftover process {pid} ({labhosts.process_name(pid)})")
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.2)
         for name in self.fleet.hosts:
             try:

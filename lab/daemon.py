@@ -20,7 +20,7 @@ from pathlib import Path
 from infra.fleet import load_stack
 from lab import services
 from lab.hosts import HostSupervisor, unmount_overlay
-from lab.layout import Layout, LabState, Ports
+from lab.layout import LabState, Layout, Ports
 
 
 class Daemon:
@@ -35,13 +35,13 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.services: list[services.Service] = []
         self.hosts: dict[str, HostSupervisor] = {}
-        self.log_file = open(self.layout.daemon_log, "a", buffering=1)
+        self.log_file = open(self.layout.daemon_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
 
     def log(self, message: str) -> None:
         self.log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
 
     def run(self) -> int:
-        lock = open(self.layout.lock_file, "w")
+        lock = open(self.layout.lock_file, "w")  # noqa: SIM115 - held (flock) until shutdown
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -8,6 +8,7 @@ loopback port the lab assigned. A `systemctl reboot` inside makes systemd-nspawn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -136,7 +137,7 @@ class HostSupervisor(threading.Thread):
             with self.lock:
                 if self.stopping.is_set():
                     break
-                console = open(self.dirs.console_log, "ab")
+                console = open(self.dirs.console_log, "ab")  # noqa: SIM115 - handed to the child, closed below
                 self.proc = subprocess.Popen(nspawn_command(self.host, self.dirs), stdin=subprocess.DEVNULL,
                                              stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
                 console.close()
@@ -168,10 +169,8 @@ class HostSupervisor(threading.Thread):
         except subprocess.TimeoutExpired:
             self.log(f"{self.host}: container did not power off within {timeout:.0f}s; killing it")
             for pid in [proc.pid, *descendants(proc.pid)]:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             return proc.wait(timeout=10)
 
     def stop(self) -> None:
