@@ -21,6 +21,7 @@ from infra.inventory import host_vars
 from lab import hosts as labhosts
 from lab import services
 from lab.base import ensure_base
+from lab.hardware import set_fault, write_hardware
 from lab.layout import DEFAULT_PORT_BASE, LabState, Layout, Ports
 
 HOST_FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "host-down", "ssh-hang")
@@ -123,6 +124,13 @@ class Lab:
             shutil.rmtree(self.layout.root / "hosts")
         for stale in ("faults.json", "daemon.json"):
             (self.layout.root / stale).unlink(missing_ok=True)
+        try:
+            self._up(log, timeout)
+        except BaseException:
+            self.down(log=lambda _: None)  # nothing half-started stays behind
+            raise
+
+    def _up(self, log: Log, timeout: float) -> None:
         started = time.monotonic()
         self.layout.root.mkdir(parents=True, exist_ok=True)
         (self.layout.root / "logs").mkdir(exist_ok=True)
@@ -131,33 +139,29 @@ class Lab:
         pubkey = self._ssh_key()
         secrets_file = self.layout.root / "secrets.json"
         if not secrets_file.exists():
-            secrets_file.write_text(json.dumps({"ups_monitor": services.new_secret()}))
+            secrets_file.write_text(json.dumps({"ups_monitor": services.new_secret(), "bmc": services.new_secret()}))
             os.chmod(secrets_file, 0o600)
-        monitor_password = json.loads(secrets_file.read_text())["ups_monitor"]
+        secrets = json.loads(secrets_file.read_text())
         known = []
         for name in sorted(self.fleet.hosts):
             dirs = self.layout.host(name)
             labhosts.mount_overlay(base, dirs)
             hostkey = labhosts.write_host_files(dirs, name, self.ports.hosts[name].ssh, pubkey)
             known.append(f"[127.0.0.1]:{self.ports.hosts[name].ssh} ssh-ed25519 {hostkey}")
-            _write_hardware(dirs.hw, host_vars(self.fleet, self.fleet.hosts[name]))
+            write_hardware(dirs.hw, name, host_vars(self.fleet, self.fleet.hosts[name]))
             dirs.desired.write_text("up")
         self.layout.known_hosts.write_text("\n".join(known) + "\n")
         from lab.inventory import write_inventory
 
-        write_inventory(self.fleet, self.layout, self.ports, monitor_password)
+        write_inventory(self.fleet, self.layout, self.ports, secrets)
         LabState(self.stack, str(self.project_dir), self.ports.base, hosts=sorted(self.fleet.hosts)).save(self.layout)
         log(f"starting {len(self.fleet.hosts)} hosts and the lab services")
         with open(self.layout.daemon_log, "a") as out:
             subprocess.Popen([sys.executable, "-m", "lab.daemon", str(self.layout.root)], stdin=subprocess.DEVNULL,
                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                              cwd=Path(__file__).resolve().parents[1])
-        try:
-            self._wait_daemon(timeout=60)
-            self.wait_hosts(sorted(self.fleet.hosts), timeout, log)
-        except LabError:
-            self.down(log=lambda _: None)
-            raise
+        self._wait_daemon(timeout=60)
+        self.wait_hosts(sorted(self.fleet.hosts), timeout, log)
         log(f"lab up in {time.monotonic() - started:.0f}s; inventory: {self.inventory_path()}")
 
     def _publish(self, log: Log) -> None:
@@ -302,7 +306,7 @@ class Lab:
         elif kind == "ssh-hang":
             self._signal_sshd(target, signal.SIGCONT if clear else signal.SIGSTOP)
         else:
-            _set_fault(self.layout.host(target).hw, kind, not clear)
+            set_fault(self.layout.host(target).hw, kind, not clear)
         faults = self.faults()
         active = set(faults.get(target, []))
         (active.discard if clear else active.add)(kind)
@@ -326,15 +330,3 @@ class Lab:
         for child in labhosts.descendants(pid):
             if labhosts.process_name(child) == "sshd":
                 os.kill(child, sig)
-
-
-def _write_hardware(hw_dir: Path, hv: dict) -> None:
-    from lab.hardware import write_hardware
-
-    write_hardware(hw_dir, hv)
-
-
-def _set_fault(hw_dir: Path, kind: str, on: bool) -> None:
-    from lab.hardware import set_fault
-
-    set_fault(hw_dir, kind, on)

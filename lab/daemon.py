@@ -21,6 +21,7 @@ from infra.fleet import load_stack
 from lab import services
 from lab.hosts import HostSupervisor, unmount_overlay
 from lab.layout import LabState, Layout, Ports
+from lab.redfish import RedfishEmulator
 
 
 class Daemon:
@@ -35,6 +36,7 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.services: list[services.Service] = []
         self.hosts: dict[str, HostSupervisor] = {}
+        self.redfish: RedfishEmulator | None = None
         self.log_file = open(self.layout.daemon_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
 
     def log(self, message: str) -> None:
@@ -71,9 +73,11 @@ class Daemon:
         self.services = [services.http_service(self.layout, self.ports),
                          *services.nut_services(self.layout, self.fleet, self.ports, secrets["ups_monitor"]),
                          services.haproxy_service(self.layout, self.fleet, self.ports)]
-        redfish = _redfish(self.layout, self.fleet, self.ports)
-        if redfish is not None:
-            self.services.append(redfish)
+        systems = sorted(h.name for h in self.fleet.hosts.values() if h.bmc)
+        if systems:
+            self.log("starting the Redfish emulator")
+            self.redfish = RedfishEmulator(self.layout.service_dir("redfish"), systems, self.ports.redfish,
+                                           username="admin", password=secrets["bmc"]).start()
         for svc in self.services:
             self.log(f"starting {svc.name}")
             svc.start()
@@ -91,6 +95,8 @@ class Daemon:
         for svc in reversed(self.services):
             self.log(f"stopping {svc.name}")
             svc.stop()
+        if self.redfish is not None:
+            self.redfish.stop()
         for name in self.fleet.hosts:
             try:
                 unmount_overlay(self.layout.host(name))
@@ -104,16 +110,6 @@ class Daemon:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"state": state, "pid": os.getpid(), "at": time.time()}))
         tmp.replace(path)
-
-
-def _redfish(layout: Layout, fleet, ports: Ports):
-    """The Redfish emulator as a lab service, one system per bare-metal host."""
-    try:
-        from lab.redfish import redfish_service
-    except ImportError:
-        return None
-    systems = sorted(h.name for h in fleet.hosts.values() if h.bmc)
-    return redfish_service(layout, systems, ports.redfish) if systems else None
 
 
 def main() -> None:

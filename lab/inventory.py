@@ -2,7 +2,7 @@
 
 It is a directory (hosts.yml + group_vars/all/), so `ansible -i "$(fleet lab inventory)" all -m ping`
 works as is. The NUT monitor password lives in group_vars/all/secrets.yml (mode 0600), never in
-hosts.yml, logs or reports.
+hosts.yml, logs or reports; so does the BMC password.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
     return endpoints
 
 
-def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, monitor_password: str) -> Path:
+def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, secrets: dict[str, str]) -> Path:
     inv = build_inventory(fleet, lab_endpoints(fleet, layout, ports))
     inv["all"]["vars"].update({
         "fleet_apt_repo_url": f"http://127.0.0.1:{ports.http}/apt/",
@@ -51,8 +51,9 @@ def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, monitor_password
     (target / "group_vars/all").mkdir(parents=True, exist_ok=True)
     header = f"# The lab's inventory for fleet {fleet.name!r} (written by `fleet lab up`).\n"
     (target / "hosts.yml").write_text(header + yaml.safe_dump(inv, sort_keys=False, width=120))
-    secrets = target / "group_vars/all/secrets.yml"
-    secrets.write_text(yaml.safe_dump({"fleet_ups_monitor_user": "monitor",
-                                       "fleet_ups_monitor_password": monitor_password}))
-    os.chmod(secrets, 0o600)
+    secrets_file = target / "group_vars/all/secrets.yml"
+    secrets_file.write_text(yaml.safe_dump({"fleet_ups_monitor_user": "monitor",
+                                            "fleet_ups_monitor_password": secrets["ups_monitor"],
+                                            "fleet_bmc_password": secrets["bmc"]}))
+    os.chmod(secrets_file, 0o600)
     return target

@@ -125,9 +125,9 @@ def nut_services(layout: Layout, fleet: Fleet, ports: Ports, monitor_password: s
             write_ups_state(conf, u, on_battery=False)
     env = {"NUT_CONFPATH": str(conf), "NUT_STATEPATH": str(state)}
     logs = layout.root / "logs"
-    drivers = [Service(f"dummy-ups[{u}]", [str(NUT_DIR / "dummy-ups"), "-a", u, "-F", "-u", "nut"],
+    drivers = [Service(f"dummy-ups[{u}]", [str(NUT_DIR / "dummy-ups"), "-a", u, "-F", "-u", "root"],
                        logs / f"nut-{u}.log", env) for u in units]
-    upsd = Service("upsd", [str(NUT_DIR / "upsd"), "-F", "-u", "nut"], logs / "upsd.log", env, ports.upsd)
+    upsd = Service("upsd", [str(NUT_DIR / "upsd"), "-F", "-u", "root"], logs / "upsd.log", env, ports.upsd)
     return [*drivers, upsd]
 
 

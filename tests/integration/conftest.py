@@ -1,0 +1,79 @@
+"""One lab for the whole integration session (DEVELOPERS: integration tests share one lab).
+
+The lab runs as root; without root these tests are skipped with the reason. Its state lives in
+/tmp/fleet-lab-tests (the base image is cached under /var/cache/fleet-lab, so only the first
+session on a machine pays for debootstrap) and it uses ports 43000+, away from a demo lab's 42000+.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lab.control import Lab
+
+ROOT = Path(__file__).resolve().parents[2]
+STATE_DIR = Path(os.environ.get("FLEET_TEST_LAB_DIR", "/tmp/fleet-lab-tests"))
+PORT_BASE = int(os.environ.get("FLEET_TEST_LAB_PORT_BASE", "43000"))
+
+
+@dataclass
+class LabHandle:
+    """What tests get: the lab, its inventory, and ways to reach and break its hosts."""
+
+    lab: Lab
+
+    @property
+    def inventory(self) -> Path:
+        return self.lab.inventory_path()
+
+    @property
+    def hosts(self) -> list[str]:
+        return sorted(self.lab.fleet.hosts)
+
+    def ssh_argv(self, host: str, timeout: int = 10) -> list[str]:
+        layout = self.lab.layout
+        return ["ssh", "-i", str(layout.ssh_key), "-o", f"UserKnownHostsFile={layout.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
+                "-p", str(self.lab.ports.hosts[host].ssh), "root@127.0.0.1"]
+
+    def ssh(self, host: str, command: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*self.ssh_argv(host), command], capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{host}: `{command}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def fault(self, target: str, kind: str, clear: bool = False) -> None:
+        self.lab.fault(target, kind, clear, log=lambda _: None)
+
+    def clear_faults(self) -> None:
+        for target, kinds in self.lab.faults().items():
+            for kind in kinds:
+                self.fault(target, kind, clear=True)
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the lab needs root (systemd-nspawn, overlayfs); run `make test` as root")
+
+
+@pytest.fixture(scope="session")
+def lab() -> LabHandle:
+    _require_root()
+    handle = LabHandle(Lab.open("lab", ROOT, STATE_DIR, PORT_BASE))
+    handle.lab.down(log=lambda _: None)  # a lab left over by a killed session
+    handle.lab.up(fresh=True, log=lambda line: print(f"[lab] {line}", flush=True))
+    yield handle
+    leftovers = handle.lab.down(log=lambda _: None)
+    assert not leftovers, f"lab down left things behind: {leftovers}"
+
+
+@pytest.fixture
+def clean_faults(lab: LabHandle):
+    """Clears every fault a test injected, even when it fails."""
+    yield lab
+    lab.clear_faults()
