@@ -1,0 +1,422 @@
+"""The lab's signed apt repository of simulated vendor packages.
+
+`build_repo(out_dir, releases_dir)` builds, with dpkg-deb, every package version the release files
+name (driver, fabric manager, libnvidia-nscq, CUDA toolkit, NCCL, the four container-toolkit
+packages, MLNX OFED, the AWS EFA installer, the serving engine) plus the known-bad serving releases
+of lab/vendor/serving/releases.yaml, into a flat repository like NVIDIA's CUDA repository:
+
+    out_dir/repo/                              served over HTTP: *.deb, Packages(.gz), Release,
+                                               InRelease, Release.gpg
+    out_dir/fleet-lab-archive-keyring.gpg      binary public keyring for `signed-by`
+    out_dir/gnupg/                             GNUPGHOME with the signing key (never served)
+
+apt source line: `deb [signed-by=KEYRING] http://127.0.0.1:PORT/ /` (RepoInfo.source_line; a path
+prefix replaces the first `/` when the directory is served below the web root).
+The signing key is generated once (batch mode, no passphrase) and kept across rebuilds, so hosts
+that trust it keep trusting the repository. A rebuild is skipped while a hash of the package
+sources (lab/vendor/, this file) and the release files is unchanged.
+
+Package names and versions follow NVIDIA's (and Mellanox's, AWS's) conventions for the values of a
+release file; the repository's own integration test checks them against the bundles' pins. Release
+files are read with plain PyYAML: the lab does not import the patch pipeline.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VENDOR = Path(__file__).with_name("vendor")
+LIB = "/usr/lib/fleet-sim"
+KEYRING_NAME = "fleet-lab-archive-keyring.gpg"
+KEYRING_IN_HOST = f"/usr/share/keyrings/{KEYRING_NAME}"
+SOURCE_TEMPLATE = "deb [signed-by={keyring}] http://127.0.0.1:{port}{path} /"
+MAINTAINER = "Fleet lab simulated packages <fleet-lab@localhost>"
+KEY_NAME = "Fleet Lab Archive Signing Key <fleet-lab@localhost>"
+# NVIDIA names the fabric manager and libnvidia-nscq packages without the branch from R580 on
+# (nvidia-fabricmanager-570 before, nvidia-fabricmanager from 580).
+UNVERSIONED_FM_FROM_BRANCH = 580
+# Fixed timestamps in the packages, so the same sources give byte-identical .deb files.
+SOURCE_DATE_EPOCH = "1760000000"
+
+
+class RepoBuildError(RuntimeError):
+    """A release names something the lab cannot simulate, or a build tool failed."""
+
+
+@dataclass(frozen=True)
+class RepoInfo:
+    """Where the built repository is and how hosts use it."""
+
+    out_dir: Path
+    served_dir: Path
+    keyring: Path
+    fingerprint: str
+    packages: dict[str, tuple[str, ...]]
+    rebuilt: bool
+    source_template: str = SOURCE_TEMPLATE
+
+    def source_line(self, port: int, keyring: str = KEYRING_IN_HOST, path: str = "/") -> str:
+        """The apt source line for a host that has the keyring at `keyring` and reaches served_dir at
+        http://127.0.0.1:`port``path` (path "/" when served_dir is the web root, "/apt/" under a prefix)."""
+        return self.source_template.format(keyring=keyring, port=port, path=path)
+
+
+@dataclass
+class Deb:
+    """One binary package to build: control fields and the files it installs."""
+
+    name: str
+    version: str
+    upstream: str
+    summary: str
+    role: str | None = None
+    arch: str = "amd64"
+    depends: list[str] = field(default_factory=list)
+    files: dict[str, tuple[bytes, int]] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    scripts: dict[str, str] = field(default_factory=dict)
+    conffiles: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}_{self.version}_{self.arch}.deb"
+
+    @property
+    def package_json_path(self) -> str:
+        return f"{LIB}/{self.role}/package.json"
+
+    def package_json(self) -> dict[str, Any]:
+        """What the package's tools read at run time: its name and versions plus role-specific data."""
+        return {"package": self.name, "version": self.version, "upstream_version": self.upstream, **self.info}
+
+    def add(self, path: str, content: bytes | str, mode: int = 0o644) -> None:
+        self.files[path] = (content.encode() if isinstance(content, str) else content, mode)
+
+    def add_tool(self, source: str, *links: str) -> None:
+        """Install a vendor script into the role's folder (beside fleetsim.py) and link it from `links`."""
+        target = f"{LIB}/{self.role}/{Path(source).name}"
+        self.add(target, (VENDOR / source).read_bytes(), 0o755)
+        self.add(f"{LIB}/{self.role}/fleetsim.py", (VENDOR / "common/fleetsim.py").read_bytes())
+        for link in links:
+            self.links[link] = os.path.relpath(target, os.path.dirname(link))
+
+    def add_maintainer_scripts(self, prefix: str) -> None:
+        for kind in ("postinst", "prerm", "postrm"):
+            path = VENDOR / f"{prefix}.{kind}"
+            if path.exists():
+                self.scripts[kind] = path.read_text()
+
+
+def _vendor_yaml(name: str) -> dict:
+    return yaml.safe_load((VENDOR / name).read_text())
+
+
+def _commit(*parts: str) -> str:
+    """A stable fake git commit id for a simulated build."""
+    return hashlib.sha1("/".join(parts).encode()).hexdigest()
+
+
+def _driver_debs(release: dict) -> list[Deb]:
+    version = str(release["driver"]["version"])
+    branch = int(version.split(".")[0])
+    driver = Deb(f"cuda-drivers-{branch}", f"{version}-1", version, f"NVIDIA driver {version} (R{branch})",
+                 role="driver", depends=["python3"])
+    driver.add_tool("driver/nvidia_smi.py", "/usr/bin/nvidia-smi")
+    driver.add_tool("driver/nvidia_persistenced.py", "/usr/bin/nvidia-persistenced")
+    driver.add_tool("driver/nvidia_driver_load.py")
+    for unit in ("nvidia-driver-load.service", "nvidia-persistenced.service"):
+        driver.add(f"/lib/systemd/system/{unit}", (VENDOR / "driver" / unit).read_bytes())
+    driver.add_maintainer_scripts("driver/cuda-drivers")
+
+    suffix = "" if branch >= UNVERSIONED_FM_FROM_BRANCH else f"-{branch}"
+    fm_version = str(release["fabric_manager"])
+    fm = Deb(f"nvidia-fabricmanager{suffix}", f"{fm_version}-1", fm_version,
+             f"NVIDIA fabric manager {fm_version} for NVSwitch systems", role="fabricmanager", depends=["python3"])
+    fm.add_tool("driver/nv_fabricmanager.py", "/usr/bin/nv-fabricmanager")
+    fm.add("/lib/systemd/system/nvidia-fabricmanager.service",
+           (VENDOR / "driver/nvidia-fabricmanager.service").read_bytes())
+    fm.add_maintainer_scripts("driver/fabricmanager")
+
+    nscq_version = str(release["nscq"])
+    nscq = Deb(f"libnvidia-nscq{suffix}", f"{nscq_version}-1", nscq_version,
+               f"NVSwitch configuration and query library {nscq_version}", role="nscq")
+    return [driver, fm, nscq]
+
+
+def _cuda_debs(release: dict) -> list[Deb]:
+    cuda = str(release["cuda"])
+    minor = ".".join(cuda.split(".")[:2])
+    nvcc = _vendor_yaml("cuda/nvcc-versions.yaml").get(cuda)
+    if nvcc is None:
+        raise RepoBuildError(f"no nvcc data for CUDA {cuda}: add it to {VENDOR / 'cuda/nvcc-versions.yaml'}")
+    toolkit = Deb(f"cuda-toolkit-{minor.replace('.', '-')}", f"{cuda}-1", cuda, f"CUDA Toolkit {cuda}",
+                  depends=["python3"])
+    root = f"/usr/local/cuda-{minor}"
+    toolkit.add(f"{root}/bin/nvcc", (VENDOR / "cuda/nvcc.py").read_bytes(), 0o755)
+    toolkit.add(f"{root}/version.json", json.dumps({
+        "cuda": {"name": "CUDA SDK", "version": cuda},
+        "cuda_nvcc": {"name": "CUDA NVCC", "version": nvcc["nvcc"], "built_on": nvcc["built_on"],
+                      "build": nvcc["build"], "copyright_year": nvcc["copyright_year"]},
+    }, indent=3) + "\n")
+    toolkit.links["/usr/local/cuda"] = f"cuda-{minor}"
+
+    nccl_upstream = str(release["nccl"]).split("-")[0]
+    nccl = Deb("libnccl2", f"{release['nccl']}+cuda{minor}", nccl_upstream,
+               f"NVIDIA Collective Communication Library (NCCL) {nccl_upstream} for CUDA {minor}", role="libnccl2")
+    return [toolkit, nccl]
+
+
+def _container_toolkit_debs(release: dict) -> list[Deb]:
+    versions = {name: str(v) for name, v in release["container_toolkit"].items()}
+    debs = []
+    for name, version in versions.items():
+        upstream = version.split("-")[0]
+        deb = Deb(name, version, upstream, f"NVIDIA container toolkit: {name}", role=name,
+                  info={"commit": _commit(name, version)})
+        if name == "nvidia-container-toolkit":
+            deb.depends = [f"nvidia-container-toolkit-base (= {versions['nvidia-container-toolkit-base']})",
+                           f"libnvidia-container-tools (= {versions['libnvidia-container-tools']})", "python3"]
+            deb.add_tool("container-toolkit/nvidia_container_runtime_hook.py", "/usr/bin/nvidia-container-runtime-hook")
+        elif name == "nvidia-container-toolkit-base":
+            deb.depends = ["python3"]
+            deb.add_tool("container-toolkit/nvidia_ctk.py", "/usr/bin/nvidia-ctk")
+        elif name == "libnvidia-container-tools":
+            deb.depends = [f"libnvidia-container1 (= {versions['libnvidia-container1']})", "python3"]
+            deb.add_tool("container-toolkit/nvidia_container_cli.py", "/usr/bin/nvidia-container-cli")
+        debs.append(deb)
+    return debs
+
+
+def _network_debs(release: dict) -> list[Deb]:
+    ofed_version = str(release["ofed"])
+    ofed = Deb("mlnx-ofed-basic", ofed_version, ofed_version, f"MLNX_OFED {ofed_version} basic user-space tools",
+               role="mlnx-ofed-basic", depends=["python3"])
+    ofed.add_tool("ofed/ibstat.py", "/usr/sbin/ibstat")
+    ofed.add_tool("ofed/ofed_info.py", "/usr/bin/ofed_info")
+
+    efa_version = str(release["efa_installer"])
+    shipped = _vendor_yaml("efa/efa-versions.yaml").get(efa_version)
+    if shipped is None:
+        raise RepoBuildError(f"no data for EFA installer {efa_version}: add it to {VENDOR / 'efa/efa-versions.yaml'}")
+    efa = Deb("aws-efa-installer", f"{efa_version}-1", efa_version, f"AWS EFA installer {efa_version}",
+              role="aws-efa-installer", depends=["python3"],
+              info={"libfabric": shipped["libfabric"], "provider_version": shipped["provider_version"]})
+    efa.add_tool("efa/fi_info.py", "/opt/amazon/efa/bin/fi_info")
+    efa.add("/opt/amazon/efa_installed_packages",
+            f"# EFA installer version: {efa_version}\n# Debug packages installed: no\n# Packages installed:\n"
+            + "".join(f"{p}\n" for p in shipped["packages"]))
+    efa.add("/etc/profile.d/efa.sh", "PATH=$PATH:/opt/amazon/efa/bin\n")
+    efa.conffiles.append("/etc/profile.d/efa.sh")
+    return [ofed, efa]
+
+
+def _serving_deb(engine: str, version: str) -> Deb:
+    if engine != "vllm":
+        raise RepoBuildError(f"the lab simulates the vllm serving engine only, not {engine!r}")
+    profiles = _vendor_yaml("serving/releases.yaml")
+    profile = {**profiles["default"], **profiles["bad"].get(version, {})}
+    deb = Deb("vllm-serving", f"{version}-1", version, f"vLLM {version} OpenAI-compatible model server",
+              role="vllm-serving", depends=["python3"], info={"release": profile})
+    deb.add_tool("serving/vllm_serving.py", "/usr/bin/vllm-serving")
+    deb.add("/usr/share/doc/vllm-serving/examples/vllm-serving.service",
+            (VENDOR / "serving/vllm-serving.service").read_bytes())
+    return deb
+
+
+def bad_serving_versions() -> list[str]:
+    """The known-bad serving releases the repository carries besides those the bundles name."""
+    return sorted(_vendor_yaml("serving/releases.yaml")["bad"])
+
+
+def load_releases(releases_dir: Path) -> list[dict]:
+    """Every release file (releases_dir/*.yaml) as plain data, in name order."""
+    return [yaml.safe_load(p.read_text()) for p in sorted(Path(releases_dir).glob("*.yaml"))]
+
+
+def plan_packages(releases: list[dict]) -> list[Deb]:
+    """Every package the release files call for, once per (name, version), plus the bad serving releases."""
+    debs: dict[tuple[str, str], Deb] = {}
+    for release in releases:
+        serving = release["serving"]
+        for deb in [*_driver_debs(release), *_cuda_debs(release), *_container_toolkit_debs(release),
+                    *_network_debs(release), _serving_deb(serving["engine"], str(serving["version"]))]:
+            debs.setdefault((deb.name, deb.version), deb)
+    for version in bad_serving_versions():
+        deb = _serving_deb("vllm", version)
+        debs.setdefault((deb.name, deb.version), deb)
+    for deb in debs.values():
+        if deb.role:
+            deb.add(deb.package_json_path, json.dumps(deb.package_json(), indent=2, sort_keys=True) + "\n")
+    return sorted(debs.values(), key=lambda d: (d.name, d.version))
+
+
+def _control(deb: Deb, installed_kib: int) -> str:
+    lines = [f"Package: {deb.name}", f"Version: {deb.version}", f"Architecture: {deb.arch}",
+             f"Maintainer: {MAINTAINER}", f"Installed-Size: {installed_kib}", "Section: misc", "Priority: optional"]
+    if deb.depends:
+        lines.append(f"Depends: {', '.join(deb.depends)}")
+    lines += [f"Description: {deb.summary}",
+              " Simulated by the fleet lab: same package name, version and file layout as the vendor's,",
+              " with tools that print the real formats from the host's simulated hardware."]
+    return "\n".join(lines) + "\n"
+
+
+def _build_deb(deb: Deb, staging: Path, dest: Path) -> None:
+    root = staging / f"{deb.name}_{deb.version}"
+    for path, (content, mode) in deb.files.items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        target.chmod(mode)
+    for path, link_target in deb.links.items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(link_target)
+    control = root / "DEBIAN"
+    control.mkdir(parents=True)
+    size = sum(len(content) for content, _ in deb.files.values())
+    (control / "control").write_text(_control(deb, max(1, (size + 1023) // 1024)))
+    if deb.conffiles:
+        (control / "conffiles").write_text("".join(f"{c}\n" for c in deb.conffiles))
+    for kind, text in deb.scripts.items():
+        (control / kind).write_text(text)
+        (control / kind).chmod(0o755)
+    # Directories as dpkg expects them whatever the caller's umask; files carry their own modes.
+    for path in [root, *root.rglob("*")]:
+        if path.is_dir() and not path.is_symlink():
+            path.chmod(0o755)
+    _run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(dest / deb.filename)],
+         env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
+
+
+def _run(cmd: list[str], **kwargs: Any) -> str:
+    try:
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs)
+    except FileNotFoundError as exc:
+        raise RepoBuildError(f"{cmd[0]} is missing (Debian packages dpkg-dev, apt-utils, gnupg)") from exc
+    except subprocess.CalledProcessError as exc:
+        raise RepoBuildError(f"{' '.join(cmd)} failed ({exc.returncode}): {exc.stderr.strip()}") from exc
+    return proc.stdout
+
+
+def _gpg(home: Path, *args: str, **kwargs: Any) -> str:
+    return _run(["gpg", "--homedir", str(home), "--batch", "--no-tty", *args], **kwargs)
+
+
+def _signing_key(home: Path) -> str:
+    """The fingerprint of the lab's signing key in `home`, generated on first use."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)
+
+    def fingerprint() -> str | None:
+        listing = _gpg(home, "--with-colons", "--list-secret-keys")
+        return next((line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")), None)
+
+    fpr = fingerprint()
+    if fpr is None:
+        spec = ("%no-protection\nKey-Type: eddsa\nKey-Curve: ed25519\nKey-Usage: sign\n"
+                f"Name-Real: {KEY_NAME.split(' <')[0]}\nName-Email: {KEY_NAME.split('<')[1].rstrip('>')}\n"
+                "Expire-Date: 0\n%commit\n")
+        _gpg(home, "--gen-key", input=spec)
+        fpr = fingerprint()
+    if fpr is None:
+        raise RepoBuildError(f"gpg generated no key in {home}")
+    return fpr
+
+
+def _inputs_hash(releases_dir: Path) -> str:
+    digest = hashlib.sha256()
+    vendor = sorted(p for p in VENDOR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    sources = [Path(__file__), *vendor]
+    sources += sorted(Path(releases_dir).glob("*.yaml"))
+    for path in sources:
+        digest.update(str(path.relative_to(path.anchor)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _index(repo: Path, home: Path, fpr: str) -> None:
+    """Packages(.gz), Release, InRelease and Release.gpg for a flat repository in `repo`."""
+    packages = _run(["apt-ftparchive", "packages", "."], cwd=repo)
+    (repo / "Packages").write_text(packages)
+    with gzip.GzipFile(repo / "Packages.gz", "wb", mtime=0) as gz:
+        gz.write(packages.encode())
+    options = []
+    for key, value in (("Origin", "Fleet Lab"), ("Label", "Fleet Lab simulated vendor packages"),
+                       ("Suite", "fleet-lab"), ("Codename", "fleet-lab"), ("Architectures", "amd64 all"),
+                       ("Description", "Simulated NVIDIA, Mellanox, AWS EFA and serving packages for the fleet lab")):
+        options += ["-o", f"APT::FTPArchive::Release::{key}={value}"]
+    release = _run(["apt-ftparchive", *options, "release", "."], cwd=repo)
+    (repo / "Release").write_text(release)
+    sign = ["--yes", "--local-user", fpr, "--digest-algo", "SHA512"]
+    _gpg(home, *sign, "--clearsign", "--output", str(repo / "InRelease"), str(repo / "Release"))
+    _gpg(home, *sign, "--armor", "--detach-sign", "--output", str(repo / "Release.gpg"), str(repo / "Release"))
+
+
+def _package_versions(repo: Path) -> dict[str, tuple[str, ...]]:
+    versions: dict[str, list[str]] = {}
+    name = None
+    for line in (repo / "Packages").read_text().splitlines():
+        if line.startswith("Package: "):
+            name = line.split(": ", 1)[1]
+        elif line.startswith("Version: ") and name:
+            versions.setdefault(name, []).append(line.split(": ", 1)[1])
+    return {k: tuple(v) for k, v in sorted(versions.items())}
+
+
+def build_repo(out_dir: Path, releases_dir: Path) -> RepoInfo:
+    """Build (or reuse, when its inputs are unchanged) the signed flat repository under out_dir.
+
+    Raises RepoBuildError when a release names something the lab has no data for, or a tool fails.
+    Safe to call from several processes at once: they serialise on out_dir/.lock.
+    """
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    served, home, keyring = out_dir / "repo", out_dir / "gnupg", out_dir / KEYRING_NAME
+    stamp = out_dir / ".inputs-sha256"
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fpr = _signing_key(home)
+            inputs = _inputs_hash(Path(releases_dir))
+            fresh = stamp.exists() and stamp.read_text() == inputs and (served / "InRelease").exists()
+            if not fresh:
+                debs = plan_packages(load_releases(releases_dir))
+                with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
+                    staging, new = Path(tmp) / "staging", Path(tmp) / "repo"
+                    staging.mkdir()
+                    new.mkdir()
+                    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 2)) as pool:
+                        list(pool.map(lambda d: _build_deb(d, staging, new), debs))
+                    _index(new, home, fpr)
+                    # Swap the new tree in by rename, so an HTTP server never serves half a repository.
+                    old = Path(tmp) / "old"
+                    if served.exists():
+                        served.rename(old)
+                    new.rename(served)
+                stamp.write_text(inputs)
+            if not fresh or not keyring.exists():
+                keyring.write_bytes(_export(home, fpr))
+        finally:
+            # gpg starts an agent per GNUPGHOME; the lab must leave no process behind.
+            subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True, check=False)
+    return RepoInfo(out_dir, served, keyring, fpr, _package_versions(served), rebuilt=not fresh)
+
+
+def _export(home: Path, fpr: str) -> bytes:
+    proc = subprocess.run(["gpg", "--homedir", str(home), "--batch", "--export", fpr], capture_output=True, check=True)
+    if not proc.stdout:
+        raise RepoBuildError(f"gpg exported no key {fpr} from {home}")
+    return proc.stdout

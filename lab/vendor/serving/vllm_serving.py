@@ -1,0 +1,342 @@
+#!/usr/bin/python3
+"""Simulated vLLM OpenAI-compatible server: `vllm-serving --config /etc/vllm-serving/config.json`.
+
+Config (JSON): {"host": "0.0.0.0", "port": 8000, "model": "deepseek-ai/DeepSeek-V3",
+"weights": {"path": "/var/lib/vllm-serving/models/model.safetensors", "revision": "<commit>"}}.
+
+Endpoints: GET /health (503 while loading, 200 when ready), GET /version, GET /v1/models (model id,
+weights revision, weights sha256 computed from the file at startup, serving version),
+POST /v1/chat/completions (OpenAI response shape), GET /metrics (Prometheus text: vLLM's request
+metrics and DCGM's per-GPU memory gauge). Latency, errors and GPU memory growth per request come
+from the release profile baked into the package (package.json "release").
+
+Loading needs a working driver (NVML) as the real engine does. SIGTERM drains: the listening socket
+closes, in-flight requests finish, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+sys.dont_write_bytecode = True  # the package owns every file beside it: no __pycache__ there
+import fleetsim  # noqa: E402
+
+CONFIG_KEYS = {"host", "port", "model", "weights"}
+# vLLM's e2e latency buckets, with finer ones below 0.3 s so a 200 ms SLO can be read off the histogram.
+BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+           60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+ANSWER_TEXT = ("The simulated model considered the question carefully and answers with this deterministic text "
+               "so that every probe sees the same number of tokens")
+ANSWER = ANSWER_TEXT.split(" ")
+
+
+def log(message: str) -> None:
+    """Log a line the way vLLM's uvicorn front end does (stderr, into the journal)."""
+    sys.stderr.write(f"INFO:     {message}\n")
+    sys.stderr.flush()
+
+
+def load_config(path: str) -> dict:
+    """Read and check the config file; exit 2 naming the file and every bad field."""
+
+    def fail(problem: str) -> SystemExit:
+        sys.stderr.write(f"vllm-serving: {path}: {problem}\n")
+        return SystemExit(2)
+
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    if not isinstance(config, dict):
+        raise fail("expected a JSON object")
+    problems = [f"unknown key {k!r}" for k in sorted(set(config) - CONFIG_KEYS)]
+    problems += [f"missing key {k!r}" for k in sorted(CONFIG_KEYS - set(config))]
+    weights = config.get("weights")
+    if not isinstance(weights, dict) or set(weights) != {"path", "revision"}:
+        problems.append("weights: expected an object with exactly 'path' and 'revision'")
+    if not isinstance(config.get("port"), int) or not 0 < config["port"] < 65536:
+        problems.append(f"port: expected a port number, found {config.get('port')!r}")
+    if problems:
+        raise fail("; ".join(problems))
+    return config
+
+
+class Engine:
+    """The model server's state: loading, per-request behaviour from the release, and its metrics."""
+
+    def __init__(self, config: dict, package: dict):
+        self.config = config
+        self.model = config["model"]
+        self.version = package["upstream_version"]
+        self.release = package["release"]
+        self.lock = threading.Lock()
+        self.ready = False
+        self.weights_sha256: str | None = None
+        self.created = int(time.time())
+        self.hostname = "localhost"
+        self.gpus: list[fleetsim.Gpu] = []
+        self.fb: dict[int, int] = {}
+        self.seq = 0
+        self.running = 0
+        self.success = 0
+        self.http: dict[tuple[str, str, str], int] = {}
+        self.buckets = [0] * len(BUCKETS)
+        self.latency_sum = 0.0
+        self.latency_count = 0
+
+    def load(self, stop: threading.Event) -> None:
+        """Open the GPUs, hash the weights and take GPU memory; SimError/OSError when that fails."""
+        fleetsim.nvml_init()
+        hw = fleetsim.load_hardware()
+        self.hostname = hw.hostname
+        self.gpus = hw.gpus()
+        if not self.gpus:
+            raise fleetsim.SimError("RuntimeError: No CUDA GPUs are available")
+        digest = hashlib.sha256()
+        with open(self.config["weights"]["path"], "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        self.weights_sha256 = digest.hexdigest()
+        if stop.wait(self.release["load_seconds"]):
+            return
+        share = self.release["gpu_memory_utilization"]
+        with self.lock:
+            self.fb = {g.index: round(g.memory_mib * share) for g in self.gpus}
+            fleetsim.register_fb_usage(self.fb)
+            self.ready = True
+
+    def latency_ms(self, n: int) -> float:
+        """The latency of the n-th chat request: deterministic jitter, warm-up and slow-release extras."""
+        r = self.release
+        jitter = ((n * 2654435761) % 2**32) / 2**32 * r["jitter_ms"]
+        extra = r["warmup_extra_ms"] if n <= r["warmup_requests"] else 0
+        if r["slow_every"] and n % r["slow_every"] == 0:
+            extra += r["slow_extra_ms"]
+        return r["base_ms"] + jitter + extra
+
+    def leak(self) -> bool:
+        """Leak this release's per-request GPU memory; False once a GPU is full (out of memory)."""
+        mib = self.release["leak_mib_per_request"]
+        if not mib:
+            return True
+        with self.lock:
+            if any(self.fb[g.index] + mib > g.memory_mib for g in self.gpus):
+                return False
+            for g in self.gpus:
+                self.fb[g.index] += mib
+            fleetsim.register_fb_usage(self.fb)
+        return True
+
+    def count_http(self, handler: str, method: str, status: int) -> None:
+        """Count a response by handler and status class, as prometheus-fastapi-instrumentator does."""
+        key = (handler, method, f"{status // 100}xx")
+        with self.lock:
+            self.http[key] = self.http.get(key, 0) + 1
+
+    def observe(self, seconds: float) -> None:
+        """Record a finished request's end-to-end latency."""
+        with self.lock:
+            self.success += 1
+            self.latency_sum += seconds
+            self.latency_count += 1
+            for i, bound in enumerate(BUCKETS):
+                if seconds <= bound:
+                    self.buckets[i] += 1
+
+    def metrics(self) -> str:
+        """The Prometheus text exposition."""
+        model = f'model_name="{self.model}"'
+        with self.lock:
+            out = [
+                "# HELP vllm:num_requests_running Number of requests in model execution batches.\n",
+                "# TYPE vllm:num_requests_running gauge\n",
+                f'vllm:num_requests_running{{engine="0",{model}}} {float(self.running)}\n',
+                "# HELP vllm:request_success_total Count of successfully processed requests.\n",
+                "# TYPE vllm:request_success_total counter\n",
+                f'vllm:request_success_total{{engine="0",finished_reason="stop",{model}}} {float(self.success)}\n',
+                "# HELP vllm:e2e_request_latency_seconds Histogram of e2e request latency in seconds.\n",
+                "# TYPE vllm:e2e_request_latency_seconds histogram\n",
+            ]
+            out += [f'vllm:e2e_request_latency_seconds_bucket{{engine="0",le="{b}",{model}}} {float(n)}\n'
+                    for b, n in zip(BUCKETS, self.buckets, strict=True)]
+            out += [
+                f'vllm:e2e_request_latency_seconds_bucket{{engine="0",le="+Inf",{model}}} '
+                f"{float(self.latency_count)}\n",
+                f'vllm:e2e_request_latency_seconds_sum{{engine="0",{model}}} {self.latency_sum}\n',
+                f'vllm:e2e_request_latency_seconds_count{{engine="0",{model}}} {float(self.latency_count)}\n',
+                "# HELP http_requests_total Total number of requests by method, status and handler.\n",
+                "# TYPE http_requests_total counter\n",
+            ]
+            out += [f'http_requests_total{{handler="{h}",method="{m}",status="{s}"}} {float(n)}\n'
+                    for (h, m, s), n in sorted(self.http.items())]
+            out += ["# HELP DCGM_FI_DEV_FB_USED Framebuffer memory used (in MiB).\n",
+                    "# TYPE DCGM_FI_DEV_FB_USED gauge\n"]
+            out += [f'DCGM_FI_DEV_FB_USED{{gpu="{g.index}",UUID="{g.uuid}",device="nvidia{g.index}",'
+                    f'modelName="{g.product_name}",Hostname="{self.hostname}"}} {self.fb.get(g.index, 0)}\n'
+                    for g in self.gpus]
+        return "".join(out)
+
+
+class Server(ThreadingHTTPServer):
+    """Threaded HTTP server whose close waits for in-flight requests (the drain on SIGTERM)."""
+
+    daemon_threads = False
+    block_on_close = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], engine: Engine):
+        self.engine = engine
+        super().__init__(address, Handler)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes of the OpenAI-compatible API; one request per connection (HTTP/1.0), so drains end."""
+
+    server: Server
+    timeout = 30  # a client that stops sending cannot hold a drain forever
+
+    def version_string(self) -> str:
+        return "uvicorn"
+
+    def log_message(self, format: str, *args) -> None:
+        if len(args) == 3:
+            log(f'{self.client_address[0]}:{self.client_address[1]} - "{args[0]}" {args[1]}')
+
+    def reply(self, status: int, body: bytes | str | dict, content_type: str = "application/json") -> None:
+        if isinstance(body, dict):
+            body = json.dumps(body)
+        data = body.encode() if isinstance(body, str) else body
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        self.server.engine.count_http(self.path.split("?")[0], self.command, status)
+
+    def error(self, status: int, kind: str, message: str) -> None:
+        self.reply(status, {"object": "error", "message": message, "type": kind, "param": None, "code": status})
+
+    def do_GET(self) -> None:
+        engine = self.server.engine
+        path = self.path.split("?")[0]
+        if path == "/health":
+            self.reply(200 if engine.ready else 503, b"")
+        elif path == "/version":
+            self.reply(200, {"version": engine.version})
+        elif not engine.ready and path in ("/v1/models", "/metrics"):
+            self.error(503, "ServiceUnavailableError", "the model is still loading")
+        elif path == "/v1/models":
+            self.reply(200, {"object": "list", "data": [{
+                "id": engine.model, "object": "model", "created": engine.created, "owned_by": "vllm",
+                "root": engine.model, "parent": None, "max_model_len": 32768,
+                "revision": engine.config["weights"]["revision"], "weights_sha256": engine.weights_sha256,
+                "serving_version": engine.version,
+            }]})
+        elif path == "/metrics":
+            self.reply(200, engine.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            self.reply(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        if self.path.split("?")[0] != "/v1/chat/completions":
+            self.reply(404, {"detail": "Not Found"})
+            return
+        engine = self.server.engine
+        if not engine.ready:
+            self.error(503, "ServiceUnavailableError", "the model is still loading")
+            return
+        try:
+            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            messages = request["messages"]
+            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+            max_tokens = int(request.get("max_tokens") or len(ANSWER))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self.error(400, "BadRequestError", f"invalid request: {exc}")
+            return
+        if request.get("model") != engine.model:
+            self.error(404, "NotFoundError", f"The model `{request.get('model')}` does not exist.")
+            return
+        if request.get("stream"):
+            self.error(400, "BadRequestError", "streaming is not supported by this server")
+            return
+        self.complete(prompt_tokens, max(1, min(max_tokens, len(ANSWER))))
+
+    def complete(self, prompt_tokens: int, tokens: int) -> None:
+        engine = self.server.engine
+        start = time.monotonic()
+        with engine.lock:
+            engine.seq += 1
+            engine.running += 1
+            n = engine.seq
+        try:
+            time.sleep(engine.latency_ms(n) / 1000)
+            error_every = engine.release["error_every"]
+            if error_every and n % error_every == 0:
+                self.error(500, "InternalServerError", "EngineCore encountered an issue. See stack trace for the "
+                           "root cause.")
+                return
+            if not engine.leak():
+                self.error(500, "InternalServerError", "CUDA out of memory. Tried to allocate "
+                           f"{engine.release['leak_mib_per_request']} MiB")
+                return
+            self.reply(200, {
+                "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": engine.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(ANSWER[:tokens])},
+                             "logprobs": None, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                          "total_tokens": prompt_tokens + tokens},
+            })
+            engine.observe(time.monotonic() - start)
+        finally:
+            with engine.lock:
+                engine.running -= 1
+
+
+def main(argv: list[str]) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and exit 0; 1 when loading fails, 2 on a bad config."""
+    parser = argparse.ArgumentParser(prog="vllm-serving")
+    parser.add_argument("--config", required=True, help="the server's JSON config file")
+    config = load_config(parser.parse_args(argv).config)
+    try:
+        engine = Engine(config, fleetsim.package_info("vllm-serving"))
+        server = Server((config["host"], config["port"]), engine)
+    except (fleetsim.SimError, OSError) as exc:
+        sys.stderr.write(f"ERROR:    {exc}\n")
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log(f"vLLM API server version {engine.version} on http://{config['host']}:{config['port']}, "
+        f"loading {engine.model}")
+    try:
+        engine.load(stop)
+    except (fleetsim.SimError, OSError) as exc:
+        sys.stderr.write(f"ERROR:    engine failed to start: {str(exc).strip()}\n")
+        server.shutdown()
+        server.server_close()
+        return 1
+    if engine.ready:
+        log("Application startup complete.")
+    while not stop.wait(1):
+        pass
+    log("Shutting down: draining in-flight requests")
+    server.shutdown()
+    server.server_close()  # closes the listening socket, then joins the in-flight request threads
+    fleetsim.unregister_fb_usage()
+    log("Finished server process")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
