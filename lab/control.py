@@ -175,10 +175,14 @@ class Lab:
         except ImportError:
             return
         info = build_repo(self.layout.repo_dir, releases)
-        link = www / "apt"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(info.served_dir)
+        # serve the repository and the public keyring only: the signing key sits beside them, unserved
+        apt = www / "apt"
+        apt.mkdir(exist_ok=True)
+        for name, target in (("repo", info.served_dir), (info.keyring.name, info.keyring)):
+            link = apt / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(target)
         log(f"apt repository: {info.served_dir}")
 
     def _ssh_key(self) -> str:

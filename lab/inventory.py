@@ -44,7 +44,7 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
 def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, secrets: dict[str, str]) -> Path:
     inv = build_inventory(fleet, lab_endpoints(fleet, layout, ports))
     inv["all"]["vars"].update({
-        "fleet_apt_repo_url": f"http://127.0.0.1:{ports.http}/apt/",
+        "fleet_apt_repo_url": f"http://127.0.0.1:{ports.http}/apt/repo/",
         "fleet_apt_repo_keyring_url": f"http://127.0.0.1:{ports.http}/apt/fleet-lab-archive-keyring.gpg",
     })
     target = layout.inventory_dir

@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 rollout failed or rolled back, 2 bad input (nothing touche
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -116,6 +117,8 @@ def _cell(value: object) -> str:
 
 def main() -> None:
     """Console-script entry: run the app, map bad input to exit code 2."""
+    # ansible-runner and pytest start ansible's tools by name: prefer the ones installed beside us
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code instead of exiting
         sys.exit(rc if isinstance(rc, int) else EXIT_OK)

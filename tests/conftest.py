@@ -1,10 +1,14 @@
 import copy
+import os
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# ansible-runner and testinfra start `ansible-playbook` & co. by name: use the ones beside this Python
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 @pytest.fixture
