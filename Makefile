@@ -44,8 +44,10 @@ test: system-packages venv lint
 
 demo: system-packages venv
 	$(BIN)/fleet release check releases/2026-11.yaml --against releases/2026-10.yaml
-	$(BIN)/fleet inventory --stack lab -o .fleet/lab-inventory.yml
-	$(BIN)/ansible-inventory -i .fleet/lab-inventory.yml --graph
+	$(BIN)/fleet lab up --stack lab
+	$(BIN)/ansible -i "$$($(BIN)/fleet lab inventory)" all -m ping -o
+	$(BIN)/fleet lab status
+	@echo "the lab stays up: try \`.venv/bin/fleet lab fault dgx-a1 ecc-errors\`; stop it with \`.venv/bin/fleet lab down\`"
 
 clean:
 	rm -rf $(VENV) .fleet .pytest_cache .ruff_cache

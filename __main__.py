@@ -1,14 +1,18 @@
-"""Pulumi entry: read the fleet from the stack's config, export the Ansible inventory."""
+"""Pulumi entry: the fleet from the stack's `fleet:*` config, one component per site, the Ansible inventory out."""
+
+from pathlib import Path
 
 import pulumi
 
-from infra.fleet import parse_fleet
-from infra.inventory import build_inventory
+from infra.errors import InputError
+from infra.stack import build_stack, fleet_from_config
 
-config = pulumi.Config("fleet")
-stack = pulumi.get_stack()
-raw = {key: config.get_object(key) for key in ("name", "sites", "pools", "hosts")}
-fleet = parse_fleet({k: v for k, v in raw.items() if v is not None}, f"Pulumi.{stack}.yaml", "config.fleet:")
+try:
+    fleet = fleet_from_config(pulumi.Config("fleet"), pulumi.get_stack())
+    stack = build_stack(fleet, Path(__file__).resolve().parent)
+except InputError as exc:
+    # the CLI prints a RunError's message without a Python traceback: file, field, value, what is wrong
+    raise pulumi.RunError(str(exc)) from exc
 
-pulumi.export("ansible_inventory", build_inventory(fleet))
+pulumi.export("ansible_inventory", stack.inventory)
 pulumi.export("hosts", sorted(fleet.hosts))

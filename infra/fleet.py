@@ -70,6 +70,25 @@ class Bmc(StrictModel):
     verify_tls: bool = True
 
 
+class AmiLookup(StrictModel):
+    """A pinned machine image: an exact AMI name from one owner, or an AMI id.
+
+    No wildcards: a pattern with `most_recent` would move under a running fleet on the next
+    `pulumi up`, and the bundle (driver, CUDA, ...) is what decides what runs on the host.
+    """
+
+    owner: str = "099720109477"  # Canonical
+    name: str | None = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20240301"
+    id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
+
+    @field_validator("name")
+    @classmethod
+    def _pinned(cls, value: str | None) -> str | None:
+        if value is not None and any(c in value for c in "*?"):
+            raise ValueError("must be an exact AMI name (no wildcards): pin the image, bump it on purpose")
+        return value
+
+
 class _Site(StrictModel):
     name: Name
     haproxy_api: str | None = Field(None, description="host:port of HAProxy's runtime API")
@@ -85,8 +104,12 @@ class AwsSite(_Site):
     ssh_cidrs: list[str] = []
     capacity_reservation_id: str | None = None
     capacity_block: bool = False
+    ami: AmiLookup = Field(default_factory=lambda: AmiLookup())
+    root_volume_gb: int = Field(500, ge=8, le=16384)
+    serving_cidrs: list[str] = Field([], description="clients allowed to the serving port besides the VPC")
+    ssh_authorized_keys: list[str] = []
 
-    @field_validator("ssh_cidrs")
+    @field_validator("ssh_cidrs", "serving_cidrs")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
         for cidr in value:
@@ -102,6 +125,18 @@ class OutpostSite(_Site):
     local_gateway_route_table_id: str | None = None
     vpc_cidr: str = "10.43.0.0/16"
     ssh_cidrs: list[str] = []
+    ami: AmiLookup = Field(default_factory=lambda: AmiLookup())
+    root_volume_gb: int = Field(200, ge=8, le=16384)
+    # Outposts racks have offered gp2 EBS; set gp3 where your rack lists it.
+    root_volume_type: Literal["gp2", "gp3"] = "gp2"
+    ssh_authorized_keys: list[str] = []
+
+    @field_validator("ssh_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
 
 
 class OnpremSite(_Site):
@@ -110,6 +145,10 @@ class OnpremSite(_Site):
     ups_derating: float = Field(0.8, gt=0, le=1)
     require_n_plus_one: bool = False
     ib_rail_aligned: bool = False
+    # What `pulumi up` may do to a bare-metal host through its BMC; all off: registering only reads.
+    bmc_pxe_once_on_create: bool = False
+    bmc_power_on_create: bool = False
+    bmc_power_off_on_delete: bool = False
 
 
 Site = Annotated[AwsSite | OutpostSite | OnpremSite, Field(discriminator="kind")]
@@ -179,9 +218,10 @@ class FleetConfig(StrictModel):
 class Fleet:
     """A validated fleet: every reference resolves, every name is unique."""
 
-    def __init__(self, config: FleetConfig, source: str = "<fleet>"):
+    def __init__(self, config: FleetConfig, source: str = "<fleet>", prefix: str = ""):
         self.name = config.name
         self.source = source
+        self.prefix = prefix
         self.config = config
         self.sites = {s.name: s for s in config.sites}
         self.pools = {p.name: p for p in config.pools}
@@ -198,6 +238,19 @@ class Fleet:
 
     def hosts_in(self, pool: str) -> list[Host]:
         return [h for h in self.hosts.values() if h.pool == pool]
+
+    def field(self, kind: Literal["sites", "pools", "hosts"], name: str, *parts: str | int) -> str:
+        """The config path of a named site, pool or host, for error messages: 'config.fleet:hosts[3].psus'.
+
+        Hosts expanded from a pool's `count` are not listed in the config; they point at the pool's count.
+        """
+        items = getattr(self.config, kind)
+        for i, item in enumerate(items):
+            if item.name == name:
+                return self.prefix + field_path([kind, i, *parts])
+        if kind == "hosts" and name in self.hosts:
+            return self.field("pools", self.hosts[name].pool, "count")
+        return self.prefix + field_path([kind, *parts])
 
 
 def _expand_hosts(config: FleetConfig) -> list[Host]:
@@ -220,7 +273,7 @@ def parse_fleet(data: Any, source: str = "<fleet>", prefix: str = "") -> Fleet:
     problems = list(_cross_check(config, source, prefix))
     if problems:
         raise InputError(problems)
-    return Fleet(config, source)
+    return Fleet(config, source, prefix)
 
 
 def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Problem]:
@@ -273,6 +326,9 @@ def stack_file(stack: str, project_dir: str | Path = ".") -> Path:
 
 
 FLEET_KEYS = ("name", "sites", "pools", "hosts", "converge", "bundle")
+# `fleet:*` keys that are not part of the fleet model: the Pulumi program reads them itself
+# (`pulumi config set --secret fleet:bmcPassword ...` puts it in the stack file, encrypted).
+PROGRAM_KEYS = ("bmcPassword",)
 
 
 def load_stack(stack: str, project_dir: str | Path = ".") -> Fleet:
@@ -293,7 +349,7 @@ def fleet_config_from_stack(config: dict[str, Any], path: str | Path = "<stack>"
     problems = []
     for key, value in config.items():
         namespace, _, name = str(key).partition(":")
-        if namespace != "fleet":
+        if namespace != "fleet" or name in PROGRAM_KEYS:
             continue
         if name not in FLEET_KEYS:
             guess = nearest(name, FLEET_KEYS)

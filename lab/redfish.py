@@ -60,10 +60,12 @@ class RedfishEmulator:
 
     @property
     def url(self) -> str:
+        """The BMC endpoint, as a host's `bmc.endpoint` names it."""
         return f"http://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
+        """Where the emulator's output goes (appended across restarts)."""
         return self.state_dir / "sushy-emulator.log"
 
     def start(self, timeout: float = 30.0) -> RedfishEmulator:

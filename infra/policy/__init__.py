@@ -1,0 +1,1 @@
+"""The fleet's Pulumi policy pack: `pulumi preview --policy-pack infra/policy`."""

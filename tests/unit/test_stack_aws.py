@@ -1,0 +1,185 @@
+"""The program for Pulumi.example-hybrid.yaml, run under mocks: the AWS GPU clusters it registers.
+
+Every test counts what it checked against what the stack must contain, so an assertion inside an
+empty loop cannot pass silently.
+"""
+
+import copy
+
+import pytest
+
+from infra.aws_cluster import efa_network_interfaces
+from tests.stack_mocks import AMI_ID, hybrid_secrets, run_program, stack_config
+
+INSTANCE = "aws:ec2/instance:Instance"
+TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+P4D_HOSTS = [f"v3-use1{az}-{i}" for az in "ab" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def run():
+    return run_program(stack_config(), hybrid_secrets())
+
+
+def test_components_per_site(run):
+    components = {(r.type, r.name) for r in run.resources if r.type.startswith("fleet:")}
+    assert components == {("fleet:aws:GpuCluster", "use1-az-a"), ("fleet:aws:GpuCluster", "use1-az-b"),
+                          ("fleet:aws:OutpostSite", "outpost-fra1"), ("fleet:onprem:Hall", "hall-a")}
+
+
+def test_efa_layout_per_card_from_get_instance_type(run):
+    templates = run.of_type(TEMPLATE)
+    assert sorted(t.name for t in templates) == ["v3-use1a-lt", "v3-use1b-lt"]
+    for template in templates:
+        layout = [(int(n["networkCardIndex"]), int(n["deviceIndex"]), n["interfaceType"])
+                  for n in template.inputs["networkInterfaces"]]
+        # p4d.24xlarge: 4 network cards (the mock answers getInstanceType as AWS does)
+        assert layout == [(0, 0, "interface"), (0, 1, "efa-only"), (1, 0, "efa-only"), (2, 0, "efa-only"),
+                          (3, 0, "efa-only")]
+        site = template.name.removesuffix("-lt").replace("v3-use1", "use1-az-")
+        sg = run.named("aws:ec2/securityGroup:SecurityGroup", f"{site}-sg")
+        subnet = run.named("aws:ec2/subnet:Subnet", f"{site}-private")
+        assert all(n["securityGroups"] == [sg.id] and n["subnetId"] == subnet.id
+                   for n in template.inputs["networkInterfaces"])
+    asked = [args["instanceType"] for token, args in run.calls if token == "aws:ec2/getInstanceType:getInstanceType"]
+    assert asked == ["p4d.24xlarge", "p4d.24xlarge"]
+
+
+def test_efa_layout_follows_the_card_count():
+    assert [(n["network_card_index"], n["device_index"], n["interface_type"])
+            for n in efa_network_interfaces(2, None, "sg", "subnet")] == [
+        (0, 0, "interface"), (0, 1, "efa-only"), (1, 0, "efa-only")]
+    assert len(efa_network_interfaces(32, 32, "sg", "subnet")) == 33   # p5.48xlarge: ENA + 32 EFA
+    assert len(efa_network_interfaces(4, 2, "sg", "subnet")) == 3      # capped at the type's EFA maximum
+
+
+def test_cluster_placement_group_used_by_the_templates(run):
+    groups = run.of_type("aws:ec2/placementGroup:PlacementGroup")
+    assert {(g.name, g.inputs["strategy"]) for g in groups} == {("use1-az-a-cluster", "cluster"),
+                                                               ("use1-az-b-cluster", "cluster")}
+    names = {g.state["name"] for g in groups}
+    placements = [t.inputs["placement"] for t in run.of_type(TEMPLATE)]
+    assert len(placements) == 2 and all(p["groupName"] in names for p in placements)
+    assert {p["availabilityZone"] for p in placements} == {"us-east-1a", "us-east-1b"}
+
+
+def test_imdsv2_required_and_encrypted_gp3_root(run):
+    checked = []
+    for template in run.of_type(TEMPLATE):
+        assert template.inputs["metadataOptions"]["httpTokens"] == "required"
+        (root,) = template.inputs["blockDeviceMappings"]
+        assert root["deviceName"] == "/dev/sda1"    # from the AMI lookup
+        assert root["ebs"]["volumeType"] == "gp3" and root["ebs"]["encrypted"] == "true"
+        assert template.inputs["imageId"] == AMI_ID
+        checked.append(template.name)
+    assert len(checked) == 2
+
+
+def test_ami_is_a_pinned_lookup(run):
+    lookups = [args for token, args in run.calls if token == "aws:ec2/getAmi:getAmi"]
+    assert len(lookups) == 3   # two AWS sites, one Outpost
+    for args in lookups:
+        assert args["owners"] == ["099720109477"]
+        (name,) = args["filters"][0]["values"]
+        assert "*" not in name and name.startswith("ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-")
+
+
+def test_instance_profile_has_ssm(run):
+    attachments = run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
+    assert len(attachments) == 3
+    assert {a.inputs["policyArn"] for a in attachments} == {"arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"}
+    profiles = {p.state["arn"] for p in run.of_type("aws:iam/instanceProfile:InstanceProfile")}
+    assert {t.inputs["iamInstanceProfile"]["arn"] for t in run.of_type(TEMPLATE)} <= profiles
+
+
+def test_security_group_self_traffic_and_ssh_only_from_configured_cidrs(run):
+    checked = []
+    for sg in run.of_type("aws:ec2/securityGroup:SecurityGroup"):
+        ingress, egress = sg.inputs["ingress"], sg.inputs["egress"]
+        ssh = [r for r in ingress if r["protocol"] == "tcp" and r["fromPort"] <= 22 <= r["toPort"]]
+        assert ssh == [{"description": "SSH from configured CIDRs", "protocol": "tcp", "fromPort": 22, "toPort": 22,
+                        "cidrBlocks": ["10.0.0.0/8"]}]
+        assert not any("0.0.0.0/0" in r.get("cidrBlocks", []) for r in ingress)
+        if sg.name.startswith("use1-"):   # EFA: all traffic to and from the group itself
+            assert {"description": "EFA: all traffic between members", "protocol": "-1", "fromPort": 0,
+                    "toPort": 0, "self": True} in ingress
+            assert any(r.get("self") and r["protocol"] == "-1" for r in egress)
+            serving = [r for r in ingress if r["fromPort"] == 8000]
+            assert serving and serving[0]["cidrBlocks"][0] in ("10.42.0.0/16", "10.44.0.0/16")
+        checked.append(sg.name)
+    assert sorted(checked) == ["outpost-fra1-sg", "use1-az-a-sg", "use1-az-b-sg"]
+
+
+def test_instances_tagged_and_launched_from_their_pool_template(run):
+    templates = {t.name: t.id for t in run.of_type(TEMPLATE)}
+    checked = []
+    for name in P4D_HOSTS:
+        instance = run.named(INSTANCE, name)
+        pool = name.rsplit("-", 1)[0]
+        assert instance.inputs["launchTemplate"] == {"id": templates[f"{pool}-lt"], "version": "$Default"}
+        tags = instance.inputs["tags"]
+        assert tags == {"Name": name, "fleet:name": "example-hybrid", "fleet:site": f"use1-az-{pool[-1]}",
+                        "fleet:pool": pool, "fleet:host": name, "fleet:model": "deepseek-ai/DeepSeek-V3",
+                        "fleet:patch-ring": "1"}
+        assert instance.inputs["userData"].startswith("#cloud-config\n") and f"hostname: {name}\n" in \
+            instance.inputs["userData"]
+        checked.append(name)
+    assert len(checked) == 8 and len(run.of_type(INSTANCE)) == 10   # + the two Outpost hosts
+
+
+def test_target_group_per_pool_health_checked_on_serving_port(run):
+    groups = {g.name: g for g in run.of_type("aws:lb/targetGroup:TargetGroup")}
+    assert sorted(groups) == ["v3-use1a-tg", "v3-use1b-tg"]
+    for group in groups.values():
+        assert group.inputs["port"] == 8000 and group.inputs["protocol"] == "TCP"
+        assert group.inputs["healthCheck"]["port"] == "8000" and group.inputs["healthCheck"]["path"] == "/health"
+    attachments = run.of_type("aws:lb/targetGroupAttachment:TargetGroupAttachment")
+    instance_ids = {run.named(INSTANCE, h).id: h for h in P4D_HOSTS}
+    by_group = {}
+    for a in attachments:
+        by_group.setdefault(a.inputs["targetGroupArn"], set()).add(instance_ids[a.inputs["targetId"]])
+    assert by_group == {groups["v3-use1a-tg"].state["arn"]: set(P4D_HOSTS[:4]),
+                        groups["v3-use1b-tg"].state["arn"]: set(P4D_HOSTS[4:])}
+    listeners = run.of_type("aws:lb/listener:Listener")
+    assert len(listeners) == 2 and all(listener.inputs["port"] == 8000 for listener in listeners)
+    lbs = run.of_type("aws:lb/loadBalancer:LoadBalancer")
+    assert len(lbs) == 2 and all(lb.inputs["internal"] and lb.inputs["loadBalancerType"] == "network" for lb in lbs)
+
+
+def test_capacity_block_targeted_only_where_configured(run):
+    a = run.named(TEMPLATE, "v3-use1a-lt").inputs
+    b = run.named(TEMPLATE, "v3-use1b-lt").inputs
+    assert "capacityReservationSpecification" not in a and "instanceMarketOptions" not in a
+    assert b["capacityReservationSpecification"] == {
+        "capacityReservationTarget": {"capacityReservationId": "cr-0123456789abcdef0"}}
+    assert b["instanceMarketOptions"] == {"marketType": "capacity-block"}
+
+
+def test_capacity_block_without_reservation_id_fails_naming_the_field():
+    config = copy.deepcopy(stack_config())
+    del config["fleet:sites"][1]["capacity_reservation_id"]
+    with pytest.raises(Exception, match=r"config\.fleet:sites\[1\]\.capacity_reservation_id.*reservation id"):
+        run_program(config, hybrid_secrets())
+
+
+def test_vpc_with_private_subnet_behind_nat(run):
+    vpcs = {v.name: v.inputs["cidrBlock"] for v in run.of_type("aws:ec2/vpc:Vpc")}
+    assert vpcs == {"use1-az-a-vpc": "10.42.0.0/16", "use1-az-b-vpc": "10.44.0.0/16",
+                    "outpost-fra1-vpc": "10.43.0.0/16"}
+    private = run.named("aws:ec2/subnet:Subnet", "use1-az-a-private").inputs
+    assert private["cidrBlock"] == "10.42.0.0/20" and private["mapPublicIpOnLaunch"] is False
+    table = run.named("aws:ec2/routeTable:RouteTable", "use1-az-a-private").inputs
+    nat = run.named("aws:ec2/natGateway:NatGateway", "use1-az-a-nat")
+    assert table["routes"] == [{"cidrBlock": "0.0.0.0/0", "natGatewayId": nat.id}]
+    regions = {r.inputs.get("region") for r in run.resources if r.type.startswith("aws:ec2/")}
+    assert regions == {"us-east-1", "eu-central-1"}
+
+
+def test_existing_subnet_is_used_instead_of_a_new_vpc():
+    config = copy.deepcopy(stack_config())
+    config["fleet:sites"][0]["subnet_ids"] = ["subnet-0abc"]
+    run = run_program(config, hybrid_secrets())
+    assert "use1-az-a-vpc" not in {v.name for v in run.of_type("aws:ec2/vpc:Vpc")}
+    template = run.named(TEMPLATE, "v3-use1a-lt").inputs
+    assert {n["subnetId"] for n in template["networkInterfaces"]} == {"subnet-0abc"}
+    assert run.named("aws:ec2/securityGroup:SecurityGroup", "use1-az-a-sg").inputs["vpcId"] == "vpc-0abc"

@@ -1,0 +1,103 @@
+"""Day-0 converge (`fleet:converge: true`): one local command per host, re-run when the host or the bundle changes."""
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pulumi
+import pytest
+
+from infra.converge import converge_script, single_host_inventory
+from tests.stack_mocks import ROOT, hybrid_secrets, run_program, stack_config
+
+COMMAND = "command:local:Command"
+
+
+def converge_config(bundle: str = "releases/2026-11.yaml") -> dict:
+    config = copy.deepcopy(stack_config())
+    config["fleet:converge"] = True
+    config["fleet:bundle"] = bundle
+    return config
+
+
+@pytest.fixture(scope="module")
+def run():
+    return run_program(converge_config(), hybrid_secrets())
+
+
+def digest(path: str) -> str:
+    return hashlib.sha256((ROOT / path).read_bytes()).hexdigest()
+
+
+def test_one_command_per_host_running_the_site_playbook(run):
+    commands = {c.name: c for c in run.of_type(COMMAND)}
+    assert len(commands) == len(run.outputs["hosts"]) == 14
+    for host in run.outputs["hosts"]:
+        inputs = commands[f"{host}-converge"].inputs
+        assert f"playbooks/site.yml --limit {host} -e bundle_file=releases/2026-11.yaml" in inputs["create"]
+        assert inputs["dir"] == str(ROOT)
+        inventory = json.loads(inputs["environment"]["FLEET_INVENTORY"])
+        assert list(inventory["all"]["hosts"]) == [host]
+        assert all(list(g["hosts"]) == [host] for g in inventory["all"]["children"].values())
+
+
+def test_triggers_are_the_machine_and_the_bundle_hash(run):
+    commands = {c.name: c for c in run.of_type(COMMAND)}
+    sha = digest("releases/2026-11.yaml")
+    instance = run.named("aws:ec2/instance:Instance", "v3-use1a-0")
+    assert commands["v3-use1a-0-converge"].inputs["triggers"] == [instance.id, sha]
+    bmh = run.named("pulumi-python:dynamic/fleet:BareMetalHost", "dgx-h02")
+    assert commands["dgx-h02-converge"].inputs["triggers"] == [bmh.id, bmh.state["serial_number"], sha]
+
+
+def test_another_bundle_changes_every_trigger(run):
+    older = run_program(converge_config("releases/2026-10.yaml"), hybrid_secrets())
+    before = {c.name: c.inputs["triggers"] for c in run.of_type(COMMAND)}
+    after = {c.name: c.inputs["triggers"] for c in older.of_type(COMMAND)}
+    assert before.keys() == after.keys() and len(before) == 14
+    assert all(before[n][:-1] == after[n][:-1] and before[n][-1] != after[n][-1] for n in before)
+    assert {t[-1] for t in after.values()} == {digest("releases/2026-10.yaml")}
+
+
+def test_no_commands_without_converge():
+    run = run_program(stack_config(), hybrid_secrets())
+    assert run.of_type(COMMAND) == [] and len(run.resources) > 60
+
+
+def test_converge_without_bundle_fails_naming_the_key():
+    config = converge_config()
+    del config["fleet:bundle"]
+    with pytest.raises(pulumi.RunError, match=r"config\.fleet:bundle: required when fleet:converge is true"):
+        run_program(config, hybrid_secrets())
+
+
+def test_single_host_inventory_keeps_only_that_host():
+    inventory = {"all": {"vars": {"fleet_name": "f"}, "hosts": {"a": {"x": 1}, "b": {"x": 2}},
+                         "children": {"g1": {"hosts": {"a": None, "b": None}}, "g2": {"hosts": {"b": None}}}}}
+    assert single_host_inventory(inventory, "a") == {
+        "all": {"vars": {"fleet_name": "f"}, "hosts": {"a": {"x": 1}}, "children": {"g1": {"hosts": {"a": None}}}}}
+
+
+def test_the_script_runs_ansible_on_the_one_host(tmp_path, run):
+    # The script as the command provider runs it (/bin/sh -c in the project dir), with the real
+    # ansible-playbook against a stand-in site.yml that only prints what it was given.
+    (tmp_path / ".venv/bin").mkdir(parents=True)
+    (tmp_path / ".venv/bin/ansible-playbook").symlink_to(Path(sys.executable).parent / "ansible-playbook")
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "playbooks/site.yml").write_text(
+        "- hosts: all\n  gather_facts: false\n  connection: local\n  tasks:\n"
+        "    - debug: msg=\"converge {{ inventory_hostname }} {{ fleet_pool }} {{ bundle_file }}\"\n")
+    command = next(c for c in run.of_type(COMMAND) if c.name == "dgx-h03-converge").inputs
+    env = dict(os.environ, FLEET_INVENTORY=command["environment"]["FLEET_INVENTORY"], ANSIBLE_NOCOLOR="1")
+    out = subprocess.run(["/bin/sh", "-c", command["create"]], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "converge dgx-h03 v3-hall-a releases/2026-11.yaml" in out.stdout
+    assert "ok=1" in out.stdout and "dgx-h01" not in out.stdout
+
+
+def test_script_quotes_its_arguments():
+    assert "--limit 'h; rm -rf /'" in converge_script("h; rm -rf /", "releases/x.yaml")
