@@ -24,6 +24,8 @@ SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 SG_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
 SG_INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 CAPACITY_BLOCK = "aws:ec2/capacityBlockReservation:CapacityBlockReservation"
+NETWORK_INTERFACE = "aws:ec2/networkInterface:NetworkInterface"
+EFA_TYPES = ("efa", "efa-only")
 
 DEFAULTS: dict[str, Any] = {
     # instance types that only make sense as a tightly coupled cluster: NCCL over EFA
@@ -152,15 +154,19 @@ def gpu_cluster_placement_and_efa(s: Subject, config: Mapping[str, Any]) -> list
     out = []
     template = s.template or {}
     groups = s.related_of(PLACEMENT_GROUP)
-    group_named = s.props.get("placementGroup") or (template.get("placement") or {}).get("groupName")
+    placement = template.get("placement") or {}
+    group_named = (s.props.get("placementGroup") or s.props.get("placementGroupId") or placement.get("groupName")
+                   or placement.get("groupId"))
     if not groups and not group_named:
         out.append(f"{s.name}: {itype} is not in a placement group (needs strategy 'cluster')")
     for group in groups:
         if group.props.get("strategy") != "cluster":
             out.append(f"{s.name}: {itype} is in placement group {group.name} with strategy "
                        f"{group.props.get('strategy')!r}, not 'cluster'")
-    interfaces = s.props.get("networkInterfaces") or template.get("networkInterfaces") or []
-    if not any(i.get("interfaceType") in ("efa", "efa-only") for i in interfaces):
+    # a template's interfaces carry interfaceType; an instance's only attach ENIs (networkInterfaceId), so an
+    # instance without a template gets EFA from the NetworkInterface resources it depends on
+    interfaces = [*(template.get("networkInterfaces") or []), *(e.props for e in s.related_of(NETWORK_INTERFACE))]
+    if not any(i.get("interfaceType") in EFA_TYPES for i in interfaces):
         out.append(f"{s.name}: {itype} has no EFA interface (interfaceType 'efa' or 'efa-only')")
     return out
 
