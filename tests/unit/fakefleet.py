@@ -1,0 +1,205 @@
+"""Fake hosts for the runner's tests: an `Actions` whose hosts live in memory (optionally in a JSON file,
+so they survive a killed process), and can be told to fail at any step.
+
+It fakes the *hosts* only: load-balancer membership, the installed bundle, UPS and IB state, probe
+figures. Every decision (order, budgets, gates, rollback) stays the runner's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patching.actions import HostFacts, Outcome
+from patching.bundle import Bundle
+from patching.fleetinv import FleetInventory, InventoryHost
+from patching.policy import SloProbe, Soak
+
+OLD, NEW = "2026-10", "2026-11"
+
+
+def make_inventory(pools: Mapping[str, dict[str, Any]], limit: Sequence[str] | None = None) -> FleetInventory:
+    """pools: name -> {site, hosts: [names], max_unavailable, min_serving, kind}."""
+    hosts = {}
+    for pool, spec in pools.items():
+        for i, name in enumerate(spec["hosts"]):
+            hosts[name] = InventoryHost(
+                name=name, pool=pool, site=spec["site"], site_kind=spec.get("kind", "onprem"),
+                ring=spec.get("rings", {}).get(name, 0 if i == 0 else 1), address="127.0.0.1",
+                serving_port=8000 + len(hosts), max_unavailable=spec.get("max_unavailable", 1),
+                min_serving=spec.get("min_serving", 0),
+                lb={"kind": "haproxy", "api": "127.0.0.1:9999", "backend": pool, "server": name},
+            )
+    selected = tuple(sorted(limit)) if limit else tuple(sorted(hosts))
+    return FleetInventory(("fake",), hosts, selected, ",".join(limit) if limit else None)
+
+
+def two_pools() -> FleetInventory:
+    """Pool a (site s1): a1..a4, 2 out at once; pool b (site s2): b1..b3, 1 out at once."""
+    return make_inventory({
+        "a": {"site": "s1", "hosts": ["a1", "a2", "a3", "a4"], "max_unavailable": 2, "min_serving": 1},
+        "b": {"site": "s2", "hosts": ["b1", "b2", "b3"], "max_unavailable": 1, "min_serving": 1},
+    })
+
+
+@dataclass
+class FakeClock:
+    now: dt.datetime
+    step: dt.timedelta = dt.timedelta(0)  # added by every action call: waves take time
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@dataclass
+class FakeFleet:
+    """The hosts. `faults[(host, action, release)]` = message makes that action fail there;
+    `release` may be '*'. Actions: read, power, fabric, drain, apply, reboot, testinfra, slo, undrain, soak,
+    and 'timeout:<action>' for a timed-out result."""
+
+    hosts: dict[str, dict[str, Any]]
+    faults: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    slow: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> p99 ms
+    leaky: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> MiB/h
+    path: Path | None = None
+    clock: FakeClock | None = None
+    calls: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
+    on_call: Any = None  # callback(action, names) for tests that act mid-run (abort)
+
+    @classmethod
+    def fresh(cls, inventory: FleetInventory, release: str = OLD, **kw: Any) -> FakeFleet:
+        hosts = {n: {"installed": release, "lb": "serving", "reachable": True, "ups_ok": True, "ib_ok": True,
+                     "loaded_driver": release} for n in inventory.hosts}
+        return cls(hosts, **kw)
+
+    # ---- persistence, so a killed runner's hosts are still there for the resume -------------------
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = {"hosts": self.hosts, "calls": self.calls,
+                "faults": [[*k, v] for k, v in self.faults.items()],
+                "slow": [[*k, v] for k, v in self.slow.items()], "leaky": [[*k, v] for k, v in self.leaky.items()]}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.path)
+
+    @classmethod
+    def load(cls, path: Path) -> FakeFleet:
+        data = json.loads(path.read_text())
+        return cls(data["hosts"], {(h, a, r): v for h, a, r, v in data["faults"]},
+                   {(h, r): v for h, r, v in data["slow"]}, {(h, r): v for h, r, v in data["leaky"]}, path=path,
+                   calls=[(a, tuple(n), r) for a, n, r in data["calls"]])
+
+    # ---- the Actions protocol -------------------------------------------------------------------
+
+    def _begin(self, action: str, hosts: Sequence[InventoryHost], release: str = "") -> list[str]:
+        names = [h.name for h in hosts]
+        self.calls.append((action, tuple(names), release))
+        if self.clock is not None:
+            self.clock.now += self.clock.step
+        if self.on_call is not None:
+            self.on_call(action, names)
+        return names
+
+    def _fault(self, name: str, action: str, release: str = "") -> Outcome | None:
+        for key in ((name, action, release), (name, action, "*")):
+            if key in self.faults:
+                return Outcome(False, self.faults[key])
+        for key in ((name, f"timeout:{action}", release), (name, f"timeout:{action}", "*")):
+            if key in self.faults:
+                return Outcome(False, self.faults[key], timed_out=True)
+        if not self.hosts[name]["reachable"]:
+            return Outcome(False, "unreachable")
+        return None
+
+    def read_hosts(self, hosts: Sequence[InventoryHost]) -> dict[str, HostFacts]:
+        names = self._begin("read", hosts)
+        out = {}
+        for n in names:
+            h = self.hosts[n]
+            out[n] = (HostFacts(True, h["installed"], h["lb"]) if h["reachable"]
+                      else HostFacts(False, detail="ssh: connection refused"))
+        self.save()
+        return out
+
+    def check_power(self, hosts: Sequence[InventoryHost], min_charge_pct: int) -> dict[str, Outcome]:
+        names = self._begin("power", hosts)
+        out = {n: Outcome(True, measurements={"ups": [{"name": "ups-a", "status": "OL", "charge_pct": 100}]})
+               if self.hosts[n]["ups_ok"] else
+               Outcome(False, "ups-a on battery (OB), charge 64%",
+                       measurements={"ups": [{"name": "ups-a", "status": "OB", "charge_pct": 64}]})
+               for n in names}
+        self.save()
+        return out
+
+    def check_fabric(self, hosts: Sequence[InventoryHost]) -> dict[str, Outcome]:
+        names = self._begin("fabric", hosts)
+        out = {n: Outcome(True) if self.hosts[n]["ib_ok"] else Outcome(False, "mlx5_3: State Down") for n in names}
+        self.save()
+        return out
+
+    def drain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> dict[str, Outcome]:
+        return self._mutate("drain", hosts, "", lambda h: h.update(lb="drained"))
+
+    def undrain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> dict[str, Outcome]:
+        return self._mutate("undrain", hosts, "", lambda h: h.update(lb="serving"))
+
+    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> dict[str, Outcome]:
+        return self._mutate("apply", hosts, bundle.release, lambda h: h.update(installed=bundle.release))
+
+    def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> dict[str, Outcome]:
+        return self._mutate("reboot", hosts, bundle.release, lambda h: h.update(loaded_driver=h["installed"]))
+
+    def _mutate(self, action: str, hosts: Sequence[InventoryHost], release: str, change: Any) -> dict[str, Outcome]:
+        names = self._begin(action, hosts, release)
+        out = {}
+        for n in names:
+            fault = self._fault(n, action, release)
+            if fault is None:
+                change(self.hosts[n])
+            out[n] = fault or Outcome(True)
+        self.save()
+        return out
+
+    def gate_testinfra(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> dict[str, Outcome]:
+        names = self._begin("testinfra", hosts, bundle.release)
+        out = {}
+        for n in names:
+            h = self.hosts[n]
+            fault = self._fault(n, "testinfra", bundle.release)
+            if fault is None and h["installed"] != bundle.release:
+                fault = Outcome(False, f"bundle manifest says {h['installed']}, expected {bundle.release}")
+            out[n] = fault or Outcome(True, "42 passed")
+        self.save()
+        return out
+
+    def probe_slo(self, hosts: Sequence[InventoryHost], probe: SloProbe, timeout_s: float) -> dict[str, Outcome]:
+        names = self._begin("slo", hosts)
+        out = {}
+        for n in names:
+            release = self.hosts[n]["installed"]
+            fault = self._fault(n, "slo", release)
+            p99 = self.slow.get((n, release), self.slow.get((n, "*"), 48.0))
+            out[n] = fault or Outcome(True, measurements={
+                "requests": probe.requests, "errors": 0, "error_rate": 0.0, "p50_ms": 20.0, "p99_ms": p99,
+                "auth": "Bearer abcdefghijklmnop"})  # a secret that must never reach a report
+        self.save()
+        return out
+
+    def soak(self, hosts: Sequence[InventoryHost], soak: Soak) -> dict[str, Outcome]:
+        names = self._begin("soak", hosts)
+        out = {}
+        for n in names:
+            release = self.hosts[n]["installed"]
+            fault = self._fault(n, "soak", release)
+            slope = self.leaky.get((n, release), 12.0)
+            out[n] = fault or Outcome(True, measurements={
+                "p99_ms": 51.0, "error_rate": 0.0, "gpu_memory_slope_mib_per_hour": slope, "samples": 10})
+        self.save()
+        return out

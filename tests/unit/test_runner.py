@@ -1,0 +1,396 @@
+"""The runner, driven by fake hosts that can be told to fail at any step (tests/unit/fakefleet.py).
+
+Crash safety: the runner is run in a forked child that SIGKILLs itself at each kill point in turn
+(FLEET_KILL_AT=<state>:<n>), then resumed; every host must end where an uninterrupted run puts it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import multiprocessing
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from patching.bundle import load_bundle
+from patching.journal import Journal
+from patching.policy import Policy
+from patching.runner import KILL_ENV, Runner, RunResult, RunStatus
+from patching.states import IN_FLIGHT, TRANSITIONS, HostState
+from patching.windows import MaintenanceCalendar, Window
+from tests.conftest import ROOT
+from tests.unit.fakefleet import NEW, OLD, FakeClock, FakeFleet, two_pools
+
+BUNDLES = {r: load_bundle(ROOT / f"releases/{r}.yaml") for r in (OLD, NEW)}
+SATURDAY = dt.datetime(2026, 11, 28, 22, 0, tzinfo=dt.UTC)
+
+
+class Harness:
+    """A journal, a fake fleet and a policy: what `fleet patch run` would wire together."""
+
+    def __init__(self, tmp: Path, policy: dict | None = None, fleet: FakeFleet | None = None,
+                 windows: list[Window] | None = None, clock: FakeClock | None = None):
+        self.dir = tmp
+        self.inventory = two_pools()
+        self.policy = Policy.model_validate(policy or {})
+        self.fleet = fleet or FakeFleet.fresh(self.inventory)
+        self.calendar = MaintenanceCalendar(windows or [])
+        self.clock = clock or FakeClock(SATURDAY)
+        self.fleet.clock = self.clock
+        self.journal = Journal(tmp / "journal.db")
+        self.notices: list[tuple[str, str]] = []
+
+    def runner(self, **kw) -> Runner:
+        return Runner(self.journal, self.fleet, self.inventory, BUNDLES[NEW], self.policy, self.calendar,
+                      BUNDLES.get, clock=self.clock, notify=lambda level, text: self.notices.append((level, text)),
+                      **kw)
+
+    def run(self, **kw) -> RunResult:
+        runner = self.runner(**kw)
+        run_id = runner.start(owner="test", bundle_path="b.yaml", releases_dir="releases", policy_path=None)
+        return runner.execute(run_id)
+
+    def resume(self, run_id: int = 1, **kw) -> RunResult:
+        return self.runner(**kw).execute(run_id)
+
+    def states(self, run_id: int = 1) -> dict[str, str]:
+        return {h: s.value for h, s in Journal(self.dir / "journal.db").latest_states(run_id).items()}
+
+
+def assert_consistent(journal_path: Path, fleet: FakeFleet, run_id: int = 1) -> dict[str, str]:
+    """Journal walks the diagram; nothing in flight; hosts are where their state says; nothing drained that serves."""
+    journal = Journal(journal_path)
+    walks: dict[str, list[HostState]] = {}
+    for row in journal.host_history(run_id):
+        walks.setdefault(row.host, []).append(row.state)
+    for host, walk in walks.items():
+        assert walk[0] == HostState.PENDING, (host, walk)
+        for old, new in itertools.pairwise(walk):
+            assert new in TRANSITIONS[old], (host, walk)
+    final = {h: w[-1] for h, w in walks.items()}
+    assert not [h for h, s in final.items() if s in IN_FLIGHT], final
+    for host, state in final.items():
+        facts = fleet.hosts[host]
+        if state == HostState.DONE:
+            assert (facts["installed"], facts["lb"]) == (NEW, "serving"), (host, facts)
+        elif state in (HostState.ROLLED_BACK, HostState.PENDING):
+            assert (facts["installed"], facts["lb"]) == (OLD, "serving"), (host, state, facts)
+        elif state == HostState.ROLLBACK_FAILED:
+            assert facts["lb"] == "drained", (host, facts)
+    run = journal.run(run_id)
+    assert run.status in ("done", "failed", "aborted"), run.status
+    journal.close()
+    return {h: s.value for h, s in final.items()}
+
+
+def applied(fleet: FakeFleet, release: str = NEW) -> set[str]:
+    return {n for action, names, r in fleet.calls if action == "apply" and r == release for n in names}
+
+
+# ---- the happy path and the gates ---------------------------------------------------------------
+
+
+def test_happy_path(tmp_path):
+    h = Harness(tmp_path)
+    result = h.run()
+    assert result.status == RunStatus.DONE and result.exit_code == 0
+    assert result.hosts == {"done": 7}
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert set(final.values()) == {"done"}
+    # canary first, then one wave at a time; a host is drained before it is patched and back after
+    order = [names for action, names, _ in h.fleet.calls if action == "apply"]
+    assert order[0] == ("a1", "b1") and len(order) == 6
+    gates = [e for e in h.journal.events(1) if e.kind == "gate"]
+    assert Counter(e.data["gate"] for e in gates) == {"ansible": 7, "testinfra": 7, "slo": 7, "soak": 7}
+    slo = next(e for e in gates if e.data["gate"] == "slo")
+    assert slo.data["measurements"]["p99_ms"] == 48.0 and slo.data["thresholds"]["p99_ms"] == 200
+
+
+def test_states_are_written_before_the_action_they_announce(tmp_path):
+    h = Harness(tmp_path)
+    seen: list[tuple[str, str]] = []
+
+    def snoop(action: str, names: list[str]) -> None:
+        if action in ("drain", "apply", "reboot", "testinfra", "undrain", "soak"):
+            seen.extend((action, h.states()[n]) for n in names)
+
+    h.fleet.on_call = snoop
+    h.run()
+    expected = {"drain": "draining", "apply": "applying", "reboot": "rebooting", "testinfra": "verifying",
+                "undrain": "undraining", "soak": "soaking"}
+    assert seen and all(state == expected[action] for action, state in seen), seen
+
+
+@pytest.mark.parametrize(("mode", "rolled_back"), [
+    ("failed-hosts", {"a1"}), ("wave", {"a1", "b1"}), ("all", {"a1", "b1"}),
+])
+def test_canary_failing_its_slo_gate_is_rolled_back_per_policy(tmp_path, mode, rolled_back):
+    h = Harness(tmp_path, {"rollback": mode})
+    h.fleet.slow[("a1", NEW)] = 480.0  # the bad serving release: slow on the canary
+    result = h.run()
+    assert result.status == RunStatus.FAILED and result.exit_code == 1
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert {n for n, s in final.items() if s == "rolled_back"} == rolled_back
+    assert {n for n, s in final.items() if s == "pending"} == {"a2", "a3", "a4", "b2", "b3"}
+    assert applied(h.fleet) == {"a1", "b1"}  # no later wave started
+    gate = next(e for e in h.journal.events(1) if e.kind == "gate" and e.data["gate"] == "slo" and not e.data["ok"])
+    assert gate.host == "a1" and "p99 480.0 ms >= 200 ms" in gate.data["detail"]
+    assert h.fleet.hosts["a1"]["installed"] == OLD
+    # the rollback went through the same gates, on the old bundle
+    rollback_gates = [e.data for e in h.journal.events(1) if e.kind == "gate" and e.data["phase"] == "rollback"]
+    assert {(g["gate"], g["release"]) for g in rollback_gates if g["ok"]} >= {("testinfra", OLD), ("slo", OLD)}
+
+
+def test_rollback_all_also_restores_earlier_waves(tmp_path):
+    h = Harness(tmp_path, {"rollback": "all"})
+    h.fleet.faults[("a3", "testinfra", NEW)] = "nvidia-smi: Driver/library version mismatch"
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert result.status == RunStatus.FAILED
+    assert {n for n, s in final.items() if s == "rolled_back"} == {"a1", "b1", "a2", "a3"}
+    # newest wave first
+    rolled = [names for action, names, r in h.fleet.calls if action == "apply" and r == OLD]
+    assert rolled == [("a3",), ("a2",), ("a1", "b1")]
+
+
+def test_failures_within_budget_are_rolled_back_and_the_run_goes_on(tmp_path):
+    h = Harness(tmp_path, {"budgets": {"per_wave": 1, "global": 2}})
+    h.fleet.faults[("a2", "timeout:apply", NEW)] = "apply ran over 2700s"
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert result.status == RunStatus.DONE and result.exit_code == 1  # done, but a host was rolled back
+    assert final["a2"] == "rolled_back" and Counter(final.values())["done"] == 6
+    budget = [e.data for e in h.journal.events(1) if e.kind == "budget" and e.data["wave_failed"]]
+    assert budget == [{"wave_failed": 1, "wave_allowed": 1, "run_failed": 1, "run_allowed": 2,
+                       "failed_hosts": ["a2"], "exceeded": False}]
+
+
+def test_global_budget_exhaustion_halts_before_the_next_wave(tmp_path):
+    h = Harness(tmp_path, {"budgets": {"per_wave": 1, "global": 1}})
+    h.fleet.faults[("a2", "apply", NEW)] = "E: Unable to locate package cuda-drivers-580"
+    h.fleet.faults[("a4", "soak", NEW)] = "probe failed"
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert result.status == RunStatus.FAILED
+    assert final["a2"] == final["a4"] == "rolled_back"
+    assert final["b2"] == final["b3"] == "pending" and not applied(h.fleet) & {"b2", "b3"}
+
+
+def test_gpu_memory_leak_fails_the_soak(tmp_path):
+    h = Harness(tmp_path)
+    h.fleet.leaky[("b1", NEW)] = 2048.0
+    h.run()
+    gate = next(e for e in h.journal.events(1) if e.kind == "gate" and e.data["gate"] == "soak" and not e.data["ok"])
+    assert gate.host == "b1" and "GPU memory grows 2048 MiB/h > 512 MiB/h" in gate.data["detail"]
+
+
+def test_failed_rollback_leaves_the_host_drained_and_says_so_loudly(tmp_path):
+    h = Harness(tmp_path)
+    h.fleet.faults[("a1", "slo", "*")] = "connection reset"  # bad on any bundle
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert final["a1"] == "rollback_failed" and h.fleet.hosts["a1"]["lb"] == "drained"
+    assert result.rollback_failed == ("a1",) and "ROLLBACK FAILED on a1" in result.message
+    assert any(level == "error" and "ROLLBACK FAILED: a1" in text for level, text in h.notices)
+
+
+# ---- preflight ----------------------------------------------------------------------------------
+
+
+def test_unreachable_hosts_are_skipped_not_counted(tmp_path):
+    h = Harness(tmp_path)
+    h.fleet.hosts["b3"]["reachable"] = False
+    h.fleet.hosts["a1"]["reachable"] = False
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert result.status == RunStatus.DONE and result.exit_code == 0
+    assert final["a1"] == final["b3"] == "skipped"
+    detail = {r.host: r.detail for r in h.journal.host_history(1) if r.state == HostState.SKIPPED}
+    assert detail["a1"].startswith("unreachable at preflight")
+
+
+def test_host_lost_between_plan_and_its_wave_is_skipped(tmp_path):
+    h = Harness(tmp_path, {"waves": {"size": 1}})
+
+    def lose_a4(action: str, names: list[str]) -> None:
+        if action == "apply" and names == ["a3"]:
+            h.fleet.hosts["a4"]["reachable"] = False
+
+    h.fleet.on_call = lose_a4
+    # a4 unreachable counts against pool a's budget (2): with one more out, a wave of 1 still fits
+    result = h.run()
+    assert h.states()["a4"] == "skipped" and result.status == RunStatus.DONE
+
+
+def test_ups_on_battery_refuses_the_wave_and_resume_retries(tmp_path):
+    h = Harness(tmp_path)
+    h.fleet.hosts["b2"]["ups_ok"] = False
+    result = h.run()
+    assert result.status == RunStatus.BLOCKED and result.exit_code == 3
+    assert "power: ups-a on battery (OB), charge 64%" in result.message
+    assert h.states()["b2"] == "pending" and h.fleet.hosts["b2"]["lb"] == "serving"
+    h.fleet.hosts["b2"]["ups_ok"] = True
+    assert h.resume().status == RunStatus.DONE
+    assert set(assert_consistent(tmp_path / "journal.db", h.fleet).values()) == {"done"}
+
+
+def test_capacity_floor_refuses_a_wave(tmp_path):
+    h = Harness(tmp_path)
+
+    def operator_drains_b3(action: str, names: list[str]) -> None:
+        if action == "soak" and "b1" in names:
+            h.fleet.hosts["b3"]["lb"] = "drained"  # someone takes b3 out by hand
+
+    h.fleet.on_call = operator_drains_b3
+    result = h.run()
+    assert result.status == RunStatus.BLOCKED
+    assert "pool b: 2 host(s) would be out, max_unavailable is 1" in result.message
+
+
+def test_a_host_drained_by_someone_else_stays_drained(tmp_path):
+    h = Harness(tmp_path)
+    h.fleet.hosts["a4"]["lb"] = "drained"
+    result = h.run()
+    assert result.status == RunStatus.DONE
+    assert h.fleet.hosts["a4"] == h.fleet.hosts["a4"] | {"installed": NEW, "lb": "drained"}
+    assert not [n for action, n, _ in h.fleet.calls if action in ("drain", "undrain") and "a4" in n]
+
+
+# ---- windows, abort, resume ---------------------------------------------------------------------
+
+
+def test_window_closing_pauses_at_a_wave_boundary_and_resume_finishes(tmp_path):
+    window = Window(name="sat", cron="0 22 * * SAT", duration="2h")
+    clock = FakeClock(SATURDAY, step=dt.timedelta(minutes=4))  # every host action takes 4 minutes
+    h = Harness(tmp_path, {"waves": {"estimate": "30m"}}, windows=[window], clock=clock)
+    result = h.run()
+    assert result.status == RunStatus.PAUSED and result.exit_code == 3
+    assert "paused before wave 3" in result.message and "next opening 2026-12-05T22:00:00+00:00" in result.message
+    states = h.states()
+    assert Counter(states.values()) == {"done": 4, "pending": 3}
+    assert all(h.fleet.hosts[n]["lb"] == "serving" for n in h.fleet.hosts)  # paused between waves: all serving
+    # resuming before the window opens changes nothing
+    assert h.resume().status == RunStatus.PAUSED and Counter(h.states().values()) == {"done": 4, "pending": 3}
+    clock.now = dt.datetime(2026, 12, 5, 22, 0, tzinfo=dt.UTC)
+    result = h.resume()
+    assert result.status == RunStatus.DONE and result.exit_code == 0
+    assert set(assert_consistent(tmp_path / "journal.db", h.fleet).values()) == {"done"}
+
+
+def test_ignore_window_runs_outside_windows(tmp_path):
+    window = Window(cron="0 22 * * SAT", duration="2h")
+    clock = FakeClock(SATURDAY - dt.timedelta(days=2))
+    h = Harness(tmp_path, windows=[window], clock=clock)
+    assert h.run().status == RunStatus.PAUSED
+    assert h.resume(ignore_window=True).status == RunStatus.DONE
+
+
+def test_abort_stops_after_the_hosts_in_flight(tmp_path):
+    h = Harness(tmp_path)
+
+    def abort_during_wave_1(action: str, names: list[str]) -> None:
+        if action == "apply" and names == ["a2"]:
+            other = Journal(tmp_path / "journal.db")
+            other.request_abort(1)
+            other.close()
+
+    h.fleet.on_call = abort_during_wave_1
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert result.status == RunStatus.ABORTED and result.exit_code == 1
+    assert final["a2"] == "done"  # in flight when the abort came: finished
+    assert {n for n, s in final.items() if s == "pending"} == {"a3", "a4", "b2", "b3"}
+
+
+def test_resume_is_level_triggered(tmp_path):
+    h = Harness(tmp_path)
+    runner = h.runner()
+    run_id = runner.start(owner="t", bundle_path="b", releases_dir="r", policy_path=None)
+    h.journal.wave_started(run_id, 0)
+    # as if a crash hit after a1 was patched and b1 drained, before the journal heard of it
+    for host, states in (("a1", ["draining", "applying"]), ("b1", ["draining"])):
+        for state in states:
+            h.journal.record_state(run_id, host, 0, HostState(state))
+        h.journal.record_previous_bundle(run_id, host, OLD)
+        h.journal.record_lb_before(run_id, host, "serving")
+    h.fleet.hosts["a1"].update(installed=NEW, lb="drained")
+    h.fleet.hosts["b1"].update(lb="drained")
+    result = h.resume(run_id)
+    assert result.status == RunStatus.DONE
+    first_applies = next(names for action, names, _ in h.fleet.calls if action == "apply")
+    assert first_applies == ("b1",)  # a1 already had the bundle: not applied again
+    assert_consistent(tmp_path / "journal.db", h.fleet)
+
+
+def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+    h = Harness(tmp_path)
+    h.run()
+    calls = len(h.fleet.calls)
+    assert h.resume().status == RunStatus.DONE and len(h.fleet.calls) == calls
+
+
+# ---- crash safety: kill -9 at every transition, then resume ------------------------------------
+
+SCENARIOS = {
+    # one host fails its SLO gate within budget: rolled back, the run goes on
+    "within-budget": ({"budgets": {"per_wave": 1, "global": 2}}, {}, {("a3", NEW): 480.0}),
+    # a host fails testinfra in wave 1: halt, roll back everything; b1's rollback itself fails
+    "halt-all": ({"rollback": "all"}, {("a2", "testinfra", NEW): "mismatch", ("b1", "apply", OLD): "dpkg error"}, {}),
+}
+
+
+def _scenario(directory: Path, name: str) -> Harness:
+    policy, faults, slow = SCENARIOS[name]
+    fleet_path = directory / "fleet.json"
+    fleet = FakeFleet.load(fleet_path) if fleet_path.exists() else None
+    h = Harness(directory, policy, fleet=fleet)
+    if fleet is None:
+        h.fleet.faults.update(faults)
+        h.fleet.slow.update(slow)
+        h.fleet.path = fleet_path
+        h.fleet.save()
+    return h
+
+
+def _run_until_killed(directory: Path, name: str, kill_at: str) -> None:
+    os.environ[KILL_ENV] = kill_at
+    h = _scenario(directory, name)
+    h.journal.acquire_lock("crash-test")
+    h.run()
+    os._exit(0)  # reached only when the kill point was not
+
+
+def test_crash_at_every_kill_point_then_resume(tmp_path, record_property):
+    tried = survived = 0
+    for name in SCENARIOS:
+        (tmp_path / name / "reference").mkdir(parents=True)
+        reference = _scenario(tmp_path / name / "reference", name)
+        reference.run()
+        expected = assert_consistent(reference.dir / "journal.db", reference.fleet)
+        entered = Counter(r.state for r in reference.journal.host_history(1)
+                          if r.state not in (HostState.PENDING, HostState.SKIPPED))
+        for state, count in sorted(entered.items()):
+            for n in range(1, count + 1):
+                directory = tmp_path / name / f"{state}-{n}"
+                directory.mkdir()
+                _scenario(directory, name)  # fresh hosts on disk
+                child = multiprocessing.get_context("fork").Process(
+                    target=_run_until_killed, args=(directory, name, f"{state}:{n}"))
+                child.start()
+                child.join()
+                tried += 1
+                assert child.exitcode == -signal.SIGKILL, f"{name} {state}:{n} was never reached"
+                h = _scenario(directory, name)
+                assert h.journal.acquire_lock("resume", steal=True).owner == "crash-test"  # stale: PID is dead
+                h.resume()
+                final = assert_consistent(directory / "journal.db", h.fleet)
+                assert final == expected, (name, f"{state}:{n}")
+                survived += 1
+    record_property("kill_points_tried", tried)
+    record_property("kill_points_survived", survived)
+    print(f"\ncrash safety: {tried} kill points tried, {survived} survived")
+    assert tried == survived and tried >= 70
