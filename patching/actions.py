@@ -110,16 +110,18 @@ class Actions(Protocol):
 
 
 class ActionsUnavailable(NotImplementedError):
-    """No host actions are wired in yet: `fleet plan` and `--dry-run` work, a real run cannot start."""
+    """The host actions cannot be used here (e.g. ansible-runner missing): a real run cannot start."""
 
 
 def make_actions(inventory: FleetInventory, bundle: Bundle, policy: Policy, *, work_dir: Path) -> Actions:
-    """The host actions for a run. `work_dir` is where an implementation may keep its files (Ansible artifacts).
+    """The host actions for a run. `work_dir` is where they keep their files (Ansible artifacts, bundles).
 
     Called only after every input was validated and the journal lock is held, never for `fleet plan`
     or `--dry-run`.
     """
-    raise ActionsUnavailable(
-        "no host actions are implemented yet (patching/actions.py: make_actions); "
-        "use `fleet plan` or `fleet patch run --dry-run`"
-    )
+    del bundle, policy  # the runner passes them with each call
+    try:
+        from patching.hostactions import FleetActions
+    except ImportError as exc:
+        raise ActionsUnavailable(f"host actions unavailable: {exc}") from exc
+    return FleetActions(inventory, work_dir)
