@@ -35,6 +35,13 @@ register_patch_commands(app)
 def _register_lab() -> None:
     from lab.cli import app as lab_app
 
+    @lab_app.command("demo")
+    def demo(stack: Annotated[str, typer.Option(help="the lab stack")] = "lab") -> None:
+        """The whole story: converge to 2026-10, roll 2026-11 out under traffic, catch a bad release."""
+        from patching.demo import run_demo
+
+        run_demo(stack)
+
     app.add_typer(lab_app, name="lab")
 
 

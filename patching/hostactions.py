@@ -9,14 +9,10 @@ the serving gates are plain HTTP straight to each host. Nothing here decides: th
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +30,6 @@ from patching.policy import SloProbe, Soak
 ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOKS = ROOT / "playbooks"
 ANSIBLE_CFG = ROOT / "ansible.cfg"
-HOST_CHECKS = ROOT / "tests" / "hosts"
 MANIFEST = "/etc/fleet/bundle.json"
 SSH_TIMEOUT_S = 10
 
@@ -260,20 +255,26 @@ class FleetActions:
         return out
 
     def gate_testinfra(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
+        """The host checks (tests/hosts) for the bundle, the same suite `fleet verify` runs."""
+        from patching.verify import run_verify
+
         if not hosts:
             return {}
-        report = self._private_dir("testinfra") / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", str(HOST_CHECKS), "-q", "-p", "no:cacheprovider",
-               f"--bundle={self._bundle_file(bundle)}", f"--junitxml={report}",
-               f"--hosts={','.join('ansible://' + h.name for h in hosts)}",
-               *[f"--ansible-inventory={s}" for s in self.inventory.sources[:1]],
-               "-n", str(min(8, len(hosts)))]
-        try:
-            subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT,
-                           env=_env_with_ansible_cfg())
-        except subprocess.TimeoutExpired:
-            return {h.name: Outcome(False, f"host checks ran past {timeout_s:.0f}s", timed_out=True) for h in hosts}
-        return _junit_by_host(report, [h.name for h in hosts])
+        junit = self._private_dir("testinfra") / "junit.xml"
+        result = run_verify(self._bundle_file(bundle), Path(self.inventory.sources[0]), [h.name for h in hosts],
+                            workers=min(8, len(hosts)), junit=junit)
+        out = {}
+        for h in hosts:
+            checks = [c for c in result.checks if c.host == h.name]
+            failed = [c for c in checks if c.outcome == "failed"]
+            if not checks:
+                out[h.name] = Outcome(False, f"no host check ran for this host (pytest exit {result.rc}; "
+                                             f"log {result.log})")
+                continue
+            detail = "; ".join(f"{c.check}: {c.message.splitlines()[0][:200]}" for c in failed[:5])
+            out[h.name] = Outcome(not failed, detail or f"{len(checks)} host checks passed",
+                                  measurements={"checks": len(checks), "failed": len(failed)})
+        return out
 
     def probe_slo(self, hosts: Sequence[InventoryHost], slo: SloProbe, timeout_s: float) -> Results:
         def one(h: InventoryHost) -> Outcome:
@@ -327,34 +328,6 @@ def _failures(run: Any) -> dict[str, str]:
             msg = data.get("res", {}).get("msg") or data.get("res", {}).get("stderr") or "failed"
             out.setdefault(host, f"{data.get('task', '?')}: {str(msg)[:300]}")
     return out
-
-
-def _junit_by_host(report: Path, hosts: list[str]) -> dict[str, Outcome]:
-    """Per host: ok when every check for it passed; detail names the failed checks."""
-    failed: dict[str, list[str]] = {h: [] for h in hosts}
-    seen: dict[str, int] = dict.fromkeys(hosts, 0)
-    if report.exists():
-        for case in ET.parse(report).getroot().iter("testcase"):
-            name = case.get("name", "")
-            host = next((h for h in hosts if f"ansible://{h}" in name or f"[{h}]" in name or f"-{h}]" in name), None)
-            if host is None:
-                continue
-            seen[host] += 1
-            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
-            if problem is not None:
-                failed[host].append(f"{name.split('[')[0]}: {(problem.get('message') or '').splitlines()[0][:200]}")
-    out = {}
-    for h in hosts:
-        if not seen[h]:
-            out[h] = Outcome(False, "no host check ran for this host")
-        else:
-            out[h] = Outcome(not failed[h], "; ".join(failed[h]) or f"{seen[h]} host checks passed",
-                             measurements={"checks": seen[h], "failed": len(failed[h])})
-    return out
-
-
-def _env_with_ansible_cfg() -> dict[str, str]:
-    return {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE_CFG)}
 
 
 def _nlb_state(h: InventoryHost) -> LbState:
