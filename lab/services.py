@@ -95,12 +95,13 @@ def write_ups_state(nut_dir: Path, ups: str, on_battery: bool) -> None:
     """Rewrite a dummy-ups .dev file; the driver re-reads it when its mtime changes."""
     values = UPS_ON_BATTERY if on_battery else UPS_ON_LINE
     dev = nut_dir / f"{ups}.dev"
+    previous = int(dev.stat().st_mtime) if dev.exists() else 0
     tmp = dev.with_suffix(".tmp")
     tmp.write_text("".join(f"{k}: {v}\n" for k, v in values.items()))
+    # dummy-ups compares whole-second mtimes: two writes within one second must still differ
+    stamp = max(time.time(), previous + 1)
+    os.utime(tmp, (stamp, stamp))
     tmp.replace(dev)
-    # make sure the mtime moves even when two writes land within the same second
-    now = time.time()
-    os.utime(dev, (now, now + 0.001 if dev.stat().st_mtime >= now else now))
 
 
 def nut_services(layout: Layout, fleet: Fleet, ports: Ports, monitor_password: str) -> list[Service]:
