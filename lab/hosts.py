@@ -54,6 +54,13 @@ def write_host_files(dirs: HostDirs, name: str, ssh_port: int, authorized_key: s
     (root / "etc/ssh/sshd_config.d/10-fleet-lab-listen.conf").write_text(
         f"Port {ssh_port}\nListenAddress 127.0.0.1\n"
     )
+    # The container's systemd cannot kill a unit's cgroup here (no delegation from a host systemd:
+    # "Failed to kill control group ... Input/output error"), so a service that leaves a child behind
+    # (upsmon's privileged parent and unprivileged child) would block a reboot forever. Bounded stop
+    # timeouts let shutdown go on; systemd-shutdown then kills what is left process by process.
+    conf = root / "etc/systemd/system.conf.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "10-fleet-lab.conf").write_text("[Manager]\nDefaultTimeoutStopSec=10s\n")
     key = root / "etc/ssh/ssh_host_ed25519_key"
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(key)],
