@@ -31,6 +31,7 @@ venv: $(BIN)/fleet
 
 lint: venv
 	$(BIN)/ruff check .
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint --offline playbooks/
 
 test-unit: venv
 	$(BIN)/pytest -q tests/unit
@@ -43,11 +44,7 @@ test: system-packages venv lint
 	$(BIN)/pytest -q tests/integration
 
 demo: system-packages venv
-	$(BIN)/fleet release check releases/2026-11.yaml --against releases/2026-10.yaml
-	$(BIN)/fleet lab up --stack lab
-	$(BIN)/ansible -i "$$($(BIN)/fleet lab inventory)" all -m ping -o
-	$(BIN)/fleet lab status
-	@echo "the lab stays up: try \`.venv/bin/fleet lab fault dgx-a1 ecc-errors\`; stop it with \`.venv/bin/fleet lab down\`"
+	$(BIN)/fleet lab demo
 
 clean:
 	rm -rf $(VENV) .fleet .pytest_cache .ruff_cache

@@ -31,7 +31,10 @@ def _fleet(*args: object, expect: tuple[int, ...] = (0,)) -> int:
 
 
 def _traffic(lab: Lab) -> TrafficGenerator:
-    urls = {f"http://127.0.0.1:{port}": lab.fleet.pools[pool].model for pool, port in lab.ports.frontends.items()}
+    """Live load through the pools that keep serving with a host out (the one-host Outposts pool has
+    min_serving 0: its policy accepts downtime)."""
+    urls = {f"http://127.0.0.1:{port}": lab.fleet.pools[pool].model for pool, port in lab.ports.frontends.items()
+            if len(lab.fleet.hosts_in(pool)) > 1}
     return TrafficGenerator(list(urls), urls.get, concurrency=2, max_requests=100_000, max_seconds=1800).start()
 
 

@@ -9,6 +9,7 @@ the serving gates are plain HTTP straight to each host. Nothing here decides: th
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -95,7 +96,8 @@ class FleetActions:
     def _private_dir(self, name: str) -> Path:
         with self._lock:
             self._counter += 1
-            path = self.work_dir / "ansible" / f"{self._counter:04d}-{name}"
+            # the pid keeps a resumed run's Ansible runs apart from the crashed one's
+            path = self.work_dir / "ansible" / f"{os.getpid()}-{self._counter:04d}-{name}"
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -289,9 +289,13 @@ def test_abort_closes_a_paused_run(fleet, spy, tmp_path, release, inventory):
     assert Journal(journal).run(2).status == "aborted"
 
 
-def test_without_real_actions_a_run_explains_itself(fleet, tmp_path, release, inventory):
+def test_without_host_actions_a_run_explains_itself(fleet, tmp_path, release, inventory, monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise host_actions.ActionsUnavailable("host actions unavailable: ansible_runner is missing")
+
+    monkeypatch.setattr(host_actions, "make_actions", unavailable)
     code, _, err = fleet(*run_args(release, inventory, tmp_path))
-    assert code == 1 and "no host actions are implemented yet" in err
+    assert code == 1 and "ansible_runner is missing" in err
     assert Journal(tmp_path / "j/journal.db").lock_info() is None  # the lock was given back
 
 

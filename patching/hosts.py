@@ -1,0 +1,115 @@
+"""The input of `fleet converge`, `fleet verify` and `fleet drift`: a bundle and the inventory's hosts.
+
+Everything is checked before any host is touched: the bundle (schema and compatibility rules), the
+inventory and `--limit` (through Ansible's parser, patching/fleetinv.py), and for each selected host
+the vars the pins and checks need (its model and GPU in the bundle, its hardware flags). All problems
+are reported at once as one InputError (exit 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from infra.errors import InputError, Problem
+from patching.bundle import Bundle, load_bundle
+from patching.compat import check_bundle
+from patching.fleetinv import FleetInventory, load_inventory
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAYBOOKS = ROOT / "playbooks"
+ANSIBLE_CFG = ROOT / "ansible.cfg"
+HOST_CHECKS = ROOT / "tests" / "hosts"
+FLAGS = ("fleet_nvswitch", "fleet_ib", "fleet_efa")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A validated bundle and the hosts to act on, with their inventory vars."""
+
+    bundle: Bundle
+    bundle_path: Path
+    inventory_path: Path
+    inventory: FleetInventory
+    hostvars: Mapping[str, Mapping[str, Any]]
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return self.inventory.selected
+
+
+def load_target(release: Path, inventory: Path, limit: str | None = None) -> Target:
+    """Validate the bundle, the inventory and the limit; InputError (all problems at once) when any is wrong."""
+    problems: list[Problem] = []
+    bundle = fleet = None
+    try:
+        bundle = load_bundle(release)
+        problems += [Problem(str(release), f.field, f.value, f"{f.message} [{f.rule}]")
+                     for f in check_bundle(bundle) if f.severity == "error"]
+    except InputError as exc:
+        problems += exc.problems
+    try:
+        fleet = load_inventory([inventory], limit)
+    except InputError as exc:
+        problems += exc.problems
+    hostvars: dict[str, dict[str, Any]] = {}
+    if fleet is not None:
+        hostvars = inventory_hostvars(inventory, fleet.selected)
+        if bundle is not None:
+            for name in fleet.selected:
+                problems += _host_problems(str(inventory), name, hostvars[name], bundle)
+    if problems:
+        raise InputError(problems)
+    assert bundle is not None and fleet is not None
+    return Target(bundle, Path(release).absolute(), Path(inventory).absolute(), fleet, hostvars)
+
+
+def _host_problems(source: str, name: str, hv: Mapping[str, Any], bundle: Bundle) -> list[Problem]:
+    problems = []
+    for flag in FLAGS:
+        if not isinstance(hv.get(flag), bool):
+            problems.append(Problem(source, f"{name}.{flag}", hv.get(flag), "expected true or false"))
+    model = hv.get("fleet_model")
+    if bundle.model(str(model)) is None:
+        known = ", ".join(m.name for m in bundle.models)
+        problems.append(Problem(source, f"{name}.fleet_model", model,
+                                f"the bundle has no weights for it (it has {known})"))
+    gpu = hv.get("fleet_gpu_model")
+    if gpu not in bundle.gpus:
+        problems.append(Problem(source, f"{name}.fleet_gpu_model", gpu,
+                                f"the bundle is not qualified on it (it lists {', '.join(bundle.gpus)})"))
+    return problems
+
+
+def inventory_hostvars(inventory: Path, names: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
+    """Each host's vars as the inventory stage gives them to a play (group vars, then its own)."""
+    from ansible.inventory.helpers import get_group_vars
+    from ansible.inventory.manager import InventoryManager
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.utils.vars import combine_vars
+
+    manager = InventoryManager(loader=DataLoader(), sources=[str(inventory)])
+    out = {}
+    for name in names:
+        host = manager.get_host(name)
+        out[name] = _plain(combine_vars(get_group_vars(host.get_groups()), host.get_vars()))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """Ansible's tagged str/dict/list subclasses -> plain Python values."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, Mapping):
+        return {str.__str__(str(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return value

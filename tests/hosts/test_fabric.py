@@ -1,0 +1,59 @@
+"""NVSwitch boards run fabric manager at the loaded driver's version; InfiniBand ports are up at the
+inventory's rate; EFA hosts see their EFA devices."""
+
+from __future__ import annotations
+
+import re
+
+from patching import hostfacts
+from tests.hosts.checks import expect, gpus_or_fail, only_where
+
+
+def test_fabric_manager_active(name, host, hostvars):
+    only_where(hostvars.get("fleet_nvswitch"), name, "no NVSwitch: fabric manager does not apply")
+    found = host.run("systemctl is-active nvidia-fabricmanager").stdout.strip() or "unknown"
+    expect(found == "active", name, "nvidia-fabricmanager.service", "active", found)
+
+
+def test_fabric_manager_equals_driver(name, host, facts, hostvars, bundle):
+    only_where(hostvars.get("fleet_nvswitch"), name, "no NVSwitch: fabric manager does not apply")
+    gpus = gpus_or_fail(facts, name, "fabric manager version", f"the loaded driver's ({bundle.driver.version})")
+    loaded = sorted({g.driver_version or "N/A" for g in gpus})
+    result = host.run("nv-fabricmanager --version")
+    match = re.search(r"Fabric Manager version is\s*:\s*(\S+)", result.stdout)
+    found = match.group(1) if match else f"exit {result.rc}: {(result.stderr or result.stdout).strip()}"
+    expect(loaded == [found], name, "fabric manager version", f"the loaded driver's ({', '.join(loaded)})", found)
+
+
+def _ib_ports(name, facts, hostvars, what, want):
+    only_where(hostvars.get("fleet_ib"), name, "no InfiniBand HCA")
+    cas = facts.ibstat
+    if isinstance(cas, str):
+        expect(False, name, what, want, cas)
+    by_name = {ca.name: ca for ca in cas}
+    missing = [h["name"] for h in hostvars["fleet_ib_hcas"] if h["name"] not in by_name]
+    expect(not missing, name, what, want, f"HCA {', '.join(missing)} missing from ibstat")
+    return [(h, port) for h in hostvars["fleet_ib_hcas"] for port in by_name[h["name"]].ports]
+
+
+def test_ib_ports_active(name, facts, hostvars):
+    want = "every HCA port Active/LinkUp"
+    bad = [f"{h['name']} port {p.number} {p.state}/{p.physical_state}"
+           for h, p in _ib_ports(name, facts, hostvars, "InfiniBand ports", want) if not p.up]
+    expect(not bad, name, "InfiniBand ports", want, "; ".join(bad))
+
+
+def test_ib_port_rate(name, facts, hostvars):
+    rates = sorted({h["rate"] for h in hostvars.get("fleet_ib_hcas") or []})
+    want = f"{'/'.join(map(str, rates))} Gb/s on every port (the inventory's fleet_ib_hcas)"
+    bad = [f"{h['name']} port {p.number} rate {p.rate}"
+           for h, p in _ib_ports(name, facts, hostvars, "InfiniBand port rate", want) if p.rate != h["rate"]]
+    expect(not bad, name, "InfiniBand port rate", want, "; ".join(bad))
+
+
+def test_efa_devices(name, host, hostvars):
+    only_where(hostvars.get("fleet_efa"), name, "not an EFA host")
+    result = host.run("/opt/amazon/efa/bin/fi_info -p efa -t FI_EP_RDM")
+    count = hostfacts.efa_device_count(hostfacts.parse_fi_info(result.stdout))
+    found = f"{count}" if count else (result.stderr or result.stdout).strip() or f"exit {result.rc}"
+    expect(count >= 1, name, "EFA devices (fi_info -p efa)", "at least 1", found)

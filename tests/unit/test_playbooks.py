@@ -1,0 +1,116 @@
+"""The roles' shape (STYLE.md), the bundle -> knobs mapping against patching/pins.py, and ansible-lint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.fleet import load_stack
+from infra.inventory import build_inventory
+from patching.bundle import load_bundle
+from patching.pins import host_pins
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAYBOOKS = ROOT / "playbooks"
+ROLES = PLAYBOOKS / "roles"
+BIN = Path(sys.executable).parent
+DISTRIBUTIONS = ("Debian", "Ubuntu-22", "Ubuntu-24")
+# roles that run on the controller or touch nothing distribution-specific
+CONTROLLER_ROLES = {"lb_member"}
+
+
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def _roles() -> list[str]:
+    return sorted(p.name for p in ROLES.iterdir() if p.is_dir())
+
+
+def _table() -> list[dict]:
+    return _yaml(PLAYBOOKS / "group_vars/all/platform.yml")["fleet_platform_table"]
+
+
+@pytest.mark.parametrize("role", _roles())
+def test_role_has_defaults_specs_and_distribution_vars(role):
+    path = ROLES / role
+    for name in ("defaults/main.yml", "meta/main.yml", "meta/argument_specs.yml", "tasks/main.yml"):
+        assert (path / name).is_file(), f"{role}: {name} missing"
+    if role not in CONTROLLER_ROLES:
+        for distribution in DISTRIBUTIONS:
+            assert (path / f"vars/{distribution}.yml").is_file(), f"{role}: vars/{distribution}.yml missing"
+    defaults = _yaml(path / "defaults/main.yml") or {}
+    options = _yaml(path / "meta/argument_specs.yml")["argument_specs"]["main"]["options"]
+    assert all(k.startswith(f"{role}_") for k in [*defaults, *options]), f"{role}: knobs must start with {role}_"
+    assert set(defaults) <= set(options), f"{role}: undocumented knobs {set(defaults) - set(options)}"
+    for name, spec in options.items():
+        if spec.get("required"):
+            assert name not in defaults, f"{role}: required knob {name} has a default, so it can never be missing"
+        else:
+            assert name in defaults, f"{role}: optional knob {name} has no default in defaults/main.yml"
+
+
+def test_platform_table_is_in_converge_order():
+    converge = [t["ansible.builtin.include_role"]["name"] for t in _yaml(PLAYBOOKS / "tasks/converge.yml")
+                if "ansible.builtin.include_role" in t]
+    assert converge == [row["component"] for row in _table()]
+    assert set(converge) == set(_roles()) - CONTROLLER_ROLES
+
+
+def _lab_inventory(tmp_path: Path) -> Path:
+    path = tmp_path / "inventory.yml"
+    path.write_text(yaml.safe_dump(build_inventory(load_stack("lab", ROOT))))
+    return path
+
+
+def _branch_570(tmp_path: Path) -> Path:
+    """A bundle on a pre-R580 branch, where fabric manager and nscq packages carry the branch."""
+    data = _yaml(ROOT / "releases/2026-10.yaml")
+    data.update(release="2025-06", driver={"version": "570.172.08"}, fabric_manager="570.172.08",
+                nscq="570.172.08", cuda="12.8.1")
+    path = tmp_path / "2025-06.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+PIN_EXPRESSION = (
+    "{{ gpu_driver_packages | combine(cuda_toolkit_packages, container_toolkit_packages, model_serving_packages,"
+    " fabric_manager_packages if 'fabric_manager' in fleet_components else {},"
+    " ofed_packages if 'ofed' in fleet_components else {}, efa_packages if 'efa' in fleet_components else {}) }}"
+)
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("release", ["2026-10", "2026-11", "branch-570"])
+def test_roles_pin_what_the_bundle_pins(tmp_path, distribution, release):
+    """group_vars + each role's vars give every lab host the packages patching/pins.py expects."""
+    bundle_path = _branch_570(tmp_path) if release == "branch-570" else ROOT / f"releases/{release}.yaml"
+    inventory = _lab_inventory(tmp_path)
+    args = ["-e", f"@{PLAYBOOKS}/group_vars/all/bundle.yml", "-e", f"@{PLAYBOOKS}/group_vars/all/platform.yml"]
+    for role in _roles():
+        for name in ("main", distribution):
+            if (ROLES / role / f"vars/{name}.yml").is_file():
+                args += ["-e", f"@{ROLES / role / f'vars/{name}.yml'}"]
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+           "ANSIBLE_STDOUT_CALLBACK": "json"}
+    proc = subprocess.run([str(BIN / "ansible"), "all", "-i", str(inventory), "-m", "ansible.builtin.debug",
+                           "-a", "var=fleet_test_pins", *args, "-e", f"bundle_file={bundle_path}",
+                           "-e", json.dumps({"fleet_test_pins": PIN_EXPRESSION})],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rendered = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]
+    hostvars = _yaml(inventory)["all"]["hosts"]
+    bundle = load_bundle(bundle_path)
+    assert set(rendered) == set(hostvars)
+    for host, result in rendered.items():
+        assert result["fleet_test_pins"] == host_pins(bundle, hostvars[host]), host
+
+
+def test_ansible_lint_production_profile():
+    proc = subprocess.run([str(BIN / "ansible-lint"), "--offline", "playbooks/"], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
