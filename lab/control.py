@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -246,16 +247,17 @@ class Lab:
 
     def _processes(self) -> list[int]:
         """PIDs that belong to this lab: anything whose command line or environment names its directory."""
-        marker = str(self.layout.root).encode()
+        # the directory as a whole path component: /tmp/lab must not match /tmp/lab-other
+        marker = re.compile(re.escape(str(self.layout.root).encode()) + rb"(?=/|\x00|=|:|$)")
         mine = []
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == os.getpid():
                 continue
             try:
-                data = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+                data = (entry / "cmdline").read_bytes() + b"\x00" + (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if marker in data and _pid_alive(int(entry.name)):
+            if marker.search(data) and _pid_alive(int(entry.name)):
                 mine.append(int(entry.name))
         for name in self.fleet.hosts:
             pid = self.host_status(name).get("init_pid")

@@ -75,7 +75,7 @@ def write_host_files(dirs: HostDirs, name: str, ssh_port: int, authorized_key: s
 def nspawn_command(name: str, dirs: HostDirs) -> list[str]:
     return [
         "systemd-nspawn", "-D", str(dirs.merged), "-M", name, "--boot", "--register=no", "--keep-unit",
-        "--console=passive", "--quiet", f"--bind-ro={dirs.hw}:{CONTAINER_HW_DIR}",
+        "--console=read-only", "--quiet", f"--bind-ro={dirs.hw}:{CONTAINER_HW_DIR}",
     ]
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from infra.errors import InputError
+from patching.cli_hosts import register as register_host_commands
 from patching.cli_patch import register as register_patch_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
@@ -30,6 +31,7 @@ app = typer.Typer(
 release_app = typer.Typer(help="Check release bundles (releases/YYYY-MM.yaml).", no_args_is_help=True)
 app.add_typer(release_app, name="release")
 register_patch_commands(app)
+register_host_commands(app)
 
 
 def _register_lab() -> None:

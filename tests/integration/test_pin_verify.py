@@ -1,0 +1,214 @@
+"""Pin and verify in the lab (issue 4's "Done when"): converge every host to a bundle, converge again
+and change nothing, verify and find no drift; then break hosts on purpose and see the checks and drift
+name what broke; and a bundle with wrong weights fails before the running server is touched.
+
+The tests run in file order on the session's lab: the first converges it, the others start from there
+and leave it converged.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+
+from patching.hosts import inventory_hostvars
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+RELEASE = ROOT / "releases/2026-10.yaml"
+NEXT = ROOT / "releases/2026-11.yaml"
+BIN = Path(sys.executable).parent
+# `fleet` with converge/verify/drift, whether or not patching/cli.py registers them yet
+FLEET = [sys.executable, "-c", (
+    "import sys\nfrom patching import cli, cli_hosts\n"
+    "if 'converge' not in {c.name for c in cli.app.registered_commands}:\n    cli_hosts.register(cli.app)\n"
+    "sys.argv[0] = 'fleet'\ncli.main()\n")]
+
+
+def fleet(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*FLEET, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    print(f"$ fleet {' '.join(args)}  -> exit {proc.returncode}\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def failed_checks(junit: Path) -> dict[tuple[str, str], str]:
+    """(host, check) -> message of every failed check in a `fleet verify` JUnit report."""
+    out = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        failure = case.find("failure")
+        if failure is None:
+            continue
+        props = {p.get("name"): p.get("value") for p in case.iter("property")}
+        out[(props["host"], props["check"])] = failure.get("message", "").removeprefix("Failed: ")
+    return out
+
+
+@pytest.fixture(scope="module")
+def converged(lab):
+    """The lab converged to 2026-10 the way users do it: plain ansible-playbook, repository ansible.cfg."""
+    started = time.monotonic()
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(lab.inventory), "playbooks/site.yml",
+                           "-e", "bundle_file=releases/2026-10.yaml"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800, env={"PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"})
+    print(f"first converge: {time.monotonic() - started:.0f}s\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    assert proc.returncode == 0, "site.yml did not converge the lab (output above)"
+    return lab
+
+
+@pytest.fixture(scope="module")
+def hostvars(converged):
+    return inventory_hostvars(converged.inventory, converged.hosts)
+
+
+def test_second_converge_changes_nothing(converged, tmp_path):
+    report = tmp_path / "recap.json"
+    proc = fleet("converge", "--release", str(RELEASE), "--inventory", str(converged.inventory),
+                 "--report", str(report))
+    assert proc.returncode == 0
+    recap = json.loads(report.read_text())["hosts"]
+    assert sorted(recap) == converged.hosts
+    changed = {h: r["changed_tasks"] for h, r in recap.items() if r["changed"]}
+    assert not changed, f"a second converge changed tasks (not idempotent): {changed}"
+    assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in recap.values())
+
+
+def test_verify_passes(converged, tmp_path):
+    junit = tmp_path / "verify.xml"
+    proc = fleet("verify", "--release", str(RELEASE), "--inventory", str(converged.inventory), "--junit", str(junit))
+    assert proc.returncode == 0
+    assert failed_checks(junit) == {}
+    hosts = {p.get("value") for p in ET.parse(junit).getroot().iter("property") if p.get("name") == "host"}
+    assert hosts == set(converged.hosts)
+
+
+def test_drift_finds_nothing(converged):
+    proc = fleet("drift", "--release", str(RELEASE), "--inventory", str(converged.inventory), "--json")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == []
+
+
+def test_bad_input_exits_2_before_any_host_is_touched(converged, tmp_path):
+    bad = yaml.safe_load(RELEASE.read_text())
+    bad["fabric_manager"] = "580.95.05"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    inventory = str(converged.inventory)
+    for args, names in [
+        (["converge", "--release", str(tmp_path / "bad.yaml"), "--inventory", inventory], "fabric_manager"),
+        (["verify", "--release", str(RELEASE), "--inventory", inventory, "--limit", "dgx-a9"], "dgx-a9"),
+        (["drift", "--release", str(tmp_path / "missing.yaml"), "--inventory", inventory], "missing.yaml"),
+    ]:
+        started = time.monotonic()
+        proc = fleet(*args)
+        assert proc.returncode == 2, args
+        assert names in proc.stderr
+        assert time.monotonic() - started < 30  # refused up front, not after a run
+
+
+def test_tampered_driver_is_named_by_drift_and_verify(converged, tmp_path):
+    host, inventory = "v3-aws-1", str(converged.inventory)
+    converged.ssh(host, "apt-mark unhold cuda-drivers-580 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                        "--allow-downgrades --allow-change-held-packages cuda-drivers-580=580.95.05-1")
+    try:
+        proc = fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--json")
+        assert proc.returncode == 1
+        assert {(d["host"], d["item"], d["expected"], d["found"]) for d in json.loads(proc.stdout)} == {
+            (host, "cuda-drivers-580", "580.82.07-1", "580.95.05-1"),
+            (host, "cuda-drivers-580 hold", "held", "not held"),
+        }
+        junit = tmp_path / "verify.xml"
+        proc = fleet("verify", "--release", str(RELEASE), "--inventory", inventory, "--junit", str(junit))
+        assert proc.returncode == 1
+        failed = failed_checks(junit)
+        assert {h for h, _ in failed} == {host}
+        assert failed[(host, "pinned_version[cuda-drivers-580]")] == \
+            f"{host}: cuda-drivers-580: expected 580.82.07-1, found 580.95.05-1"
+        assert failed[(host, "pinned_held[cuda-drivers-580]")] == \
+            f"{host}: cuda-drivers-580 hold: expected held (dpkg --set-selections hold), found not held"
+        assert "Driver/library version mismatch" in failed[(host, "nvml_driver_version")]
+    finally:
+        assert fleet("converge", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
+    assert fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
+
+
+@pytest.mark.parametrize(("target", "kind", "host", "expected"), [
+    ("dgx-a1", "ecc-errors", "dgx-a1", {
+        "ecc_uncorrected_errors": "dgx-a1: uncorrected volatile ECC errors: expected 0 on every GPU, found GPU 0: 2",
+    }),
+    ("dgx-a2", "ib-port-down", "dgx-a2", {
+        "ib_ports_active": "dgx-a2: InfiniBand ports: expected every HCA port Active/LinkUp, "
+                           "found mlx5_0 port 1 Down/Disabled",
+        "ib_port_rate": "dgx-a2: InfiniBand port rate: expected 200 Gb/s on every port (the inventory's "
+                        "fleet_ib_hcas), found mlx5_0 port 1 rate 10",
+    }),
+    ("ups-b", "ups-on-battery", "dgx-a1", {
+        "ups_on_line": "dgx-a1: UPS status: expected OL (on line power) on every unit, found ups-b: OB DISCHRG",
+        "ups_charge": "dgx-a1: UPS battery charge: expected >= 80% on every unit, found ups-b: 42%",
+    }),
+])
+def test_fault_fails_the_matching_check(converged, clean_faults, tmp_path, target, kind, host, expected):
+    converged.fault(target, kind)
+    junit = tmp_path / "verify.xml"
+    proc = fleet("verify", "--release", str(RELEASE), "--inventory", str(converged.inventory), "--limit", host,
+                 "--junit", str(junit))
+    assert proc.returncode == 1
+    assert failed_checks(junit) == {(host, check): message for check, message in expected.items()}
+
+
+def test_wrong_weights_fail_before_the_server_is_touched(converged, hostvars, tmp_path):
+    """2026-11 (new driver too) with a wrong weights sha256: the host fails at staging, before its driver,
+    packages or server change; the server it had keeps answering throughout."""
+    host, inventory = "dgx-a2", str(converged.inventory)
+    bundle = yaml.safe_load(NEXT.read_text())
+    weights = next(m for m in bundle["models"] if m["name"] == hostvars[host]["fleet_model"])["weights"]
+    weights["sha256"] = "deadbeef" * 8
+    bad = tmp_path / "2026-11-bad-weights.yaml"
+    bad.write_text(yaml.safe_dump(bundle, sort_keys=False))
+    url = f"http://127.0.0.1:{hostvars[host]['fleet_serving_port']}"
+    state = "systemctl show -p MainPID --value vllm-serving; cat /proc/sys/kernel/random/boot_id"
+    before = converged.ssh(host, state).stdout
+
+    errors: list[str] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # the server must keep answering, with the weights it had, while converge runs
+        while not stop.is_set():
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+                    served.append(json.load(response)["data"][0]["weights_sha256"])
+            except OSError as exc:
+                errors.append(str(exc))
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        report = tmp_path / "recap.json"
+        proc = fleet("converge", "--release", str(bad), "--inventory", inventory, "--limit", host,
+                     "--report", str(report))
+    finally:
+        stop.set()
+        watcher.join()
+    assert proc.returncode == 1
+    failure = json.loads(report.read_text())["hosts"][host]["first_failure"]
+    assert failure.startswith("Fetch the model weights and check their sha256:")
+    assert "deadbeef" * 8 in failure
+    assert errors == [] and served and set(served) == {_sha(RELEASE, hostvars[host]["fleet_model"])}
+    assert converged.ssh(host, state).stdout == before  # same server process, no reboot
+    staged = f"/var/lib/model-serving/weights/{hostvars[host]['fleet_model']}/{weights['revision']}/model.safetensors"
+    assert converged.ssh(host, f"test -e {staged}", check=False).returncode != 0
+    assert fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
+
+
+def _sha(release: Path, model: str) -> str:
+    return next(m for m in yaml.safe_load(release.read_text())["models"] if m["name"] == model)["weights"]["sha256"]
