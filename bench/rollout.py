@@ -96,7 +96,7 @@ def baseline(inventory: Path, waves: list[list[str]]) -> float:
 def rollout_bench(work: Path) -> None:
     from lab.control import Lab
 
-    lab = Lab.open("lab", ROOT, work / "lab", 47000)
+    lab = Lab.open("lab", ROOT, work / "lab", 25000)
     lab.up(fresh=True, log=lambda line: print(f"  [lab] {line}", flush=True))
     try:
         inventory = lab.inventory_path()

@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--converge-rounds", type=int, default=1, help="converge runs per transport")
     parser.add_argument("--lab", action="store_true", help="boot a lab for the benchmark (root), then tear it down")
     parser.add_argument("--state-dir", type=Path, default=Path("/tmp/fleet-bench-lab"))
-    parser.add_argument("--port-base", type=int, default=45000)
+    parser.add_argument("--port-base", type=int, default=24000)
     args = parser.parse_args()
     if not args.lab:
         if not args.inventory:

@@ -30,7 +30,7 @@ def _fail(exc: LabError) -> typer.Exit:
 
 @app.command()
 def up(stack: StackOpt = "lab", state_dir: DirOpt = None,
-       port_base: Annotated[int | None, typer.Option(help="first of the lab's loopback ports (default 42000)")] = None,
+       port_base: Annotated[int | None, typer.Option(help="first of the lab's loopback ports (default 22000)")] = None,
        fresh: Annotated[bool, typer.Option(help="discard the hosts' disks from an earlier run")] = False) -> None:
     """Boot one container per host of the stack's fleet, and the UPS, BMC, LB and artifact services."""
     try:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from infra.fleet import Fleet
 
-DEFAULT_PORT_BASE = 42000
+# below Linux's ephemeral range (32768-60999): a lab port must never be taken by an outgoing connection
+DEFAULT_PORT_BASE = 22000
 CONTAINER_HW_DIR = "/var/lib/fleet-lab/hw"
 
 

@@ -2,7 +2,8 @@
 
 The lab runs as root; without root these tests are skipped with the reason. Its state lives in
 /tmp/fleet-lab-tests (the base image is cached under /var/cache/fleet-lab, so only the first
-session on a machine pays for debootstrap) and it uses ports 43000+, away from a demo lab's 42000+.
+session on a machine pays for debootstrap) and it uses ports 23000+, away from a demo lab's 22000+
+(both below the ephemeral port range, so no outgoing connection can hold one of them).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lab.control import Lab
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("FLEET_TEST_LAB_DIR", "/tmp/fleet-lab-tests"))
-PORT_BASE = int(os.environ.get("FLEET_TEST_LAB_PORT_BASE", "43000"))
+PORT_BASE = int(os.environ.get("FLEET_TEST_LAB_PORT_BASE", "23000"))
 
 
 @dataclass

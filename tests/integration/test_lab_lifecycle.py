@@ -43,7 +43,7 @@ def _listening(ports: range) -> list[int]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="the lab needs root")
 def test_up_then_down_leaves_nothing(tmp_path):
     state = tmp_path / "lab"
-    base = 45000
+    base = 26000
     fleet = [FLEET, "lab"]
     args = ["--state-dir", str(state)]
     up = subprocess.run([*fleet, "up", *args, "--port-base", str(base)], capture_output=True, text=True,
@@ -69,7 +69,7 @@ def test_lab_up_refuses_without_root():
     """Not root: a clear error and exit 2, nothing started."""
     state = Path(tempfile.mkdtemp(prefix="fleet-lab-noroot-"))
     try:
-        cmd = [FLEET, "lab", "up", "--state-dir", str(state / "lab"), "--port-base", "45500"]
+        cmd = [FLEET, "lab", "up", "--state-dir", str(state / "lab"), "--port-base", "26500"]
         if os.geteuid() == 0:  # drop to nobody for this one command
             os.chmod(state, 0o777)
             cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
@@ -84,7 +84,7 @@ def test_lab_up_refuses_without_root():
 @pytest.mark.skipif(os.geteuid() != 0, reason="the package check comes after the root check")
 def test_lab_up_names_missing_packages(tmp_path):
     env = dict(os.environ, PATH=str(Path(sys.executable).parent))  # no system tools on PATH
-    r = subprocess.run([FLEET, "lab", "up", "--state-dir", str(tmp_path / "lab"), "--port-base", "45600"],
+    r = subprocess.run([FLEET, "lab", "up", "--state-dir", str(tmp_path / "lab"), "--port-base", "26600"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert r.returncode == 2
     out = r.stdout + r.stderr
