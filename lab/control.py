@@ -52,6 +52,18 @@ def _pid_alive(pid: int | None) -> bool:
         return False
 
 
+def _ancestors(pid: int) -> set[int]:
+    """pid and every process above it."""
+    out = set()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            break
+    return out
+
+
 def ssh_banner(port: int, timeout: float = 2) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
@@ -247,17 +259,23 @@ class Lab:
 
     def _processes(self) -> list[int]:
         """PIDs that belong to this lab: anything whose command line or environment names its directory."""
-        # the directory as a whole path component: /tmp/lab must not match /tmp/lab-other
-        marker = re.compile(re.escape(str(self.layout.root).encode()) + rb"(?=/|\x00|=|:|$)")
+        # the directory as a whole path component (/tmp/lab must not match /tmp/lab-other), in a command
+        # line or in the variables that hand it to NUT and the Redfish emulator; never our own ancestors,
+        # whose environment may name the lab (FLEET_TEST_LAB_DIR) without belonging to it
+        root = re.escape(str(self.layout.root).encode())
+        in_argv = re.compile(root + rb"(?=/|\x00|$)")
+        in_env = re.compile(rb"(?:^|\x00)(?:NUT_CONFPATH|NUT_STATEPATH|SUSHY_EMULATOR_STATE_DIR)=" + root
+                            + rb"(?=/|\x00|$)")
+        ancestors = _ancestors(os.getpid())
         mine = []
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            if not entry.name.isdigit() or int(entry.name) in ancestors:
                 continue
             try:
-                data = (entry / "cmdline").read_bytes() + b"\x00" + (entry / "environ").read_bytes()
+                argv, env = (entry / "cmdline").read_bytes(), (entry / "environ").read_bytes()
             except OSError:
                 continue
-            if marker.search(data) and _pid_alive(int(entry.name)):
+            if (in_argv.search(argv) or in_env.search(env)) and _pid_alive(int(entry.name)):
                 mine.append(int(entry.name))
         for name in self.fleet.hosts:
             pid = self.host_status(name).get("init_pid")
