@@ -162,7 +162,10 @@ def tooled(lab):
 
     with ThreadPoolExecutor(len(lab.hosts)) as pool:
         list(pool.map(lambda h: _install(lab, h, _bundle_packages(lab, h, "2026-10")), lab.hosts))
-    return lab
+    yield lab
+    # the by-hand repository entry goes again: the vendor_repo role adds its own (one source, one Signed-By)
+    for host in lab.hosts:
+        lab.ssh(host, "rm -f /etc/apt/sources.list.d/fleet-lab.list /usr/share/keyrings/fleet-lab-archive-keyring.gpg")
 
 
 def test_tools_print_real_formats_that_the_checks_parse(tooled):
