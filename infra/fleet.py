@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from infra.errors import InputError, Problem, field_path, from_validation_error, load_yaml, nearest
-from infra.strict import StrictModel
+from infra.errors import InputError, Problem, field_path, load_yaml, nearest
+from infra.strict import StrictModel, validate
 
 NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME)]
@@ -264,12 +264,7 @@ def _expand_hosts(config: FleetConfig) -> list[Host]:
 
 def parse_fleet(data: Any, source: str = "<fleet>", prefix: str = "") -> Fleet:
     """Validate `fleet:` config data (a dict with name/sites/pools/hosts) into a Fleet."""
-    if not isinstance(data, dict):
-        raise InputError.single(source, prefix.rstrip(".:"), None, "expected a mapping of fleet settings")
-    try:
-        config = FleetConfig.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(source, exc, data, prefix) from exc
+    config = validate(FleetConfig, data, source, "the fleet settings", prefix)
     problems = list(_cross_check(config, source, prefix))
     if problems:
         raise InputError(problems)

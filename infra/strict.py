@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from infra.errors import nearest
+from infra.errors import InputError, from_validation_error, nearest
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
@@ -28,3 +30,16 @@ class StrictModel(BaseModel):
                 parts.append(f"{key!r}" + (f" (did you mean {guess!r}?)" if guess else ""))
             raise PydanticCustomError("unknown_key", "unknown key " + ", ".join(parts))
         return data
+
+
+def validate(model: type[M], data: Any, source: str, what: str, prefix: str = "") -> M:
+    """`data` (parsed YAML) as `model`; anything wrong is one InputError naming file, field path and value.
+
+    `what` says what the file should hold ("a release manifest") for the message when it is not a mapping.
+    """
+    if not isinstance(data, dict):
+        raise InputError.single(source, prefix.rstrip(".:"), None, f"expected a mapping ({what})")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(source, exc, data, prefix) from exc

@@ -10,11 +10,11 @@ import datetime as dt
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from infra.errors import InputError, from_validation_error, load_yaml
+from infra.errors import load_yaml
 from infra.fleet import GPU_MEMORY_MIB
-from infra.strict import StrictModel
+from infra.strict import StrictModel, validate
 
 Version = Annotated[str, Field(pattern=r"^\d+(\.\d+)+$")]
 DebVersion = Annotated[str, Field(pattern=r"^\d+(\.\d+)+-\d+[A-Za-z0-9.+~]*$")]
@@ -144,12 +144,7 @@ class Bundle(StrictModel):
 
 
 def parse_bundle(data: Any, source: str) -> Bundle:
-    if not isinstance(data, dict):
-        raise InputError.single(source, "", None, "expected a mapping (a release manifest)")
-    try:
-        return Bundle.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(source, exc, data) from exc
+    return validate(Bundle, data, source, "a release manifest")
 
 
 def load_bundle(path: str | Path) -> Bundle:

@@ -86,14 +86,13 @@ def load_inputs(
     release: Path, inventory: list[str], policy: Path | None, limit: list[str] | None, releases_dir: Path | None
 ) -> Inputs:
     """Every input of a run, validated together: one InputError lists all that is wrong."""
-    from patching.compat import check_bundle
+    from patching.compat import rule_problems
 
     problems: list[Problem] = []
     bundle = fleet = rollout = calendar = None
     try:
         bundle = load_bundle(release)
-        problems += [Problem(str(release), f.field, f.value, f"{f.message} [{f.rule}]")
-                     for f in check_bundle(bundle) if f.severity == "error"]
+        problems += rule_problems(bundle, release)
     except InputError as exc:
         problems += exc.problems
     try:

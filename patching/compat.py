@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
+from infra.errors import Problem
 from patching.bundle import CONTAINER_TOOLKIT_PACKAGES, Bundle
 
 RULES_FILE = Path(__file__).with_name("compat.yaml")
@@ -60,6 +61,12 @@ def check_bundle(bundle: Bundle, today: dt.date | None = None) -> list[Finding]:
                  _branch_eol, _gpu_architecture):
         findings += rule(bundle, today)
     return findings
+
+
+def rule_problems(bundle: Bundle, source: str | Path) -> list[Problem]:
+    """Every broken (error) rule as an input problem of the bundle file, for commands that refuse it."""
+    return [Problem(str(source), f.field, f.value, f"{f.message} [{f.rule}]")
+            for f in check_bundle(bundle) if f.severity == "error"]
 
 
 def _cuda_family(b: Bundle, _: dt.date) -> list[Finding]:

@@ -122,7 +122,7 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
     for host in manager.get_hosts("all"):
         every = variables.get_vars(host=host, include_hostvars=False, stage="all")
         # only ours: the magic vars (`groups` lists every host) would make copying quadratic
-        hostvars = _plain({k: v for k, v in every.items() if k.startswith("fleet_") or k == "ansible_host"})
+        hostvars = plain({k: v for k, v in every.items() if k.startswith("fleet_") or k == "ansible_host"})
         if not any(k.startswith("fleet_") for k in hostvars):
             continue
         try:
@@ -216,14 +216,14 @@ def _captured_display() -> Iterator[list[str]]:
 
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """Ansible's tagged str/dict/list subclasses -> plain Python values (JSON- and pydantic-friendly)."""
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, Mapping):
-        return {str.__str__(str(k)): _plain(v) for k, v in value.items()}
+        return {str.__str__(str(k)): plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):

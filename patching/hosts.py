@@ -15,8 +15,8 @@ from typing import Any
 
 from infra.errors import InputError, Problem
 from patching.bundle import Bundle, load_bundle
-from patching.compat import check_bundle
-from patching.fleetinv import FleetInventory, load_inventory
+from patching.compat import rule_problems
+from patching.fleetinv import FleetInventory, load_inventory, plain
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOKS = ROOT / "playbooks"
@@ -46,8 +46,7 @@ def load_target(release: Path, inventory: Path, limit: str | None = None) -> Tar
     bundle = fleet = None
     try:
         bundle = load_bundle(release)
-        problems += [Problem(str(release), f.field, f.value, f"{f.message} [{f.rule}]")
-                     for f in check_bundle(bundle) if f.severity == "error"]
+        problems += rule_problems(bundle, release)
     except InputError as exc:
         problems += exc.problems
     try:
@@ -94,22 +93,5 @@ def inventory_hostvars(inventory: Path, names: tuple[str, ...] | list[str]) -> d
     out = {}
     for name in names:
         host = manager.get_host(name)
-        out[name] = _plain(combine_vars(get_group_vars(host.get_groups()), host.get_vars()))
+        out[name] = plain(combine_vars(get_group_vars(host.get_groups()), host.get_vars()))
     return out
-
-
-def _plain(value: Any) -> Any:
-    """Ansible's tagged str/dict/list subclasses -> plain Python values."""
-    if isinstance(value, str):
-        return str.__str__(value)
-    if isinstance(value, Mapping):
-        return {str.__str__(str(k)): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    return value

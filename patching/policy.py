@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError, WithJsonSchema
+from pydantic import BeforeValidator, Field, WithJsonSchema
 
-from infra.errors import InputError, from_validation_error, load_yaml
-from infra.strict import StrictModel
+from infra.errors import load_yaml
+from infra.strict import StrictModel, validate
 from patching.windows import Duration, Freeze, MaintenanceCalendar, Window, build_calendar
 
 _PERCENT = re.compile(r"^(\d{1,3})%$")
@@ -147,14 +147,7 @@ class Policy(StrictModel):
 
 def parse_policy(data: Any, source: str) -> Policy:
     """Validate policy data; any problem is an InputError naming the file and the field path."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InputError.single(source, "", None, "expected a mapping (a rollout policy)")
-    try:
-        return Policy.model_validate(data)
-    except ValidationError as exc:
-        raise from_validation_error(source, exc, data) from exc
+    return validate(Policy, {} if data is None else data, source, "a rollout policy")
 
 
 def load_policy(path: str | Path | None) -> tuple[Policy, MaintenanceCalendar]:
