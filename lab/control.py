@@ -320,6 +320,7 @@ class Lab:
             raise LabError("the lab is not up")
         if kind == "ups-on-battery":
             services.write_ups_state(self.layout.service_dir("nut"), target, on_battery=not clear)
+            self._wait_ups(target, "OL" if clear else "OB", 30)
         elif kind == "host-down":
             dirs = self.layout.host(target)
             dirs.desired.write_text("up" if clear else "down")
@@ -337,6 +338,17 @@ class Lab:
         faults[target] = sorted(active)
         (self.layout.root / "faults.json").write_text(json.dumps({k: v for k, v in faults.items() if v}))
         log(f"{target}: {kind} {'cleared' if clear else 'injected'}")
+
+    def _wait_ups(self, ups: str, flag: str, timeout: float) -> None:
+        """Until upsd reports the status the fault set (dummy-ups polls its file every few seconds)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            proc = subprocess.run(["upsc", f"{ups}@127.0.0.1:{self.ports.upsd}", "ups.status"],
+                                  capture_output=True, text=True, timeout=10)
+            if flag in proc.stdout.split():
+                return
+            time.sleep(0.5)
+        raise LabError(f"upsd did not report {ups} as {flag} within {timeout:.0f}s")
 
     def _wait_state(self, name: str, state: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

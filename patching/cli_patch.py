@@ -116,15 +116,30 @@ def load_inputs(
     return Inputs(bundle, release, fleet, rollout, policy, calendar, releases_dir or release.resolve().parent)
 
 
-def bundle_resolver(releases_dir: Path, target: Bundle) -> Callable[[str], Bundle | None]:
-    """release -> Bundle from `<releases_dir>/<release>.yaml` (None when absent), read once each."""
+def bundle_resolver(releases_dir: Path, target: Bundle, journal_path: Path | None = None
+                    ) -> Callable[[str], Bundle | None]:
+    """release -> Bundle from `<releases_dir>/<release>.yaml`, else the copy an earlier run in the journal
+    recorded (a host's previous bundle, for rollback); None when neither has it. Read once each."""
+
+    @functools.cache
+    def recorded() -> dict[str, dict]:
+        if journal_path is None or not journal_path.exists():
+            return {}
+        journal = _open(journal_path)
+        try:
+            return journal.recorded_bundles()
+        finally:
+            journal.close()
 
     @functools.cache
     def resolve(release: str) -> Bundle | None:
         if release == target.release:
             return target
         path = releases_dir / f"{release}.yaml"
-        return load_bundle(path) if path.is_file() else None
+        if path.is_file():
+            return load_bundle(path)
+        manifest = recorded().get(release)
+        return Bundle.model_validate(manifest) if manifest is not None else None
 
     return resolve
 
@@ -142,7 +157,7 @@ def _history(journal_path: Path) -> tuple[list[tuple[int, float]], dict[str, str
 def _preview(inputs: Inputs, journal_path: Path, now: dt.datetime) -> Plan:
     """The plan from the inventory and the journal alone, without reading any host."""
     history, known = _history(journal_path)
-    resolve = bundle_resolver(inputs.releases_dir, inputs.bundle)
+    resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, journal_path)
     current = {n: known[n] for n in inputs.inventory.selected if n in known}
     bundles = {r: b for r in set(current.values()) if r != inputs.bundle.release and (b := resolve(r)) is not None}
     return build_plan(inputs.inventory, inputs.policy, inputs.bundle, policy_source=str(inputs.policy_path or
@@ -214,7 +229,7 @@ def patch_run(
             say(f"refused: run {run.id} ({run.release}) is {run.status}: `fleet patch resume` continues it, "
                 "`fleet patch abort` ends it", stderr=True)
             raise typer.Exit(EXIT_REFUSED)
-        resolve = bundle_resolver(inputs.releases_dir, inputs.bundle)
+        resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, journal)
         actions = _make_actions(inputs, journal)
         with LockKeeper(journal, _beat(inputs.policy)) as keeper:
             runner = Runner(db, actions, inputs.inventory, inputs.bundle, inputs.policy, inputs.calendar, resolve,
@@ -258,7 +273,8 @@ def patch_resume(
         try:
             actions = _make_actions(inputs, journal)
             with LockKeeper(journal, _beat(rollout)) as keeper:
-                runner = Runner(db, actions, fleet, bundle, rollout, calendar, bundle_resolver(releases, bundle),
+                resolve = bundle_resolver(releases, bundle, journal)
+                runner = Runner(db, actions, fleet, bundle, rollout, calendar, resolve,
                                 ignore_window=ignore_window, notify=_progress, lock=keeper)
                 say(f"resuming run {record.id} ({record.release}, {record.status})")
                 result = _execute(runner, record.id)

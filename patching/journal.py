@@ -341,6 +341,11 @@ class Journal:
         rows = self.db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [self._run_record(r) for r in rows]
 
+    def recorded_bundles(self) -> dict[str, dict[str, Any]]:
+        """release -> the bundle manifest an earlier run of this journal rolled out (the newest run's copy)."""
+        rows = self.db.execute("SELECT release, bundle_json FROM runs ORDER BY id").fetchall()
+        return {release: json.loads(manifest) for release, manifest in rows}
+
     def _run_record(self, row: Sequence[Any]) -> RunRecord:
         cols = [d[1] for d in self.db.execute("PRAGMA table_info(runs)").fetchall()]
         r = dict(zip(cols, row, strict=True))

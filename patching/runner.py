@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from infra.errors import InputError, Problem
 from patching.actions import Actions, HostFacts, Outcome, Results
 from patching.bundle import Bundle
 from patching.fleetinv import FleetInventory, InventoryHost
@@ -150,13 +151,23 @@ class Runner:
         skip: dict[str, str] = {}
         current: dict[str, str | None] = {}
         known: dict[str, Bundle] = {}
+        unresolved: dict[str, list[str]] = {}
         for name in self.inventory.selected:
             why, release = self._untouchable(name, facts.get(name))
             current[name] = release
             if why:
                 skip[name] = why
             elif release and release != self.bundle.release and release not in known:
-                known[release] = self._previous_bundle(release)  # _untouchable checked it resolves
+                if (previous := self.resolve_bundle(release)) is None:
+                    unresolved.setdefault(release, []).append(name)
+                else:
+                    known[release] = previous
+        if unresolved:
+            raise InputError([Problem("--releases-dir", "", releases_dir, f"no manifest of bundle {release} "
+                                      f"(installed on {', '.join(hosts)}) here or in the journal: without it "
+                                      f"{'they' if len(hosts) > 1 else 'it'} could not be rolled back; "
+                                      f"pass --releases-dir with the directory holding {release}.yaml")
+                              for release, hosts in sorted(unresolved.items())])
         unhealthy = {n: _unhealthy_reason(f) for n, f in facts.items() if not f.healthy}
         plan = build_plan(
             self.inventory, self.policy, self.bundle, current=current, unhealthy=unhealthy, skip=skip,
@@ -186,15 +197,7 @@ class Runner:
             return None, release  # the planner reports it as already on the target
         if release is None:
             return "its installed bundle is unknown: there would be nothing to roll back to", None
-        if self.resolve_bundle(release) is None:
-            return f"the manifest of its bundle {release} is not available: it could not be rolled back", release
         return None, release
-
-    def _previous_bundle(self, release: str) -> Bundle:
-        bundle = self.resolve_bundle(release)
-        if bundle is None:
-            raise RuntimeError(f"the manifest of bundle {release} disappeared during the run")
-        return bundle
 
     # ---- execute / resume ---------------------------------------------------------------------------
 
@@ -523,7 +526,10 @@ class Runner:
             if name not in broken:
                 by_release[previous[name]].append(name)
         for release, group in sorted(by_release.items()):
-            bundle = self._previous_bundle(release)
+            bundle = self.resolve_bundle(release)
+            if bundle is None:  # checked at start; only a manifest deleted mid-run gets here
+                broken |= dict.fromkeys(group, f"the manifest of its previous bundle {release} is gone")
+                continue
             todo = [n for n in group if facts[n].installed_release != release]
             applied = self._call(self.actions.apply, todo, bundle, self.policy.timeouts.apply.total_seconds())
             for name in todo:

@@ -223,6 +223,26 @@ def test_run_status_and_reports(fleet, spy, tmp_path, release, inventory):
     assert code == 0 and "run 2: done: 0 host(s)" in stdout
 
 
+def test_previous_bundle_comes_from_releases_dir_or_the_journal(fleet, spy, tmp_path, release, inventory):
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / release.name).write_text(release.read_text())  # 2026-11 without 2026-10 beside it
+    code, _, err = fleet(*run_args(lone / release.name, inventory, tmp_path))
+    assert code == 2 and "--releases-dir" in err and "no manifest of bundle 2026-10" in err, err
+    [fake] = spy[1].values()
+    assert {action for action, _, _ in fake.calls} == {"read"}, "nothing but reads before the refusal"
+    assert Journal(tmp_path / "j/journal.db").runs() == []
+    # --releases-dir names where 2026-10.yaml is ...
+    code, stdout, err = fleet("patch", "run", "--release", lone / release.name, "-i", inventory,
+                              "--journal", tmp_path / "k/journal.db", "--releases-dir", release.parent)
+    assert code == 0 and "run 1: done: 5 host(s)" in stdout, err
+    # ... or an earlier run of the same journal recorded 2026-10's manifest
+    code, _, err = fleet(*run_args(release.parent / "2026-10.yaml", inventory, tmp_path))
+    assert code == 0, err
+    code, stdout, err = fleet(*run_args(lone / release.name, inventory, tmp_path))
+    assert code == 0 and "run 2: done: 5 host(s)" in stdout, err
+
+
 def test_failed_rollout_exits_1_and_resume_keeps_saying_so(fleet, spy, tmp_path, release, inventory, monkeypatch):
     original = FakeFleet.fresh
 

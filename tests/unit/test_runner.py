@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.errors import InputError
 from patching.bundle import load_bundle
 from patching.journal import Journal
 from patching.policy import Policy
@@ -211,6 +212,18 @@ def test_unreachable_hosts_are_skipped_not_counted(tmp_path):
     assert final["a1"] == final["b3"] == "skipped"
     detail = {r.host: r.detail for r in h.journal.host_history(1) if r.state == HostState.SKIPPED}
     assert detail["a1"].startswith("unreachable at preflight")
+
+
+def test_a_previous_bundle_without_its_manifest_is_bad_input_and_nothing_is_stored(tmp_path):
+    h = Harness(tmp_path)
+    runner = Runner(h.journal, h.fleet, h.inventory, BUNDLES[NEW], h.policy, h.calendar, {NEW: BUNDLES[NEW]}.get,
+                    clock=h.clock)
+    with pytest.raises(InputError) as caught:
+        runner.start(owner="test", bundle_path="b.yaml", releases_dir="lab/bundles", policy_path=None)
+    [problem] = caught.value.problems
+    assert (problem.file, problem.value) == ("--releases-dir", "lab/bundles")
+    assert f"no manifest of bundle {OLD}" in problem.message and "a1, a2" in problem.message
+    assert h.journal.runs() == [] and not [c for c in h.fleet.calls if c[0] != "read"]
 
 
 def test_host_lost_between_plan_and_its_wave_is_skipped(tmp_path):
