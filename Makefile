@@ -8,7 +8,7 @@ PYTHON     ?= python3
 APT_PACKAGES := python3-venv python3-pip debootstrap systemd-container nut-server nut-client haproxy \
                 dpkg-dev gnupg apt-utils openssh-client openssh-server socat iproute2 procps psmisc curl
 
-.PHONY: all demo test test-unit test-integration lint system-packages venv clean
+.PHONY: all demo test test-unit test-integration lint system-packages venv clean device-wheels
 
 all: test
 
@@ -45,6 +45,12 @@ test: system-packages venv lint
 
 demo: system-packages venv
 	$(BIN)/fleet lab demo
+
+# Wheels for tests/hosts/device/run.sh (the GPU checks on a GPU machine without network access).
+device-wheels: venv
+	for v in 3.10 3.11 3.12 3.13; do $(BIN)/pip download -q --only-binary=:all: --python-version $$v \
+	  --platform manylinux2014_x86_64 -d .device/wheels "pytest>=8,<9" "pytest-testinfra>=10,<11" \
+	  "pydantic>=2.7,<3" "pyyaml>=6,<7" exceptiongroup tomli; done
 
 clean:
 	rm -rf $(VENV) .fleet .pytest_cache .ruff_cache

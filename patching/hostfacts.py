@@ -244,10 +244,14 @@ def parse_smi_query(text: str) -> SmiQuery:
                     int(attached) if attached and attached.isdigit() else None, parsed)
 
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def parse_topo_matrix(text: str) -> dict[tuple[str, str], str]:
     """`nvidia-smi topo -m` as {(row, column): link} for the GPU/NIC matrix, e.g. ('GPU0', 'GPU1'): 'NV12'."""
     _no_nvml_failure(text)
-    lines = [line for line in text.splitlines() if line.strip()]
+    # the real tool underlines its header row with ANSI escapes even when writing to a pipe or file
+    lines = [line for line in ANSI_ESCAPE.sub("", text).splitlines() if line.strip()]
     if not lines:
         raise ParseError("empty topology output")
     columns = [c for c in lines[0].split("\t") if re.fullmatch(r"(GPU|NIC)\d+", c.strip())]

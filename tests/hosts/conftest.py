@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from infra.errors import InputError
+from infra.errors import InputError, load_yaml
 from patching.bundle import Bundle, load_bundle
 from patching.pins import all_pinned_packages, host_pins
 from tests.hosts.checks import HostFacts
@@ -30,6 +30,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bundle", metavar="FILE", help="the release manifest the hosts must run (required)")
     group.addoption("--ups-min-charge", type=float, default=80.0, metavar="PERCENT",
                     help="lowest UPS battery charge that passes (default 80)")
+    group.addoption("--host-vars", metavar="FILE",
+                    help="YAML mapping of the fleet_* vars to check against, for hosts not reached through an "
+                         "Ansible inventory (e.g. --hosts local:// on the host itself)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -45,8 +48,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.hosts is None:
         if not config.option.ansible_inventory:
             # without either, testinfra would check the machine pytest runs on
-            raise pytest.UsageError("name the hosts: --ansible-inventory INVENTORY [--hosts 'ansible://PATTERN']")
+            raise pytest.UsageError("name the hosts: --ansible-inventory INVENTORY [--hosts 'ansible://PATTERN'], "
+                                    "or --hosts local:// --host-vars FILE to check this machine")
         config.option.hosts = "ansible://all"
+    elif not str(config.option.hosts).startswith("ansible://") and config.getoption("--host-vars") is None:
+        raise pytest.UsageError(f"--hosts {config.option.hosts}: hosts outside an Ansible inventory need "
+                                "--host-vars FILE (the fleet_* vars their checks expect)")
 
 
 def _load(config: pytest.Config) -> Bundle:
@@ -97,9 +104,20 @@ def _host_property(request: pytest.FixtureRequest) -> None:
     request.node.user_properties += [("host", _inventory_name(request.getfixturevalue("host"))), ("check", check)]
 
 
+def _host_vars_file(path: str) -> dict[str, Any]:
+    try:
+        data = load_yaml(path)
+    except InputError as exc:
+        raise pytest.UsageError(str(exc)) from exc
+    if not isinstance(data, dict):
+        raise pytest.UsageError(f"{path}: expected a mapping of host vars, found {type(data).__name__}")
+    return data
+
+
 @pytest.fixture(scope="module")
-def hostvars(host) -> dict[str, Any]:
-    return host.ansible.get_variables()
+def hostvars(host, pytestconfig: pytest.Config) -> dict[str, Any]:
+    path = pytestconfig.getoption("--host-vars")
+    return _host_vars_file(path) if path else host.ansible.get_variables()
 
 
 @pytest.fixture(scope="module")

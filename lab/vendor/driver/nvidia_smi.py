@@ -143,7 +143,8 @@ class Smi:
                 return "SYS"
             return "NODE" if a < len(gpus) and b < len(gpus) else "PXB"
 
-        lines = ["\t" + "\t".join(names) + "\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\n"]
+        # the real tool (580.159.04, seen on an H200) underlines the header row, even into a pipe
+        lines = ["\t\x1b[4m" + "\t".join(names) + "\tCPU Affinity\tNUMA Affinity\tGPU NUMA ID\x1b[0m\n"]
         for a, name in enumerate(names):
             cells = [link(a, b) for b in range(len(names))]
             if a < len(gpus):
