@@ -1,6 +1,6 @@
 """Benchmark: the patch pipeline against the plain playbook a user would write, and the planner at scale.
 
-    .venv/bin/python bench/rollout.py               # needs root: uses the lab (ports 47000+)
+    .venv/bin/python bench/rollout.py               # needs root: uses a lab of its own (ports 25000+)
     .venv/bin/python bench/rollout.py --plan-only   # just the 10,000-host plan
 
 1. On the lab fleet, October -> November twice, from the same starting point:
@@ -72,15 +72,19 @@ def pipeline(inventory: Path, policy: Path, work: Path) -> tuple[float, dict[str
     reports = work / "reports"
     started = time.monotonic()
     try:
-        rc = app(["patch", "run", "--release", "releases/2026-11.yaml", "-i", str(inventory), "--policy", str(policy),
-                  "--journal", str(work / "journal.db"), "--report-dir", str(reports), "--ignore-window"],
+        rc = app(["patch", "run", "--release", str(ROOT / "releases/2026-11.yaml"), "-i", str(inventory),
+                  "--policy", str(policy), "--journal", str(work / "journal.db"), "--report-dir", str(reports),
+                  "--ignore-window"],
                  standalone_mode=False)
     finally:
         host_actions.make_actions = real
     total = time.monotonic() - started
     if rc not in (0, None):
         raise SystemExit(f"fleet patch run exited {rc}; see {reports}")
-    waves = [w["hosts"] for w in json.loads((reports / "report.json").read_text())["waves"]]
+    report = json.loads((reports / "report.json").read_text())
+    waves: list[list[str]] = [[] for _ in report["waves"]]
+    for name, host in sorted(report["hosts"].items()):
+        waves[host["wave"]].append(name)
     return total, dict(made[0].seconds) if made else {}, waves
 
 

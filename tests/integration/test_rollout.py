@@ -180,13 +180,53 @@ def test_fabric_manager_mismatch_never_reaches_a_host(lab, tmp_path):
     assert releases_on_hosts(lab) == before
 
 
+def _bad_policy_window(tmp_path: Path) -> list[str]:
+    policy = yaml.safe_load(LAB_POLICY.read_text())
+    policy["windows"] = [{"name": "sat", "cron": "0 22 * * SAT", "duration": "6h", "timezone": "Europe/Berln"}]
+    (tmp_path / "policy.yaml").write_text(yaml.safe_dump(policy))
+    return ["--policy", str(tmp_path / "policy.yaml")]
+
+
+def _bad_inventory(tmp_path: Path) -> list[str]:
+    (tmp_path / "inventory.yml").write_text("all:\n  hosts:\n    dgx-a1: {fleet_pool: v3-hall}\n")
+    return ["--policy", str(LAB_POLICY), "-i", str(tmp_path / "inventory.yml")]
+
+
+def _bad_bundle(tmp_path: Path) -> list[str]:
+    bundle = yaml.safe_load((ROOT / "releases/2026-11.yaml").read_text())
+    bundle["serving"]["image"] = "vllm/vllm-openai:latest"
+    (tmp_path / "bundle.yaml").write_text(yaml.safe_dump(bundle))
+    return ["--policy", str(LAB_POLICY), "--release", str(tmp_path / "bundle.yaml")]
+
+
+@pytest.mark.parametrize(("case", "names"), [
+    (_bad_policy_window, "windows[0].timezone"),
+    (_bad_inventory, "dgx-a1"),
+    (_bad_bundle, "serving.image"),
+    (lambda _: ["--policy", str(LAB_POLICY), "--limit", "dgx-a1,dgx-z9"], "dgx-z9"),
+], ids=["window-timezone", "inventory-vars", "bundle-image-tag", "unknown-limit-host"])
+def test_bad_input_exits_2_and_no_host_is_touched(lab, tmp_path, case, names):
+    before = releases_on_hosts(lab)
+    extra = case(tmp_path)
+    args = {"--release": "releases/2026-11.yaml", "-i": str(lab.inventory)}
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        args[flag] = value
+    run = fleet("patch", "run", *[x for kv in args.items() for x in kv], "--journal", tmp_path / "journal.db",
+                "--ignore-window")
+    assert run.returncode == 2, run.stdout[-2000:] + run.stderr[-2000:]
+    assert names in run.stderr
+    assert not (tmp_path / "journal.db").exists() and not (tmp_path / "ansible").exists(), "no run, no Ansible"
+    assert releases_on_hosts(lab) == before and set(lb_states(lab).values()) == {"serving"}
+
+
 def test_ups_on_battery_refuses_the_wave(on_october, tmp_path, clean_faults):
     lab = on_october
     before = releases_on_hosts(lab)
-    target = "2026-10" if set(before.values()) == {"2026-11"} else "2026-11"
+    target = "2026-10" if before["dgx-a1"] == "2026-11" else "2026-11"
     lab.fault("ups-a", "ups-on-battery")  # returns once upsd reports it OB
+    # the hall's hosts (the canary dgx-a1 first) draw from ups-a
     run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy",
-                LAB_POLICY, "--journal", tmp_path / "journal.db", "--ignore-window")
+                LAB_POLICY, "--limit", HALL, "--journal", tmp_path / "journal.db", "--ignore-window")
     assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-2000:]
     assert "UPS ups-a is not on line power (ups.status OB" in run.stdout + run.stderr
     assert releases_on_hosts(lab) == before
