@@ -7,7 +7,6 @@ Exit codes: 0 done, 1 rollout failed or rolled back, 2 bad input (nothing touche
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +18,7 @@ from rich.table import Table
 from infra.errors import InputError
 from patching.cli_hosts import register as register_host_commands
 from patching.cli_patch import register as register_patch_commands
+from patching.ourbin import put_our_bin_first
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 
@@ -129,7 +129,7 @@ def _cell(value: object) -> str:
 def main() -> None:
     """Console-script entry: run the app, map bad input to exit code 2."""
     # ansible-runner and pytest start ansible's tools by name: prefer the ones installed beside us
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    put_our_bin_first()
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code instead of exiting
         sys.exit(rc if isinstance(rc, int) else EXIT_OK)

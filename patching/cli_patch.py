@@ -235,10 +235,14 @@ def patch_run(
             runner = Runner(db, actions, inputs.inventory, inputs.bundle, inputs.policy, inputs.calendar, resolve,
                             ignore_window=ignore_window, notify=_progress, lock=keeper)
             history, _ = _history(journal)
-            run_id = runner.start(owner=_owner(), bundle_path=str(inputs.bundle_path.resolve()),
-                                  releases_dir=str(inputs.releases_dir.resolve()),
-                                  policy_path=str(inputs.policy_path.resolve()) if inputs.policy_path else None,
-                                  history=history)
+            try:
+                run_id = runner.start(owner=_owner(), bundle_path=str(inputs.bundle_path.resolve()),
+                                      releases_dir=str(inputs.releases_dir.resolve()),
+                                      policy_path=str(inputs.policy_path.resolve()) if inputs.policy_path else None,
+                                      history=history)
+            except host_actions.ActionsUnavailable as exc:
+                say(f"error: {exc}; no run was started", stderr=True)
+                raise typer.Exit(EXIT_FAILED) from None
             db.set_lock_run(run_id)
             say(f"run {run_id}: release {inputs.bundle.release}, journal {journal}")
             result = _execute(runner, run_id)
@@ -458,6 +462,9 @@ def _execute(runner: Runner, run_id: int) -> RunResult:
     except LockLost as exc:
         say(f"refused: {exc}", stderr=True)
         raise typer.Exit(EXIT_REFUSED) from None
+    except host_actions.ActionsUnavailable as exc:
+        say(f"error: {exc}; run {run_id} is kept: `fleet patch resume` continues it", stderr=True)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 def _finish(db: Journal, result: RunResult, journal: Path, report_dir: Path | None) -> None:

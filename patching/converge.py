@@ -7,8 +7,6 @@ the first task that failed on it, so a failure is named without reading Ansible'
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from patching.hosts import ANSIBLE_CFG, PLAYBOOKS, ROOT
+from patching.ourbin import put_our_bin_first
 
 STATS = ("ok", "changed", "failures", "dark", "skipped", "rescued", "ignored")
 
@@ -115,10 +114,7 @@ def run_converge(bundle_path: Path, inventory: Path, limit: str | None = None, p
     """Run a playbook of playbooks/ over the inventory with ansible-runner; inputs must be validated already."""
     import ansible_runner
 
-    # ansible-runner starts `ansible-playbook` from PATH: the one installed beside this interpreter
-    bindir = str(Path(sys.executable).parent)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    put_our_bin_first()
     recorder = Recorder(on_task, on_failure)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fleet-converge-") as private:

@@ -23,9 +23,10 @@ import ansible_runner
 import yaml
 
 from patching import hostfacts, nut, probe
-from patching.actions import HostFacts, LbState, Outcome, Results
+from patching.actions import ActionsUnavailable, HostFacts, LbState, Outcome, Results
 from patching.bundle import Bundle
 from patching.fleetinv import FleetInventory, InventoryHost
+from patching.ourbin import put_our_bin_first
 from patching.policy import SloProbe, Soak
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,7 @@ class FleetActions:
     """Actions on real hosts (or the lab's, which look the same)."""
 
     def __init__(self, inventory: FleetInventory, work_dir: Path, releases: Callable[[Bundle], Path] | None = None):
+        put_our_bin_first()  # ansible-runner finds `ansible` and `ansible-playbook` on PATH
         self.inventory = inventory
         self.work_dir = work_dir
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -143,7 +145,11 @@ class FleetActions:
         run = self._ansible("command", hosts, timeout_s, host_pattern="all", module="ansible.builtin.command",
                             module_args=command)
         out: dict[str, tuple[bool, int | None, str]] = {h.name: (False, None, "no answer") for h in hosts}
-        for event in run.events:
+        events = list(run.events)
+        if run.status == "failed" and not any(e.get("event_data", {}).get("host") in out for e in events):
+            # Ansible itself did not run (not installed, bad config): not a fact about the hosts
+            raise ActionsUnavailable(f"ansible could not run (rc {run.rc}): {_runner_output(run)}")
+        for event in events:
             data = event.get("event_data", {})
             host, res = data.get("host"), data.get("res", {})
             if host not in out:
@@ -345,3 +351,12 @@ def _nlb_state(h: InventoryHost) -> LbState:
     found = client.describe_target_health(TargetGroupArn=tg, Targets=[{"Id": target}])["TargetHealthDescriptions"]
     state = found[0]["TargetHealth"]["State"] if found else "unused"
     return {"healthy": "serving", "draining": "drained", "unused": "drained"}.get(state, "down")
+
+
+def _runner_output(run: Any, limit: int = 500) -> str:
+    """The last lines ansible-runner captured (what Ansible printed before it gave up)."""
+    try:
+        text = run.stdout.read()
+    except (OSError, ValueError, AttributeError):
+        return "no output"
+    return " ".join(text.split())[-limit:] or "no output"

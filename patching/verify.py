@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from patching.hosts import ANSIBLE_CFG, HOST_CHECKS, ROOT
+from patching.ourbin import path_with_our_bin
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str,
     cmd += ["-n", str(workers), "--dist", "loadgroup"] if workers > 0 else ["-p", "no:xdist"]
     cmd += extra_args or []
     env = {**os.environ, "FLEET_VERIFY_EVENTS": str(events), "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+           "PATH": path_with_our_bin()}
     result = VerifyResult(rc=-1, log=log, junit=junit)
     started = time.monotonic()
     total = 0

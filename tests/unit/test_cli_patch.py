@@ -319,6 +319,19 @@ def test_without_host_actions_a_run_explains_itself(fleet, tmp_path, release, in
     assert Journal(tmp_path / "j/journal.db").lock_info() is None  # the lock was given back
 
 
+def test_ansible_failing_to_start_is_an_error_not_unreachable_hosts(fleet, spy, tmp_path, release, inventory,
+                                                                     monkeypatch):
+    def no_ansible(self, hosts):
+        raise host_actions.ActionsUnavailable("ansible could not run (rc 127): ansible not found")
+
+    monkeypatch.setattr(FakeFleet, "read_hosts", no_ansible)
+    code, stdout, err = fleet(*run_args(release, inventory, tmp_path))
+    assert code == 1 and "ansible could not run" in err and "no run was started" in err
+    assert "skipped" not in stdout + err
+    journal = Journal(tmp_path / "j/journal.db")
+    assert journal.runs() == [] and journal.lock_info() is None
+
+
 def test_status_and_resume_need_a_journal(fleet, tmp_path):
     for command in ("status", "resume", "abort"):
         code, _, err = fleet("patch", command, "--journal", tmp_path / "none.db")
