@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,6 +52,14 @@ class InventoryHost:
         return f"{self.address}:{self.serving_port}"
 
 
+# what VariableManager adds to every host that is not inventory data
+MAGIC_VARS = frozenset({
+    "ansible_config_file", "ansible_facts", "ansible_playbook_python", "ansible_version", "group_names",
+    "groups", "hostvars", "inventory_dir", "inventory_file", "inventory_hostname", "inventory_hostname_short",
+    "omit", "playbook_dir", "play_hosts", "ansible_play_hosts", "ansible_play_hosts_all", "role_names",
+})
+
+
 @dataclass(frozen=True)
 class FleetInventory:
     """All fleet hosts of an inventory, and the ones selected by `--limit` (all of them without one)."""
@@ -60,6 +68,8 @@ class FleetInventory:
     hosts: Mapping[str, InventoryHost]
     selected: tuple[str, ...]
     limit: str | None = None
+    # every inventory var of each fleet host as a play sees it (SSH settings, flags, secrets: never printed)
+    vars: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def pool_members(self, pool: str) -> list[InventoryHost]:
         """Every host of a pool, selected or not: disruption budgets are per whole pool."""
@@ -92,6 +102,11 @@ class _HostVars(BaseModel):
         return value
 
 
+# a host with any of these is a fleet host (fleet-wide vars such as fleet_ups_monitor_password in
+# group_vars/all reach every host of the inventory and do not make one)
+_HOST_KEYS = frozenset(k for k in _HostVars.model_fields if k.startswith("fleet_"))
+
+
 def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | None = None) -> FleetInventory:
     """Parse inventory sources with Ansible and select hosts with `--limit` patterns.
 
@@ -119,12 +134,14 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
     # depth and priority, and vars plugins (group_vars/ and host_vars/ next to the inventory)
     variables = VariableManager(loader=loader, inventory=manager)
     hosts: dict[str, InventoryHost] = {}
+    all_vars: dict[str, dict[str, Any]] = {}
     for host in manager.get_hosts("all"):
         every = variables.get_vars(host=host, include_hostvars=False, stage="all")
-        # only ours: the magic vars (`groups` lists every host) would make copying quadratic
-        hostvars = plain({k: v for k, v in every.items() if k.startswith("fleet_") or k == "ansible_host"})
-        if not any(k.startswith("fleet_") for k in hostvars):
-            continue
+        if not any(k in _HOST_KEYS for k in every):
+            continue  # not a fleet host (a bastion, say), even when fleet-wide group vars reach it
+        # the inventory's vars, not the magic ones (`groups` lists every host: copying it is quadratic)
+        all_vars[host.name] = plain({k: v for k, v in every.items() if k not in MAGIC_VARS})
+        hostvars = {k: v for k, v in all_vars[host.name].items() if k.startswith("fleet_") or k == "ansible_host"}
         try:
             record = _record(host.name, _HostVars.model_validate(hostvars))
         except ValidationError as exc:
@@ -144,7 +161,8 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
         selected = matched
     if problems:
         raise InputError(problems)
-    return FleetInventory(tuple(source_list), hosts, tuple(selected), limit_text or None)
+    return FleetInventory(tuple(source_list), hosts, tuple(selected), limit_text or None,
+                          {name: all_vars[name] for name in hosts})
 
 
 def _select(

@@ -16,7 +16,7 @@ from typing import Any
 from infra.errors import InputError, Problem
 from patching.bundle import Bundle, load_bundle
 from patching.compat import rule_problems
-from patching.fleetinv import FleetInventory, load_inventory, plain
+from patching.fleetinv import FleetInventory, load_inventory
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAYBOOKS = ROOT / "playbooks"
@@ -53,9 +53,9 @@ def load_target(release: Path, inventory: Path, limit: str | None = None) -> Tar
         fleet = load_inventory([inventory], limit)
     except InputError as exc:
         problems += exc.problems
-    hostvars: dict[str, dict[str, Any]] = {}
+    hostvars: dict[str, Mapping[str, Any]] = {}
     if fleet is not None:
-        hostvars = inventory_hostvars(inventory, fleet.selected)
+        hostvars = {name: fleet.vars[name] for name in fleet.selected}
         if bundle is not None:
             for name in fleet.selected:
                 problems += _host_problems(str(inventory), name, hostvars[name], bundle)
@@ -80,18 +80,3 @@ def _host_problems(source: str, name: str, hv: Mapping[str, Any], bundle: Bundle
         problems.append(Problem(source, f"{name}.fleet_gpu_model", gpu,
                                 f"the bundle is not qualified on it (it lists {', '.join(bundle.gpus)})"))
     return problems
-
-
-def inventory_hostvars(inventory: Path, names: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
-    """Each host's vars as the inventory stage gives them to a play (group vars, then its own)."""
-    from ansible.inventory.helpers import get_group_vars
-    from ansible.inventory.manager import InventoryManager
-    from ansible.parsing.dataloader import DataLoader
-    from ansible.utils.vars import combine_vars
-
-    manager = InventoryManager(loader=DataLoader(), sources=[str(inventory)])
-    out = {}
-    for name in names:
-        host = manager.get_host(name)
-        out[name] = plain(combine_vars(get_group_vars(host.get_groups()), host.get_vars()))
-    return out

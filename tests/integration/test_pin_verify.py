@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from patching.hosts import inventory_hostvars
+from patching.fleetinv import load_inventory
 
 pytestmark = pytest.mark.lab
 
@@ -67,7 +67,8 @@ def converged(lab):
 
 @pytest.fixture(scope="module")
 def hostvars(converged):
-    return inventory_hostvars(converged.inventory, converged.hosts)
+    fleet = load_inventory([str(converged.inventory)])
+    return {name: fleet.vars[name] for name in converged.hosts}
 
 
 def test_second_converge_changes_nothing(converged, tmp_path):

@@ -46,6 +46,20 @@ def test_group_vars_directory_is_merged(tmp_path):
     assert inv.hosts["dgx-a1"].max_unavailable == "50%" and inv.hosts["dgx-a1"].min_serving == 1
 
 
+def test_every_inventory_var_of_a_fleet_host_is_kept_and_never_printed(tmp_path):
+    inventory = tmp_path / "inv" / "hosts.yml"
+    inventory.parent.mkdir()
+    write_yaml(inventory, {"all": {"hosts": {"dgx-a1": host("v3", "hall-a", ansible_port=2222),
+                                             "bastion": {"ansible_host": "10.0.0.254"}}}})
+    (tmp_path / "inv/group_vars/all").mkdir(parents=True)
+    write_yaml(tmp_path / "inv/group_vars/all/secrets.yml", {"fleet_ups_monitor_password": "s3cret-value"})
+    inv = load_inventory([inventory])
+    hv = inv.vars["dgx-a1"]
+    assert (hv["ansible_port"], hv["fleet_pool"], hv["fleet_ups_monitor_password"]) == (2222, "v3", "s3cret-value")
+    assert "groups" not in hv and "inventory_hostname" not in hv and "bastion" not in inv.vars
+    assert "s3cret-value" not in repr(inv)
+
+
 @pytest.mark.parametrize(("limit", "selected"), [
     (["dgx-*"], ("dgx-a1", "dgx-a2")),
     (["pool_v3:&ring_1"], ("dgx-a2",)),
