@@ -7,10 +7,10 @@ collected into one `InputError` and reported at once (exit code 2, DESIGN.md sec
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -47,6 +47,19 @@ class InputError(Exception):
     @classmethod
     def single(cls, file: str | Path, field: str, value: Any, message: str) -> InputError:
         return cls([Problem(str(file), field, value, message)])
+
+
+T = TypeVar("T")
+
+
+def collect(problems: list[Problem], load: Callable[..., T], *args: Any) -> T | None:
+    """`load(*args)`, or None with its problems added to `problems`: every input is checked, then all
+    that is wrong is reported at once."""
+    try:
+        return load(*args)
+    except InputError as exc:
+        problems += exc.problems
+        return None
 
 
 def nearest(word: str, known: Iterable[str]) -> str | None:

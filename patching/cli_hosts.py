@@ -158,7 +158,7 @@ def drift(
     from patching.hosts import load_target
 
     target = load_target(release, inventory, limit)
-    found = find_drift(target.bundle, {n: target.hostvars[n] for n in target.hosts})
+    found = find_drift(target.bundle, target.hostvars)
     if as_json:
         print(json.dumps([vars(d) for d in found], indent=2))
     elif found:

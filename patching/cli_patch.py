@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from infra.errors import InputError, Problem
+from infra.errors import InputError, Problem, collect
 from patching import actions as host_actions
 from patching.bundle import Bundle, load_bundle
 from patching.fleetinv import FleetInventory, load_inventory
@@ -89,25 +89,13 @@ def load_inputs(
     from patching.compat import rule_problems
 
     problems: list[Problem] = []
-    bundle = fleet = rollout = calendar = None
-    try:
-        bundle = load_bundle(release)
+    bundle = collect(problems, load_bundle, release)
+    if bundle is not None:
         problems += rule_problems(bundle, release)
-    except InputError as exc:
-        problems += exc.problems
-    try:
-        fleet = load_inventory(inventory, limit)
-    except InputError as exc:
-        problems += exc.problems
-    try:
-        rollout, calendar = load_policy(policy)
-    except InputError as exc:
-        problems += exc.problems
+    fleet = collect(problems, load_inventory, inventory, limit)
+    rollout, calendar = collect(problems, load_policy, policy) or (None, None)
     if fleet is not None and rollout is not None:
-        try:
-            check_policy_against(fleet, rollout, str(policy or "<default policy>"))
-        except InputError as exc:
-            problems += exc.problems
+        collect(problems, check_policy_against, fleet, rollout, str(policy or "<default policy>"))
     if releases_dir is not None and not releases_dir.is_dir():
         problems.append(Problem("--releases-dir", "", str(releases_dir), "no such directory"))
     if problems:

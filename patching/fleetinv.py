@@ -161,8 +161,7 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
         selected = matched
     if problems:
         raise InputError(problems)
-    return FleetInventory(tuple(source_list), hosts, tuple(selected), limit_text or None,
-                          {name: all_vars[name] for name in hosts})
+    return FleetInventory(tuple(source_list), hosts, tuple(selected), limit_text or None, all_vars)
 
 
 def _select(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.errors import InputError, Problem
+from infra.errors import InputError, Problem, collect
 from patching.bundle import Bundle, load_bundle
 from patching.compat import rule_problems
 from patching.fleetinv import FleetInventory, load_inventory
@@ -33,36 +33,31 @@ class Target:
     bundle_path: Path
     inventory_path: Path
     inventory: FleetInventory
-    hostvars: Mapping[str, Mapping[str, Any]]
 
     @property
     def hosts(self) -> tuple[str, ...]:
         return self.inventory.selected
 
+    @property
+    def hostvars(self) -> dict[str, Mapping[str, Any]]:
+        """Every inventory var of each selected host (SSH settings for drift, flags for the pins)."""
+        return {name: self.inventory.vars[name] for name in self.hosts}
+
 
 def load_target(release: Path, inventory: Path, limit: str | None = None) -> Target:
     """Validate the bundle, the inventory and the limit; InputError (all problems at once) when any is wrong."""
     problems: list[Problem] = []
-    bundle = fleet = None
-    try:
-        bundle = load_bundle(release)
+    bundle = collect(problems, load_bundle, release)
+    if bundle is not None:
         problems += rule_problems(bundle, release)
-    except InputError as exc:
-        problems += exc.problems
-    try:
-        fleet = load_inventory([inventory], limit)
-    except InputError as exc:
-        problems += exc.problems
-    hostvars: dict[str, Mapping[str, Any]] = {}
-    if fleet is not None:
-        hostvars = {name: fleet.vars[name] for name in fleet.selected}
-        if bundle is not None:
-            for name in fleet.selected:
-                problems += _host_problems(str(inventory), name, hostvars[name], bundle)
+    fleet = collect(problems, load_inventory, [inventory], limit)
+    if fleet is not None and bundle is not None:
+        for name in fleet.selected:
+            problems += _host_problems(str(inventory), name, fleet.vars[name], bundle)
     if problems:
         raise InputError(problems)
     assert bundle is not None and fleet is not None
-    return Target(bundle, Path(release).absolute(), Path(inventory).absolute(), fleet, hostvars)
+    return Target(bundle, Path(release).absolute(), Path(inventory).absolute(), fleet)
 
 
 def _host_problems(source: str, name: str, hv: Mapping[str, Any], bundle: Bundle) -> list[Problem]:
