@@ -16,10 +16,10 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -104,20 +104,10 @@ def load_inputs(
     return Inputs(bundle, release, fleet, rollout, policy, calendar, releases_dir or release.resolve().parent)
 
 
-def bundle_resolver(releases_dir: Path, target: Bundle, journal_path: Path | None = None
+def bundle_resolver(releases_dir: Path, target: Bundle, recorded: Mapping[str, Mapping[str, Any]]
                     ) -> Callable[[str], Bundle | None]:
     """release -> Bundle from `<releases_dir>/<release>.yaml`, else the copy an earlier run in the journal
-    recorded (a host's previous bundle, for rollback); None when neither has it. Read once each."""
-
-    @functools.cache
-    def recorded() -> dict[str, dict]:
-        if journal_path is None or not journal_path.exists():
-            return {}
-        journal = _open(journal_path)
-        try:
-            return journal.recorded_bundles()
-        finally:
-            journal.close()
+    recorded (`recorded`: a host's previous bundle, for rollback); None when neither has it. Read once each."""
 
     @functools.cache
     def resolve(release: str) -> Bundle | None:
@@ -126,26 +116,27 @@ def bundle_resolver(releases_dir: Path, target: Bundle, journal_path: Path | Non
         path = releases_dir / f"{release}.yaml"
         if path.is_file():
             return load_bundle(path)
-        manifest = recorded().get(release)
+        manifest = recorded.get(release)
         return Bundle.model_validate(manifest) if manifest is not None else None
 
     return resolve
 
 
-def _history(journal_path: Path) -> tuple[list[tuple[int, float]], dict[str, str]]:
+def _history(journal_path: Path) -> tuple[list[tuple[int, float]], dict[str, str], dict[str, dict[str, Any]]]:
+    """What the journal knows before a run: wave durations, hosts' last releases, bundles it rolled out."""
     if not journal_path.exists():
-        return [], {}
+        return [], {}, {}
     journal = _open(journal_path)
     try:
-        return journal.wave_history(), journal.last_known_releases()
+        return journal.wave_history(), journal.last_known_releases(), journal.recorded_bundles()
     finally:
         journal.close()
 
 
 def _preview(inputs: Inputs, journal_path: Path, now: dt.datetime) -> Plan:
     """The plan from the inventory and the journal alone, without reading any host."""
-    history, known = _history(journal_path)
-    resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, journal_path)
+    history, known, recorded = _history(journal_path)
+    resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, recorded)
     current = {n: known[n] for n in inputs.inventory.selected if n in known}
     bundles = {r: b for r in set(current.values()) if r != inputs.bundle.release and (b := resolve(r)) is not None}
     return build_plan(inputs.inventory, inputs.policy, inputs.bundle, policy_source=str(inputs.policy_path or
@@ -217,12 +208,12 @@ def patch_run(
             say(f"refused: run {run.id} ({run.release}) is {run.status}: `fleet patch resume` continues it, "
                 "`fleet patch abort` ends it", stderr=True)
             raise typer.Exit(EXIT_REFUSED)
-        resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, journal)
+        resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, db.recorded_bundles())
         actions = _make_actions(inputs, journal)
         with LockKeeper(journal, _beat(inputs.policy)) as keeper:
             runner = Runner(db, actions, inputs.inventory, inputs.bundle, inputs.policy, inputs.calendar, resolve,
                             ignore_window=ignore_window, notify=_progress, lock=keeper)
-            history, _ = _history(journal)
+            history = db.wave_history()
             try:
                 run_id = runner.start(owner=_owner(), bundle_path=str(inputs.bundle_path.resolve()),
                                       releases_dir=str(inputs.releases_dir.resolve()),
@@ -265,7 +256,7 @@ def patch_resume(
         try:
             actions = _make_actions(inputs, journal)
             with LockKeeper(journal, _beat(rollout)) as keeper:
-                resolve = bundle_resolver(releases, bundle, journal)
+                resolve = bundle_resolver(releases, bundle, db.recorded_bundles())
                 runner = Runner(db, actions, fleet, bundle, rollout, calendar, resolve,
                                 ignore_window=ignore_window, notify=_progress, lock=keeper)
                 say(f"resuming run {record.id} ({record.release}, {record.status})")
