@@ -38,6 +38,16 @@ class LabError(Exception):
     """The lab cannot do what was asked (not root, a package missing, a port taken, ...)."""
 
 
+def _wait_until(done: Callable[[], bool], timeout: float, interval: float, failure: str) -> None:
+    """Poll `done` until it holds; LabError "<failure> within <timeout>s" when it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return
+        time.sleep(interval)
+    raise LabError(f"{failure} within {timeout:.0f}s")
+
+
 def _pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -341,22 +351,17 @@ class Lab:
 
     def _wait_ups(self, ups: str, flag: str, timeout: float) -> None:
         """Until upsd reports the status the fault set (dummy-ups polls its file every few seconds)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def reported() -> bool:
             proc = subprocess.run(["upsc", f"{ups}@127.0.0.1:{self.ports.upsd}", "ups.status"],
                                   capture_output=True, text=True, timeout=10)
-            if flag in proc.stdout.split():
-                return
-            time.sleep(0.5)
-        raise LabError(f"upsd did not report {ups} as {flag} within {timeout:.0f}s")
+            return flag in proc.stdout.split()
+
+        _wait_until(reported, timeout, 0.5, f"upsd did not report {ups} as {flag}")
 
     def _wait_state(self, name: str, state: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.host_status(name).get("state") == state:
-                return
-            time.sleep(0.3)
-        raise LabError(f"{name} did not reach {state} within {timeout:.0f}s")
+        _wait_until(lambda: self.host_status(name).get("state") == state, timeout, 0.3,
+                    f"{name} did not reach {state}")
 
     def _signal_sshd(self, name: str, sig: signal.Signals) -> None:
         pid = self.host_status(name).get("pid")
