@@ -185,6 +185,8 @@ class Lab:
                              cwd=Path(__file__).resolve().parents[1])
         self._wait_daemon(timeout=60)
         self.wait_hosts(sorted(self.fleet.hosts), timeout, log)
+        for _, ups in services.ups_units(self.fleet):  # upsd answers WAIT until dummy-ups has read its file
+            self._wait_ups(ups, {"OL", "OB"}, 30, "on line or battery power")
         log(f"lab up in {time.monotonic() - started:.0f}s; inventory: {self.inventory_path()}")
 
     def _publish(self, log: Log) -> None:
@@ -330,7 +332,7 @@ class Lab:
             raise LabError("the lab is not up")
         if kind == "ups-on-battery":
             services.write_ups_state(self.layout.service_dir("nut"), target, on_battery=not clear)
-            self._wait_ups(target, "OL" if clear else "OB", 30)
+            self._wait_ups(target, {"OL"} if clear else {"OB"}, 30, "as OL" if clear else "as OB")
         elif kind == "host-down":
             dirs = self.layout.host(target)
             dirs.desired.write_text("up" if clear else "down")
@@ -349,15 +351,15 @@ class Lab:
         (self.layout.root / "faults.json").write_text(json.dumps({k: v for k, v in faults.items() if v}))
         log(f"{target}: {kind} {'cleared' if clear else 'injected'}")
 
-    def _wait_ups(self, ups: str, flag: str, timeout: float) -> None:
-        """Until upsd reports the status the fault set (dummy-ups polls its file every few seconds)."""
+    def _ups_flags(self, ups: str) -> set[str]:
+        """ups.status as upsd reports it now: {"OL"}, {"OB", "DISCHRG"}, {"WAIT"} before the driver is read."""
+        proc = subprocess.run(["upsc", f"{ups}@127.0.0.1:{self.ports.upsd}", "ups.status"],
+                              capture_output=True, text=True, timeout=10)
+        return set(proc.stdout.split())
 
-        def reported() -> bool:
-            proc = subprocess.run(["upsc", f"{ups}@127.0.0.1:{self.ports.upsd}", "ups.status"],
-                                  capture_output=True, text=True, timeout=10)
-            return flag in proc.stdout.split()
-
-        _wait_until(reported, timeout, 0.5, f"upsd did not report {ups} as {flag}")
+    def _wait_ups(self, ups: str, flags: set[str], timeout: float, what: str) -> None:
+        """Until upsd reports one of `flags` for the UPS (dummy-ups polls its file every few seconds)."""
+        _wait_until(lambda: bool(self._ups_flags(ups) & flags), timeout, 0.5, f"upsd did not report {ups} {what}")
 
     def _wait_state(self, name: str, state: str, timeout: float) -> None:
         _wait_until(lambda: self.host_status(name).get("state") == state, timeout, 0.3,
