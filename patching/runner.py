@@ -193,11 +193,9 @@ class Runner:
             detail = f": {facts.detail}" if facts and facts.detail else ""
             return f"unreachable at preflight{detail}", None
         release = facts.installed_release
-        if release == self.bundle.release:
-            return None, release  # the planner reports it as already on the target
         if release is None:
             return "its installed bundle is unknown: there would be nothing to roll back to", None
-        return None, release
+        return None, release  # one already on the target is reported so by the planner
 
     # ---- execute / resume ---------------------------------------------------------------------------
 
