@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pulumi
 
-from infra.errors import InputError
+from infra.model.errors import InputError
 from infra.stack import build_stack, fleet_from_config
 
 try:

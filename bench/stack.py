@@ -89,8 +89,8 @@ def measure(hosts: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     import pulumi_aws
 
-    from infra.fleet import fleet_config_from_stack, parse_fleet
-    from infra.inventory import Endpoint, build_inventory
+    from infra.model.fleet import fleet_config_from_stack, parse_fleet
+    from infra.model.inventory import Endpoint, build_inventory
     from tests.stack_mocks import run_program
 
     # pulumi_aws loads its submodules on first use: load them now, so the base includes them

@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from patching.converge import run_converge  # noqa: E402
-from patching.hosts import load_target  # noqa: E402
-from patching.verify import run_verify  # noqa: E402
+from patching.hosts.converge import run_converge  # noqa: E402
+from patching.hosts.verify import run_verify  # noqa: E402
+from patching.inventory.target import load_target  # noqa: E402
 
 TRANSPORTS = {
     "pipelining + ControlPersist (ansible.cfg)": {},

@@ -33,8 +33,8 @@ from infra.aws_common import (
     site_tags,
     ssm_instance_profile,
 )
-from infra.errors import InputError, Problem
-from infra.fleet import AwsSite, Fleet, Pool
+from infra.model.errors import InputError, Problem
+from infra.model.fleet import AwsSite, Fleet, Pool
 
 HEALTH_CHECK_PATH = "/health"  # vLLM's and SGLang's liveness endpoint, on the serving port
 

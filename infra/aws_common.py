@@ -11,8 +11,8 @@ import jinja2
 import pulumi
 import pulumi_aws as aws
 
-from infra.errors import InputError, Problem
-from infra.fleet import AmiLookup, AwsSite, Fleet, Host, OutpostSite
+from infra.model.errors import InputError, Problem
+from infra.model.fleet import AmiLookup, AwsSite, Fleet, Host, OutpostSite
 
 USER_DATA_TEMPLATE = Path(__file__).with_name("userdata.j2")
 # Tags every fleet instance carries; the policy pack requires the first three.

@@ -23,8 +23,8 @@ from typing import Any
 import pulumi
 from pulumi_command import local
 
-from infra.errors import InputError, Problem
-from infra.fleet import Fleet
+from infra.model.errors import InputError, Problem
+from infra.model.fleet import Fleet
 
 PLAYBOOK = "playbooks/site.yml"
 

@@ -34,9 +34,9 @@ from pulumi.dynamic import (
     UpdateResult,
 )
 
-from infra.errors import InputError, Problem
-from infra.fleet import Fleet, Host, OnpremSite
-from infra.power import PowerReport, validate_hall
+from infra.model.errors import InputError, Problem
+from infra.model.fleet import Fleet, Host, OnpremSite
+from infra.model.power import PowerReport, validate_hall
 
 PASSWORD_KEY = "fleet:bmcPassword"
 REDFISH_ROOT = "/redfish/v1"

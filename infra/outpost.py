@@ -28,8 +28,8 @@ from infra.aws_common import (
     site_tags,
     ssm_instance_profile,
 )
-from infra.errors import InputError, Problem
-from infra.fleet import Fleet, OutpostSite, Pool
+from infra.model.errors import InputError, Problem
+from infra.model.fleet import Fleet, OutpostSite, Pool
 
 
 def check_instance_types(fleet: Fleet, site: OutpostSite, pools: list[Pool], offered: list[str]) -> None:

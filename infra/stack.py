@@ -14,8 +14,8 @@ import pulumi
 
 from infra.aws_cluster import GpuCluster, GpuClusterArgs
 from infra.converge import bundle_ref, converge_host
-from infra.fleet import FLEET_KEYS, AwsSite, Fleet, OnpremSite, OutpostSite, parse_fleet
-from infra.inventory import Endpoint, build_inventory
+from infra.model.fleet import FLEET_KEYS, AwsSite, Fleet, OnpremSite, OutpostSite, parse_fleet
+from infra.model.inventory import Endpoint, build_inventory
 from infra.onprem import Hall, HallArgs
 from infra.outpost import OutpostSiteArgs, OutpostSiteComponent
 

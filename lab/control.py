@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from infra.errors import InputError
-from infra.fleet import Fleet, load_stack
-from infra.inventory import host_vars
+from infra.model.errors import InputError
+from infra.model.fleet import Fleet, load_stack
+from infra.model.inventory import host_vars
 from lab import hosts as labhosts
 from lab import services
 from lab.base import ensure_base

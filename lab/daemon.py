@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from infra.fleet import load_stack
+from infra.model.fleet import load_stack
 from lab import services
 from lab.hosts import HostSupervisor, unmount_overlay
 from lab.layout import LabState, Layout, Ports

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from infra.fleet import Fleet
-from infra.inventory import Endpoint, build_inventory, host_vars
+from infra.model.fleet import Fleet
+from infra.model.inventory import Endpoint, build_inventory, host_vars
 from lab.layout import Layout, Ports
 
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from infra.fleet import Fleet
+from infra.model.fleet import Fleet
 
 # below Linux's ephemeral range (32768-60999): a lab port must never be taken by an outgoing connection
 DEFAULT_PORT_BASE = 22000

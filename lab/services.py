@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from infra.fleet import Fleet, OnpremSite
+from infra.model.fleet import Fleet, OnpremSite
 from lab.artifacts import synthetic_weights
 from lab.layout import Layout, Ports
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from patching import hostfacts
-from patching.pins import MANIFEST_PATH, PackageState, dpkg_query_command, parse_dpkg_query, parse_manifest
+from patching.hosts import facts as hostfacts
+from patching.release.pins import MANIFEST_PATH, PackageState, dpkg_query_command, parse_dpkg_query, parse_manifest
 
 SMI_FIELDS = ("index", "name", "driver_version", "memory.total", "persistence_mode", "ecc.mode.current",
               "ecc.errors.uncorrected.volatile.total")

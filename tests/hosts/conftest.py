@@ -5,7 +5,7 @@
 
 (`fleet verify --release F --inventory I` runs exactly this, with a progress display and a summary.)
 Expected values come from the bundle and the host's inventory vars; what the host has comes from
-its own tools, read with patching/hostfacts.py's parsers. Each check asserts one fact and fails with
+its own tools, read with patching/hosts/facts.py's parsers. Each check asserts one fact and fails with
 "<host>: <what>: expected <value>, found <value>". All checks of a host run on one xdist worker
 (`--dist loadgroup`), so hosts are checked in parallel and each host's tools run once.
 """
@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from infra.errors import InputError, load_yaml
-from patching.bundle import Bundle, load_bundle
-from patching.pins import all_pinned_packages, host_pins
+from infra.model.errors import InputError, load_yaml
+from patching.release.bundle import Bundle, load_bundle
+from patching.release.pins import all_pinned_packages, host_pins
 from tests.hosts.checks import HostFacts
 
 

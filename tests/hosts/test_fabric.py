@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from patching import hostfacts
+from patching.hosts import facts as hostfacts
 from tests.hosts.checks import expect, gpus_or_fail, only_where
 
 

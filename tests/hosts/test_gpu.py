@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from patching import hostfacts
-from patching.compat import version_key
-from patching.pins import SMI_PRODUCT_NAMES
+from patching.hosts import facts as hostfacts
+from patching.release.compat import version_key
+from patching.release.pins import SMI_PRODUCT_NAMES
 from tests.hosts.checks import expect, gpus_or_fail
 
 

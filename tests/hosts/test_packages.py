@@ -3,7 +3,7 @@ do not stop `apt install pkg`; a dpkg hold alone does not stop a pinned upgrade:
 
 from __future__ import annotations
 
-from patching.bundle import CONTAINER_TOOLKIT_PACKAGES
+from patching.release.bundle import CONTAINER_TOOLKIT_PACKAGES
 from tests.hosts.checks import expect, only_where
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lab import aptrepo
-from patching.bundle import CONTAINER_TOOLKIT_PACKAGES, load_bundle
+from patching.release.bundle import CONTAINER_TOOLKIT_PACKAGES, load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE_FILES = sorted((ROOT / "releases").glob("*.yaml"))

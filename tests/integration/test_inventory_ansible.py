@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infra.inventory import HOST_VARS
+from infra.model.inventory import HOST_VARS
 
 BIN = Path(sys.executable).parent
 

@@ -17,7 +17,7 @@ import ansible_runner
 import pytest
 import yaml
 
-from patching import hostfacts
+from patching.hosts import facts as hostfacts
 
 
 def _secrets(lab) -> dict:
@@ -144,8 +144,8 @@ def _install(lab, host: str, packages: dict[str, str]) -> None:
 
 
 def _bundle_packages(lab, host: str, release: str) -> dict[str, str]:
-    from infra.inventory import host_vars
-    from patching.bundle import load_bundle
+    from infra.model.inventory import host_vars
+    from patching.release.bundle import load_bundle
 
     bundle = load_bundle(f"releases/{release}.yaml")
     hv = host_vars(lab.lab.fleet, lab.lab.fleet.hosts[host])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from patching.fleetinv import load_inventory
+from patching.inventory.reader import load_inventory
 
 pytestmark = pytest.mark.lab
 
@@ -28,11 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "releases/2026-10.yaml"
 NEXT = ROOT / "releases/2026-11.yaml"
 BIN = Path(sys.executable).parent
-# `fleet` with converge/verify/drift, whether or not patching/cli.py registers them yet
-FLEET = [sys.executable, "-c", (
-    "import sys\nfrom patching import cli, cli_hosts\n"
-    "if 'converge' not in {c.name for c in cli.app.registered_commands}:\n    cli_hosts.register(cli.app)\n"
-    "sys.argv[0] = 'fleet'\ncli.main()\n")]
+FLEET = [sys.executable, "-c", "import sys; from patching.cli.app import main; sys.argv[0] = 'fleet'; main()"]
 
 
 def fleet(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:

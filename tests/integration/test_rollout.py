@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from patching.hostactions import haproxy_states
-from patching.probe import TrafficGenerator
+from patching.hosts.actions import haproxy_states
+from patching.hosts.probe import TrafficGenerator
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = str(Path(sys.executable).parent / "fleet")

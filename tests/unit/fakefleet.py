@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from patching.actions import HostFacts, Outcome
-from patching.bundle import Bundle
-from patching.fleetinv import FleetInventory, InventoryHost
-from patching.policy import SloProbe, Soak
+from patching.inventory.reader import FleetInventory, InventoryHost
+from patching.release.bundle import Bundle
+from patching.rollout.actions import HostFacts, Outcome
+from patching.rollout.policy import SloProbe, Soak
 
 OLD, NEW = "2026-10", "2026-11"
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from infra.errors import InputError
-from patching.bundle import load_bundle
+from infra.model.errors import InputError
+from patching.release.bundle import load_bundle
 from tests.conftest import write_yaml
 
 

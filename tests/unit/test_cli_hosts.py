@@ -8,17 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.fleet import load_stack
-from infra.inventory import build_inventory
-from patching.converge import Recorder
+from infra.model.fleet import load_stack
+from infra.model.inventory import build_inventory
+from patching.hosts.converge import Recorder
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "releases/2026-10.yaml"
-# `fleet` with converge/verify/drift, whether or not patching/cli.py registers them yet
-FLEET = [sys.executable, "-c", (
-    "import sys\nfrom patching import cli, cli_hosts\n"
-    "if 'converge' not in {c.name for c in cli.app.registered_commands}:\n    cli_hosts.register(cli.app)\n"
-    "sys.argv[0] = 'fleet'\ncli.main()\n")]
+FLEET = [sys.executable, "-c", "import sys; from patching.cli.app import main; sys.argv[0] = 'fleet'; main()"]
 
 
 def fleet(*args):

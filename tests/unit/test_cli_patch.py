@@ -9,10 +9,10 @@ import pytest
 import typer
 import yaml
 
-import patching.cli as cli
-from patching import actions as host_actions
-from patching.cli_patch import register
-from patching.journal import Journal
+import patching.cli.app as cli
+from patching.cli.patch import register
+from patching.journal.store import Journal
+from patching.rollout import actions as host_actions
 from tests.conftest import write_yaml
 from tests.unit.fakefleet import FakeFleet
 
@@ -50,7 +50,7 @@ def spy(monkeypatch):
 
 @pytest.fixture
 def fleet(monkeypatch, capsys):
-    """Runs `fleet ARGS...` through patching.cli.main (the real exit-code mapping) with our commands."""
+    """Runs `fleet ARGS...` through patching.cli.app.main (the real exit-code mapping) with our commands."""
     app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
     register(app)
     monkeypatch.setattr(cli, "app", app)

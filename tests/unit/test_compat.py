@@ -4,8 +4,8 @@ import datetime as dt
 
 import pytest
 
-from patching.bundle import Bundle
-from patching.compat import check_bundle, fabric_manager_package, nscq_package, rules
+from patching.release.bundle import Bundle
+from patching.release.compat import check_bundle, fabric_manager_package, nscq_package, rules
 
 TODAY = dt.date(2026, 11, 28)
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from infra.errors import InputError
-from infra.fleet import load_stack
+from infra.model.errors import InputError
+from infra.model.fleet import load_stack
 from tests.conftest import write_yaml
 
 

@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from infra.errors import InputError
-from patching.fleetinv import load_inventory
+from infra.model.errors import InputError
+from patching.inventory.reader import load_inventory
 from tests.conftest import write_yaml
 
 
@@ -113,8 +113,8 @@ def test_unparsable_and_missing_inventories(tmp_path):
 
 
 def test_the_rendered_lab_inventory_is_understood(tmp_path, root, lab_stack):
-    from infra.fleet import load_stack
-    from infra.inventory import render_inventory
+    from infra.model.fleet import load_stack
+    from infra.model.inventory import render_inventory
 
     path = tmp_path / "lab.yml"
     path.write_text(render_inventory(load_stack("lab", root)))

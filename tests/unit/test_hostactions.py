@@ -1,4 +1,4 @@
-"""patching.hostactions where it needs no host: Ansible missing is an error of ours, not unreachable hosts."""
+"""patching.hosts.actions where it needs no host: Ansible missing is an error of ours, not unreachable hosts."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-import patching.hostactions as hostactions
-from patching.actions import ActionsUnavailable
-from patching.fleetinv import load_inventory
-from patching.ourbin import BIN, path_with_our_bin
+import patching.hosts.actions as hostactions
+from patching.hosts.toolpath import BIN, path_with_our_bin
+from patching.inventory.reader import load_inventory
+from patching.rollout.actions import ActionsUnavailable
 from tests.conftest import write_yaml
 
 

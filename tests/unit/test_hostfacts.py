@@ -1,4 +1,4 @@
-"""patching.hostfacts against the real tools' output (FORMATS.md samples and known quirks)."""
+"""patching.hosts.facts against the real tools' output (FORMATS.md samples and known quirks)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from patching import hostfacts as hf
+from patching.hosts import facts as hf
 
 # ---- nvidia-smi ----------------------------------------------------------------------------------
 

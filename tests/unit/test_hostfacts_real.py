@@ -1,13 +1,13 @@
-"""patching.hostfacts against output captured from a real machine: one NVIDIA H200 (driver 580.159.04,
+"""patching.hosts.facts against output captured from a real machine: one NVIDIA H200 (driver 580.159.04,
 CUDA 13.0, Ubuntu 24.04), by tests/hosts/device/run.sh. The samples are in tests/unit/real/h200/."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from infra.fleet import GPU_MEMORY_MIB
-from patching import hostfacts as hf
-from patching.pins import SMI_PRODUCT_NAMES
+from infra.model.fleet import GPU_MEMORY_MIB
+from patching.hosts import facts as hf
+from patching.release.pins import SMI_PRODUCT_NAMES
 
 REAL = Path(__file__).parent / "real" / "h200"
 FIELDS = ("index", "name", "driver_version", "memory.total", "persistence_mode", "ecc.mode.current",
@@ -35,7 +35,7 @@ def test_smi_query_from_an_h200():
 
 
 def test_the_h200_facts_the_fleet_model_encodes():
-    """The model name nvidia-smi prints and the memory it reports, as infra.fleet and patching.pins encode them."""
+    """The model name nvidia-smi prints and the memory it reports, as the fleet model and the pins encode them."""
     [gpu] = hf.parse_smi_query(sample("nvidia-smi-q.txt")).gpus
     assert SMI_PRODUCT_NAMES["H200-SXM5-141GB"] == gpu.product_name
     assert GPU_MEMORY_MIB["H200-SXM5-141GB"] == gpu.memory_total_mib

@@ -2,8 +2,8 @@ import re
 
 import yaml
 
-from infra.fleet import load_stack
-from infra.inventory import HOST_VARS, Endpoint, build_inventory, render_inventory
+from infra.model.fleet import load_stack
+from infra.model.inventory import HOST_VARS, Endpoint, build_inventory, render_inventory
 
 
 def test_groups_by_site_kind_site_pool_and_ring(root):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from patching.journal import Journal, JournalError, LockHeld, LockKeeper, lock_staleness, redact
+from patching.journal.store import Journal, JournalError, LockHeld, LockKeeper, lock_staleness, redact
 from patching.states import TRANSITIONS, HostState, IllegalTransition
 
 PLAN = {"waves": [{"index": 0, "kind": "canary", "hosts": ["a1"], "predicted_s": 60.0},

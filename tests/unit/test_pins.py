@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from patching.bundle import load_bundle
-from patching.drift import SEPARATOR, differences, ssh_settings
-from patching.pins import all_pinned_packages, host_pins, parse_dpkg_query, unpinned_family_members
+from patching.hosts.drift import SEPARATOR, differences, ssh_settings
+from patching.release.bundle import load_bundle
+from patching.release.pins import all_pinned_packages, host_pins, parse_dpkg_query, unpinned_family_members
 
 ROOT = Path(__file__).resolve().parents[2]
 DGX = {"fleet_nvswitch": True, "fleet_ib": True, "fleet_efa": False}

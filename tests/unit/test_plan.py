@@ -8,11 +8,11 @@ from collections import Counter
 import pytest
 from rich.console import Console
 
-from infra.errors import InputError
-from patching.bundle import load_bundle
-from patching.plan import Plan, build_plan, predict_wave_seconds, render_plan
-from patching.policy import Policy
-from patching.windows import MaintenanceCalendar, Window
+from infra.model.errors import InputError
+from patching.release.bundle import load_bundle
+from patching.rollout.plan import Plan, build_plan, predict_wave_seconds, render_plan
+from patching.rollout.policy import Policy
+from patching.rollout.windows import MaintenanceCalendar, Window
 from tests.conftest import ROOT
 from tests.unit.fakefleet import make_inventory, two_pools
 

@@ -1,4 +1,4 @@
-"""The roles' shape (STYLE.md), the bundle -> knobs mapping against patching/pins.py, and ansible-lint."""
+"""The roles' shape (STYLE.md), the bundle -> knobs mapping against patching/release/pins.py, and ansible-lint."""
 
 import json
 import os
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from infra.fleet import load_stack
-from infra.inventory import build_inventory
-from patching.bundle import load_bundle
-from patching.pins import host_pins
+from infra.model.fleet import load_stack
+from infra.model.inventory import build_inventory
+from patching.release.bundle import load_bundle
+from patching.release.pins import host_pins
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOKS = ROOT / "playbooks"
@@ -87,7 +87,7 @@ PIN_EXPRESSION = (
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 @pytest.mark.parametrize("release", ["2026-10", "2026-11", "branch-570"])
 def test_roles_pin_what_the_bundle_pins(tmp_path, distribution, release):
-    """group_vars + each role's vars give every lab host the packages patching/pins.py expects."""
+    """group_vars + each role's vars give every lab host the packages patching/release/pins.py expects."""
     bundle_path = _branch_570(tmp_path) if release == "branch-570" else ROOT / f"releases/{release}.yaml"
     inventory = _lab_inventory(tmp_path)
     args = ["-e", f"@{PLAYBOOKS}/group_vars/all/bundle.yml", "-e", f"@{PLAYBOOKS}/group_vars/all/platform.yml"]

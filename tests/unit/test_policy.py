@@ -4,8 +4,8 @@ import datetime as dt
 
 import pytest
 
-from infra.errors import InputError
-from patching.policy import Policy, load_policy, resolve, schema
+from infra.model.errors import InputError
+from patching.rollout.policy import Policy, load_policy, resolve, schema
 from tests.conftest import write_yaml
 
 

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 
-from infra.errors import InputError
-from infra.fleet import Fleet, fleet_config_from_stack, parse_fleet
-from infra.power import validate_hall
+from infra.model.errors import InputError
+from infra.model.fleet import Fleet, fleet_config_from_stack, parse_fleet
+from infra.model.power import validate_hall
 from tests.stack_mocks import stack_config
 
 BASE = stack_config("example-hybrid")

@@ -2,7 +2,7 @@
 
 import time
 
-from patching import probe
+from patching.hosts import probe
 from tests.unit.test_vendor_sim import dgx, serving, sim  # noqa: F401 - fixtures
 
 MODEL = "deepseek-ai/DeepSeek-V3"

@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from patching.reports import write_reports
+from patching.journal.reports import write_reports
 from tests.unit.fakefleet import NEW
 from tests.unit.test_runner import Harness
 

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from infra.errors import InputError
-from patching.bundle import load_bundle
-from patching.journal import Journal
-from patching.policy import Policy
-from patching.runner import KILL_ENV, Runner, RunResult, RunStatus
+from infra.model.errors import InputError
+from patching.journal.store import Journal
+from patching.release.bundle import load_bundle
+from patching.rollout.policy import Policy
+from patching.rollout.runner import KILL_ENV, Runner, RunResult, RunStatus
+from patching.rollout.windows import MaintenanceCalendar, Window
 from patching.states import IN_FLIGHT, TRANSITIONS, HostState
-from patching.windows import MaintenanceCalendar, Window
 from tests.conftest import ROOT
 from tests.unit.fakefleet import NEW, OLD, FakeClock, FakeFleet, two_pools
 

@@ -1,4 +1,4 @@
-"""The exported `ansible_inventory`: built by infra.inventory from the resources' addresses, read back by Ansible."""
+"""The exported `ansible_inventory`: built by infra.model.inventory from the addresses, read back by Ansible."""
 
 import json
 import subprocess

@@ -10,7 +10,7 @@ import pytest
 from pulumi.dynamic import Config, ConfigureRequest
 from pulumi.runtime import rpc
 
-from infra.fleet import load_stack
+from infra.model.fleet import load_stack
 from infra.onprem import BareMetalHostProvider
 from tests.dynamic_provider import DynamicProviderProcess, serialized
 from tests.stack_mocks import hybrid_secrets, run_program, stack_config

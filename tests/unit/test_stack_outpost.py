@@ -5,8 +5,8 @@ import copy
 import pulumi
 import pytest
 
-from infra.errors import InputError
-from infra.fleet import fleet_config_from_stack, parse_fleet
+from infra.model.errors import InputError
+from infra.model.fleet import fleet_config_from_stack, parse_fleet
 from infra.outpost import check_instance_types
 from tests.stack_mocks import OUTPOST_OFFERS, hybrid_secrets, run_program, stack_config
 

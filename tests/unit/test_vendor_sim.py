@@ -2,7 +2,7 @@
 
 Each test gets its own FLEET_SIM_HW_DIR / FLEET_SIM_RUN_DIR / FLEET_SIM_LIB_DIR; the package data
 (package.json) written into the lib dir is exactly what the built packages ship (lab.aptrepo's plan).
-Output is read with the same parsers the host checks use (patching.hostfacts).
+Output is read with the same parsers the host checks use (patching.hosts.facts).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 
 from lab import aptrepo
 from lab.hardware import set_fault, write_hardware
-from patching import hostfacts
+from patching.hosts import facts as hostfacts
 
 ROOT = Path(__file__).resolve().parents[2]
 VENDOR = ROOT / "lab" / "vendor"

@@ -6,9 +6,9 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydantic import ValidationError
 
-from infra.errors import InputError
-from patching.policy import load_policy
-from patching.windows import (
+from infra.model.errors import InputError
+from patching.rollout.policy import load_policy
+from patching.rollout.windows import (
     Freeze,
     FreezeRange,
     MaintenanceCalendar,

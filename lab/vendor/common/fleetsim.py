@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# nvidia-smi's product names for the fleet model's GPU names (infra/fleet.py GPU_MEMORY_MIB keys).
+# nvidia-smi's product names for the fleet model's GPU names (infra/model/fleet.py GPU_MEMORY_MIB keys).
 PRODUCT_NAMES = {
     "A100-SXM4-40GB": "NVIDIA A100-SXM4-40GB",
     "A100-SXM4-80GB": "NVIDIA A100-SXM4-80GB",

@@ -44,7 +44,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 $py - "$out" <<'PY' > "$out/parsed.json" 2> "$out/parsed.err"
 import dataclasses, json, pathlib, sys
-from patching import hostfacts
+from patching.hosts import facts as hostfacts
 raw = pathlib.Path(sys.argv[1]) / "raw"
 def text(name):
     return (raw / f"{name}.txt").read_text().rsplit("[exit", 1)[0]

@@ -1,0 +1,356 @@
+"""The fleet model: sites, pools and hosts, read from a Pulumi stack file's `fleet:` config.
+
+A stack file (`Pulumi.<stack>.yaml`) holds, under `config:`, the keys `fleet:sites`, `fleet:pools`
+and `fleet:hosts`. Cloud pools (`aws`, `outpost`) may give a `count` instead of listing hosts: their
+hosts are named `<pool>-<index>` and get their addresses from the resources Pulumi creates.
+This module does not import Pulumi, so the patch pipeline and the lab can read a fleet too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+
+from infra.model.errors import InputError, Problem, field_path, load_yaml, nearest
+from infra.model.strict import StrictModel, validate
+
+NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME)]
+
+# 8-GPU SXM boards whose GPUs talk through NVSwitch: they need fabric manager and libnvidia-nscq.
+NVSWITCH_GPUS = ("A100-SXM4-40GB", "A100-SXM4-80GB", "H100-SXM5-80GB", "H200-SXM5-141GB")
+GPU_MEMORY_MIB = {
+    "A100-SXM4-40GB": 40960,
+    "A100-SXM4-80GB": 81920,
+    "H100-SXM5-80GB": 81559,
+    "H200-SXM5-141GB": 143771,
+    "T4": 15360,
+    "A10G": 23028,
+}
+
+
+class Ups(StrictModel):
+    """One UPS unit, reached through NUT's upsd."""
+
+    name: Name
+    host: str
+    port: int = Field(3493, ge=1, le=65535)
+    capacity_w: int = Field(gt=0, description="nameplate real-power capacity, watts")
+
+
+class Psu(StrictModel):
+    """One power supply of a host and the feed/UPS it hangs on."""
+
+    feed: Literal["A", "B"]
+    ups: Name
+
+
+class IbHca(StrictModel):
+    """One InfiniBand HCA port and where it is cabled."""
+
+    name: str = Field(pattern=r"^mlx5_\d+$")
+    guid: str = Field(pattern=r"^0x[0-9a-f]{16}$")
+    switch: Name
+    port: int = Field(ge=1, le=128)
+    rate: Literal[100, 200, 400, 800]
+
+
+class Bmc(StrictModel):
+    """The host's baseboard management controller (Redfish)."""
+
+    endpoint: str = Field(pattern=r"^https?://")
+    system_id: str | None = None
+    username: str = "admin"
+    verify_tls: bool = True
+
+
+class AmiLookup(StrictModel):
+    """A pinned machine image: an exact AMI name from one owner, or an AMI id.
+
+    No wildcards: a pattern with `most_recent` would move under a running fleet on the next
+    `pulumi up`, and the bundle (driver, CUDA, ...) is what decides what runs on the host.
+    """
+
+    owner: str = "099720109477"  # Canonical
+    name: str | None = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20240301"
+    id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
+
+    @field_validator("name")
+    @classmethod
+    def _pinned(cls, value: str | None) -> str | None:
+        if value is not None and any(c in value for c in "*?"):
+            raise ValueError("must be an exact AMI name (no wildcards): pin the image, bump it on purpose")
+        return value
+
+
+class _Site(StrictModel):
+    name: Name
+    haproxy_api: str | None = Field(None, description="host:port of HAProxy's runtime API")
+    artifacts_url: str | None = Field(None, description="base URL of the model-weights store")
+
+
+class AwsSite(_Site):
+    kind: Literal["aws"]
+    region: str
+    availability_zone: str
+    vpc_cidr: str = "10.42.0.0/16"
+    subnet_ids: list[str] = []
+    ssh_cidrs: list[str] = []
+    capacity_reservation_id: str | None = None
+    capacity_block: bool = False
+    ami: AmiLookup = Field(default_factory=lambda: AmiLookup())
+    root_volume_gb: int = Field(500, ge=8, le=16384)
+    serving_cidrs: list[str] = Field([], description="clients allowed to the serving port besides the VPC")
+    ssh_authorized_keys: list[str] = []
+
+    @field_validator("ssh_cidrs", "serving_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+
+class OutpostSite(_Site):
+    kind: Literal["outpost"]
+    region: str
+    availability_zone: str
+    outpost_arn: str = Field(pattern=r"^arn:aws:outposts:[a-z0-9-]+:\d{12}:outpost/op-[0-9a-f]+$")
+    local_gateway_route_table_id: str | None = None
+    vpc_cidr: str = "10.43.0.0/16"
+    ssh_cidrs: list[str] = []
+    ami: AmiLookup = Field(default_factory=lambda: AmiLookup())
+    root_volume_gb: int = Field(200, ge=8, le=16384)
+    # Outposts racks have offered gp2 EBS; set gp3 where your rack lists it.
+    root_volume_type: Literal["gp2", "gp3"] = "gp2"
+    ssh_authorized_keys: list[str] = []
+
+    @field_validator("ssh_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+
+class OnpremSite(_Site):
+    kind: Literal["onprem"]
+    ups: list[Ups] = []
+    ups_derating: float = Field(0.8, gt=0, le=1)
+    require_n_plus_one: bool = False
+    ib_rail_aligned: bool = False
+    # What `pulumi up` may do to a bare-metal host through its BMC; all off: registering only reads.
+    bmc_pxe_once_on_create: bool = False
+    bmc_power_on_create: bool = False
+    bmc_power_off_on_delete: bool = False
+
+
+Site = Annotated[AwsSite | OutpostSite | OnpremSite, Field(discriminator="kind")]
+
+
+class Host(StrictModel):
+    name: Name
+    pool: Name
+    address: str | None = None
+    ssh_port: int = Field(22, ge=1, le=65535)
+    ssh_user: str = "root"
+    serving_port: int | None = Field(None, ge=1, le=65535)
+    patch_ring: int = Field(1, ge=0, le=9, description="0 = canary ring")
+    bmc: Bmc | None = None
+    psus: list[Psu] = []
+    max_draw_w: int | None = Field(None, gt=0)
+    ib_hcas: list[IbHca] = []
+
+
+class Pool(StrictModel):
+    name: Name
+    site: Name
+    model: str = Field(description="the model id the pool serves, as /v1/models reports it")
+    instance_type: str | None = None
+    gpu_model: str
+    gpu_count: int = Field(ge=1, le=16)
+    serving_port: int = Field(8000, ge=1, le=65535)
+    max_unavailable: int | str = Field(1, description="hosts or percent ('25%') out at once")
+    min_serving: int = Field(1, ge=0, description="capacity floor: hosts that must keep serving")
+    count: int | None = Field(None, ge=0, description="cloud pools: number of instances")
+
+    @field_validator("max_unavailable")
+    @classmethod
+    def _budget(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("must be at least 1")
+        elif not re.fullmatch(r"(100|[1-9]\d?)%", value):
+            raise ValueError("must be a count or a percentage like '25%'")
+        return value
+
+    @field_validator("gpu_model")
+    @classmethod
+    def _gpu(cls, value: str) -> str:
+        if value not in GPU_MEMORY_MIB:
+            guess = nearest(value, GPU_MEMORY_MIB)
+            hint = f", did you mean {guess!r}?" if guess else ""
+            raise ValueError(f"unknown GPU model{hint} (known: {', '.join(GPU_MEMORY_MIB)})")
+        return value
+
+    @property
+    def nvswitch(self) -> bool:
+        return self.gpu_model in NVSWITCH_GPUS and self.gpu_count == 8
+
+
+class FleetConfig(StrictModel):
+    """The `fleet:*` keys of a stack file, before cross-references are checked."""
+
+    name: Name
+    sites: list[Site]
+    pools: list[Pool]
+    hosts: list[Host] = []
+    converge: bool = False
+    bundle: str | None = Field(None, description="release file day-0 converge applies")
+
+
+class Fleet:
+    """A validated fleet: every reference resolves, every name is unique."""
+
+    def __init__(self, config: FleetConfig, source: str = "<fleet>", prefix: str = ""):
+        self.name = config.name
+        self.source = source
+        self.prefix = prefix
+        self.config = config
+        self.sites = {s.name: s for s in config.sites}
+        self.pools = {p.name: p for p in config.pools}
+        self.hosts = {h.name: h for h in _expand_hosts(config)}
+
+    def site_of(self, host: Host) -> AwsSite | OutpostSite | OnpremSite:
+        return self.sites[self.pools[host.pool].site]
+
+    def pool_of(self, host: Host) -> Pool:
+        return self.pools[host.pool]
+
+    def serving_port(self, host: Host) -> int:
+        return host.serving_port or self.pools[host.pool].serving_port
+
+    def hosts_in(self, pool: str) -> list[Host]:
+        return [h for h in self.hosts.values() if h.pool == pool]
+
+    def field(self, kind: Literal["sites", "pools", "hosts"], name: str, *parts: str | int) -> str:
+        """The config path of a named site, pool or host, for error messages: 'config.fleet:hosts[3].psus'.
+
+        Hosts expanded from a pool's `count` are not listed in the config; they point at the pool's count.
+        """
+        items = getattr(self.config, kind)
+        for i, item in enumerate(items):
+            if item.name == name:
+                return self.prefix + field_path([kind, i, *parts])
+        if kind == "hosts" and name in self.hosts:
+            return self.field("pools", self.hosts[name].pool, "count")
+        return self.prefix + field_path([kind, *parts])
+
+
+def _expand_hosts(config: FleetConfig) -> list[Host]:
+    hosts = list(config.hosts)
+    listed = Counter(h.pool for h in hosts)
+    for pool in config.pools:
+        if pool.count and not listed[pool.name]:
+            hosts += [Host(name=f"{pool.name}-{i}", pool=pool.name) for i in range(pool.count)]
+    return hosts
+
+
+def parse_fleet(data: Any, source: str = "<fleet>", prefix: str = "") -> Fleet:
+    """Validate `fleet:` config data (a dict with name/sites/pools/hosts) into a Fleet."""
+    config = validate(FleetConfig, data, source, "the fleet settings", prefix)
+    problems = list(_cross_check(config, source, prefix))
+    if problems:
+        raise InputError(problems)
+    return Fleet(config, source, prefix)
+
+
+def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Problem]:
+    def p(parts: list[Any], value: Any, message: str) -> Problem:
+        return Problem(source, prefix + field_path(parts), value, message)
+
+    for kind, items in (("site", config.sites), ("pool", config.pools), ("host", config.hosts)):
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if item.name in seen:
+                yield p([f"{kind}s", i, "name"], item.name, f"duplicate {kind} name (first at index {seen[item.name]})")
+            seen.setdefault(item.name, i)
+
+    sites = {s.name: s for s in config.sites}
+    pools = {pl.name: pl for pl in config.pools}
+    for i, pool in enumerate(config.pools):
+        if pool.site not in sites:
+            guess = nearest(pool.site, sites)
+            yield p(["pools", i, "site"], pool.site,
+                    "no such site" + (f", did you mean {guess!r}?" if guess else ""))
+        elif sites[pool.site].kind != "onprem" and not pool.instance_type:
+            yield p(["pools", i, "instance_type"], None, f"required for a pool on a {sites[pool.site].kind} site")
+
+    endpoints: dict[tuple[str, int], str] = {}
+    for i, host in enumerate(config.hosts):
+        pool = pools.get(host.pool)
+        if pool is None:
+            guess = nearest(host.pool, pools)
+            yield p(["hosts", i, "pool"], host.pool,
+                    "no such pool" + (f", did you mean {guess!r}?" if guess else ""))
+            continue
+        site = sites.get(pool.site)
+        if isinstance(site, OnpremSite):
+            if not host.address:
+                yield p(["hosts", i, "address"], None, "required for an on-prem host")
+            units = {u.name for u in site.ups}
+            for j, psu in enumerate(host.psus):
+                if psu.ups not in units:
+                    yield p(["hosts", i, "psus", j, "ups"], psu.ups, f"no such UPS at site {site.name!r}")
+        if host.address:
+            key = (host.address, host.serving_port or pool.serving_port)
+            if key in endpoints:
+                yield p(["hosts", i, "serving_port"], f"{key[0]}:{key[1]}",
+                        f"serving address and port already used by host {endpoints[key]!r}")
+            endpoints.setdefault(key, host.name)
+
+
+def stack_file(stack: str, project_dir: str | Path = ".") -> Path:
+    return Path(project_dir) / f"Pulumi.{stack}.yaml"
+
+
+FLEET_KEYS = ("name", "sites", "pools", "hosts", "converge", "bundle")
+# `fleet:*` keys that are not part of the fleet model: the Pulumi program reads them itself
+# (`pulumi config set --secret fleet:bmcPassword ...` puts it in the stack file, encrypted).
+PROGRAM_KEYS = ("bmcPassword",)
+
+
+def load_stack(stack: str, project_dir: str | Path = ".") -> Fleet:
+    """Read the fleet from `Pulumi.<stack>.yaml`'s `fleet:*` config keys."""
+    path = stack_file(stack, project_dir)
+    if not path.exists():
+        raise InputError.single(path, "", stack, "no such stack file")
+    doc = load_yaml(path)
+    config = (doc or {}).get("config") if isinstance(doc, dict) else None
+    if not isinstance(config, dict):
+        raise InputError.single(path, "config", None, "the stack file has no config mapping")
+    return parse_fleet(fleet_config_from_stack(config, path), str(path), "config.fleet:")
+
+
+def fleet_config_from_stack(config: dict[str, Any], path: str | Path = "<stack>") -> dict[str, Any]:
+    """Pick the `fleet:*` keys out of a stack's config mapping (`fleet:pools` -> `pools`)."""
+    data: dict[str, Any] = {}
+    problems = []
+    for key, value in config.items():
+        namespace, _, name = str(key).partition(":")
+        if namespace != "fleet" or name in PROGRAM_KEYS:
+            continue
+        if name not in FLEET_KEYS:
+            guess = nearest(name, FLEET_KEYS)
+            hint = f" (did you mean 'fleet:{guess}'?)" if guess else ""
+            problems.append(Problem(str(path), f"config.{key}", None, f"unknown key {key!r}{hint}"))
+        data[name] = value
+    if problems:
+        raise InputError(problems)
+    return data

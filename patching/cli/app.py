@@ -1,0 +1,150 @@
+"""`fleet`: the command line (DESIGN.md section 6).
+
+Exit codes: 0 done, 1 rollout failed or rolled back, 2 bad input (nothing touched),
+3 refused (locked, outside the window, freeze).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infra.model.errors import InputError
+from patching.cli.hosts import register as register_host_commands
+from patching.cli.patch import register as register_patch_commands
+from patching.hosts.toolpath import put_our_bin_first
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
+
+app = typer.Typer(
+    help="Provision, pin, patch and verify a hybrid GPU fleet serving DeepSeek-class models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+release_app = typer.Typer(help="Check release bundles (releases/YYYY-MM.yaml).", no_args_is_help=True)
+app.add_typer(release_app, name="release")
+register_patch_commands(app)
+register_host_commands(app)
+
+
+def _register_lab() -> None:
+    from lab.cli import app as lab_app
+
+    @lab_app.command("demo")
+    def demo(stack: Annotated[str, typer.Option(help="the lab stack")] = "lab") -> None:
+        """The whole story: converge to 2026-10, roll 2026-11 out under traffic, catch a bad release."""
+        from patching.cli.demo import run_demo
+
+        run_demo(stack)
+
+    app.add_typer(lab_app, name="lab")
+
+
+_register_lab()
+
+out = Console()
+
+
+@release_app.command("check")
+def release_check(
+    file: Annotated[Path, typer.Argument(help="the bundle to check")],
+    against: Annotated[Path | None, typer.Option(help="the bundle it replaces: print what changes")] = None,
+    on: Annotated[str | None, typer.Option(help="judge end-of-life as of this date (YYYY-MM-DD)")] = None,
+) -> None:
+    """Validate a bundle, apply every compatibility rule, and show what changes against an older one.
+
+    Exit 0 when the bundle is usable (warnings allowed), 2 when it is malformed or breaks a rule.
+    """
+    from patching.release.bundle import load_bundle
+    from patching.release.compat import check_bundle, diff_bundles
+
+    today = _parse_date(on, "--on") if on else None
+    bundles = [load_bundle(file)] + ([load_bundle(against)] if against else [])
+    new = bundles[0]
+    if against:
+        changes = diff_bundles(bundles[1], new)
+        table = Table(title=f"{against} -> {file}: {len(changes)} pinned value(s) change")
+        for column in ("field", "old", "new"):
+            table.add_column(column, overflow="fold")
+        for field, old, value in changes:
+            table.add_row(field, _cell(old), _cell(value))
+        out.print(table)
+    findings = check_bundle(new, today)
+    errors = [f for f in findings if f.severity == "error"]
+    for f in findings:
+        say(f"{file}: {f}", stderr=f.severity == "error")
+    if errors:
+        say(f"{file}: {len(errors)} compatibility rule(s) broken", stderr=True)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    advisories = ", ".join(a.id for a in new.advisories) or "none"
+    say(f"{file}: release {new.release} OK ({len(findings)} warning(s)); fixes {advisories}")
+
+
+@app.command("inventory")
+def inventory(
+    stack: Annotated[str, typer.Option(help="the stack whose fleet to render (Pulumi.<stack>.yaml)")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="write here instead of stdout")] = None,
+    project_dir: Annotated[Path, typer.Option(help="where Pulumi.<stack>.yaml lives")] = Path("."),
+) -> None:
+    """Render the stack's fleet as an Ansible inventory (YAML), without cloud access.
+
+    Cloud hosts get their addresses from `pulumi up` (the stack's `ansible_inventory` output);
+    rendered offline, they appear without `ansible_host`.
+    """
+    from infra.model.fleet import load_stack
+    from infra.model.inventory import render_inventory
+
+    text = render_inventory(load_stack(stack, project_dir))
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        say(f"wrote {output}", stderr=True)
+    else:
+        sys.stdout.write(text)
+
+
+def say(text: str, stderr: bool = False) -> None:
+    """A plain line (no wrapping or markup), so messages stay greppable in CI logs."""
+    print(text, file=sys.stderr if stderr else sys.stdout, flush=True)
+
+
+def _parse_date(text: str, option: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as exc:
+        raise InputError.single(option, "", text, "expected a date YYYY-MM-DD") from exc
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def main() -> None:
+    """Console-script entry: run the app, map bad input to exit code 2."""
+    # ansible-runner and pytest start ansible's tools by name: prefer the ones installed beside us
+    put_our_bin_first()
+    try:
+        rc = app(standalone_mode=False)  # click returns typer.Exit's code instead of exiting
+        sys.exit(rc if isinstance(rc, int) else EXIT_OK)
+    except InputError as exc:
+        for problem in exc.problems:
+            say(f"error: {problem}", stderr=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        say("aborted", stderr=True)
+        sys.exit(130)
+    except Exception as exc:
+        # click's usage errors (typer vendors click, so match on the interface, not the class)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            sys.exit(EXIT_BAD_INPUT)
+        raise

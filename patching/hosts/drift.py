@@ -1,0 +1,171 @@
+"""`fleet drift`: what each host really has, against what the bundle pins, read in parallel over SSH.
+
+One command per host through Fabric (no Ansible, no fact gathering): dpkg's view of the pinned
+packages (version and hold) and of their families (a second driver branch left installed), and the
+host's manifest (/etc/fleet/bundle.json). SSH settings come from the inventory vars Ansible uses
+(ansible_host/port/user, ansible_ssh_private_key_file, UserKnownHostsFile and ConnectTimeout from
+ansible_ssh_common_args), with strict host-key checking: an unknown host key is an error, not a prompt.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patching.release.bundle import Bundle
+from patching.release.pins import (
+    MANIFEST_PATH,
+    PINNED_FAMILIES,
+    all_pinned_packages,
+    dpkg_query_command,
+    host_pins,
+    parse_dpkg_query,
+    parse_manifest,
+    unpinned_family_members,
+)
+
+SEPARATOR = "----- fleet manifest -----"
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One way a host differs from the bundle."""
+
+    host: str
+    item: str
+    expected: str
+    found: str
+
+
+def read_command(bundle: Bundle) -> str:
+    """The one shell command drift runs on every host."""
+    names = [*all_pinned_packages(bundle), *(glob for glob, _ in PINNED_FAMILIES)]
+    return f"{dpkg_query_command(names)}; echo {shlex.quote(SEPARATOR)}; cat {MANIFEST_PATH} 2>/dev/null || true"
+
+
+def differences(host: str, bundle: Bundle, hostvars: Mapping[str, Any], output: str) -> list[Difference]:
+    """What differs between the bundle and the host's answer to `read_command`."""
+    dpkg_text, _, manifest_text = output.partition(SEPARATOR)
+    installed = parse_dpkg_query(dpkg_text)
+    pins = host_pins(bundle, hostvars)
+    out = []
+    for name, version in pins.items():
+        state = installed.get(name)
+        if state is None:
+            out.append(Difference(host, name, version, "not installed"))
+            continue
+        if state.version != version:
+            out.append(Difference(host, name, version, state.version))
+        if not state.held:
+            out.append(Difference(host, f"{name} hold", "held", "not held"))
+    for name in unpinned_family_members(installed, pins):
+        out.append(Difference(host, name, "not installed (the bundle pins another)", installed[name].version))
+    manifest = parse_manifest(manifest_text.strip()) if manifest_text.strip() else None
+    release = "no manifest" if manifest is None else str(manifest.get("release", "no release in it"))
+    if release != bundle.release:
+        out.append(Difference(host, f"{MANIFEST_PATH} release", bundle.release, release))
+    return out
+
+
+@dataclass(frozen=True)
+class SshSettings:
+    """How to reach a host, from its inventory vars."""
+
+    host: str
+    port: int
+    user: str | None
+    key_file: str | None
+    known_hosts: str | None
+    strict: bool
+    connect_timeout: int
+
+
+def ssh_settings(name: str, hostvars: Mapping[str, Any]) -> SshSettings:
+    options = _ssh_options(" ".join(str(hostvars.get(k) or "") for k in ("ansible_ssh_common_args",
+                                                                           "ansible_ssh_extra_args")))
+    key = hostvars.get("ansible_ssh_private_key_file") or hostvars.get("ansible_private_key_file")
+    return SshSettings(
+        host=str(hostvars.get("ansible_host") or name),
+        port=int(hostvars.get("ansible_port") or 22),
+        user=hostvars.get("ansible_user"),
+        key_file=str(Path(key).expanduser()) if key else None,
+        known_hosts=options.get("userknownhostsfile"),
+        strict=options.get("stricthostkeychecking", "yes").lower() not in ("no", "off", "accept-new"),
+        connect_timeout=int(options.get("connecttimeout", 10)),
+    )
+
+
+def _ssh_options(args: str) -> dict[str, str]:
+    """`-o Key=Value` / `-oKey=Value` / `-o Key Value` pairs of an ssh argument string, keys lowercased."""
+    words = shlex.split(args)
+    options: dict[str, str] = {}
+    for i, word in enumerate(words):
+        text = word[2:] if word.startswith("-o") and len(word) > 2 else (words[i + 1] if word == "-o" and
+                                                                           i + 1 < len(words) else None)
+        if text:
+            key, sep, value = text.partition("=")
+            if not sep:
+                key, _, value = text.partition(" ")
+            options.setdefault(key.strip().lower(), value.strip())
+    return options
+
+
+def connection(name: str, hostvars: Mapping[str, Any]) -> Any:
+    """A Fabric connection with the inventory's SSH settings and strict host-key checking."""
+    from fabric import Connection
+    from paramiko.client import RejectPolicy, WarningPolicy  # type: ignore[import-untyped]
+
+    s = ssh_settings(name, hostvars)
+    kwargs: dict[str, Any] = {"allow_agent": True}
+    if s.key_file:
+        kwargs |= {"key_filename": [s.key_file], "look_for_keys": False}
+    conn = Connection(s.host, user=s.user, port=s.port, connect_timeout=s.connect_timeout, connect_kwargs=kwargs)
+    conn.client.load_system_host_keys()
+    if s.known_hosts:
+        conn.client.load_host_keys(str(Path(s.known_hosts).expanduser()))
+    conn.client.set_missing_host_key_policy(RejectPolicy() if s.strict else WarningPolicy())
+    return conn
+
+
+def read_hosts(hostvars: Mapping[str, Mapping[str, Any]], command: str) -> dict[str, str | Exception]:
+    """Run `command` on every host at once; each host's stdout, or the exception that stopped it."""
+    from fabric import ThreadingGroup
+
+    conns = {name: connection(name, hv) for name, hv in hostvars.items()}
+    by_conn = {id(c): name for name, c in conns.items()}
+    group = ThreadingGroup.from_connections(list(conns.values()))
+    try:
+        results = group.run(command, hide=True, warn=True, in_stream=False)
+    except Exception as exc:  # GroupException: some hosts failed, the others' results are inside
+        results = getattr(exc, "result", None)
+        if results is None:
+            raise
+    finally:
+        group.close()
+    out: dict[str, str | Exception] = {}
+    for conn, result in results.items():
+        out[by_conn[id(conn)]] = result if isinstance(result, Exception) else result.stdout
+    return out
+
+
+def drift(bundle: Bundle, hostvars: Mapping[str, Mapping[str, Any]]) -> list[Difference]:
+    """Every difference between the bundle and the hosts; an unreachable host is one difference."""
+    answers = read_hosts(hostvars, read_command(bundle))
+    out = []
+    for name in sorted(hostvars):
+        answer = answers.get(name)
+        if isinstance(answer, Exception) or answer is None:
+            out.append(Difference(name, "ssh", "reachable", _reason(answer)))
+        else:
+            out += differences(name, bundle, hostvars[name], answer)
+    return out
+
+
+def _reason(exc: Exception | None) -> str:
+    if exc is None:
+        return "no answer"
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0]}"

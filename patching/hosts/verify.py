@@ -1,0 +1,114 @@
+"""`fleet verify`: the host checks (tests/hosts, pytest-testinfra) against a bundle, with progress.
+
+The checks run in a pytest subprocess, hosts in parallel (pytest-xdist, one worker group per host);
+a small plugin (patching/hosts/verify_events.py) streams each finished check back, for the progress
+display and the summary; JUnit XML is written for CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from patching.hosts.toolpath import path_with_our_bin
+from patching.inventory.target import ANSIBLE_CFG, HOST_CHECKS, ROOT
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One check on one host."""
+
+    host: str
+    check: str
+    outcome: str  # passed, failed, skipped
+    message: str
+    seconds: float
+
+
+@dataclass
+class VerifyResult:
+    """Every check's result, pytest's exit status and where the details are."""
+
+    rc: int
+    checks: list[CheckResult] = field(default_factory=list)
+    seconds: float = 0.0
+    log: Path | None = None
+    junit: Path | None = None
+
+    def by_host(self) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for c in self.checks:
+            row = counts.setdefault(c.host, {"passed": 0, "failed": 0, "skipped": 0})
+            row[c.outcome] = row.get(c.outcome, 0) + 1
+        return dict(sorted(counts.items()))
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [c for c in self.checks if c.outcome == "failed"]
+
+    @property
+    def succeeded(self) -> bool:
+        return self.rc == 0 and not self.failures
+
+
+def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str, ...], workers: int,
+               junit: Path | None = None, on_check: Callable[[CheckResult, int], None] | None = None,
+               extra_args: list[str] | None = None) -> VerifyResult:
+    """Run the host checks for `hosts`; `on_check(result, total)` is called as each check finishes.
+
+    workers 0 runs the checks host by host in one process (no xdist).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="fleet-verify-"))
+    events, log = workdir / "events.jsonl", workdir / "pytest.log"
+    events.touch()
+    junit = Path(junit) if junit else workdir / "junit.xml"
+    junit.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", str(HOST_CHECKS), "--bundle", str(bundle_path),
+           "--ansible-inventory", str(inventory), "--hosts", ",".join(f"ansible://{h}" for h in hosts),
+           "-p", "patching.hosts.verify_events", "-p", "no:cacheprovider", "-o", "addopts=", "-q",
+           "--junitxml", str(junit), "-o", "junit_family=xunit2", "--rootdir", str(ROOT)]
+    cmd += ["-n", str(workers), "--dist", "loadgroup"] if workers > 0 else ["-p", "no:xdist"]
+    cmd += extra_args or []
+    env = {**os.environ, "FLEET_VERIFY_EVENTS": str(events), "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
+           "PATH": path_with_our_bin()}
+    result = VerifyResult(rc=-1, log=log, junit=junit)
+    started = time.monotonic()
+    total = 0
+    with open(log, "w") as out, open(events) as feed:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        while True:
+            done = proc.poll() is not None
+            for line in feed:
+                record = json.loads(line)
+                if "collected" in record:
+                    total = max(total, record["collected"])
+                    continue
+                check = _check(record)
+                result.checks.append(check)
+                if on_check:
+                    on_check(check, total)
+            if done:
+                break
+            time.sleep(0.1)
+    result.rc = proc.returncode
+    result.seconds = time.monotonic() - started
+    events.unlink()
+    if result.succeeded and junit.parent != workdir:
+        shutil.rmtree(workdir)  # nothing to look at; a failed run keeps its pytest log
+        result.log = None
+    return result
+
+
+def _check(record: dict[str, Any]) -> CheckResult:
+    nodeid = record["nodeid"]
+    return CheckResult(record.get("host") or "?", record.get("check") or nodeid.split("::")[-1],
+                       record["outcome"], record.get("message", ""), record.get("seconds", 0))

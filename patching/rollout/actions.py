@@ -1,0 +1,127 @@
+"""The seam between the patch pipeline and the hosts: the `Actions` protocol and its factory.
+
+The runner (patching/rollout/runner.py) decides *what* happens and in which order; an `Actions`
+implementation does it to hosts (ansible-runner for playbooks and reads, HAProxy's runtime API or an
+NLB for drain/undrain, NUT for UPS, testinfra, HTTP probes). Every method takes a batch of hosts and
+answers per host; a host missing from the answer counts as failed. Methods must be idempotent: after
+a crash the runner calls them again for the same hosts (drain an already drained host, apply a
+bundle already installed, ...). Each is given its time limit; a host that runs over it is answered
+`Outcome(ok=False, timed_out=True)`.
+
+The runner judges the SLO probe's and the soak's figures against the policy itself (so the decision
+and its figures are journaled together): those methods report `ok=False` only when they could not
+measure, and put the figures in `measurements`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from patching.inventory.reader import FleetInventory, InventoryHost
+from patching.release.bundle import Bundle
+from patching.rollout.policy import Policy, SloProbe, Soak
+
+LbState = Literal["serving", "drained", "down", "unknown"]
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What a host is now, read fresh (at preflight, and at resume: the runner is level-triggered)."""
+
+    reachable: bool
+    installed_release: str | None = None  # release of the bundle manifest the playbooks wrote on the host
+    lb_state: LbState = "unknown"  # the host's membership in its load balancer
+    detail: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        """Reachable and taking traffic; anything else counts against the pool's disruption budget."""
+        return self.reachable and self.lb_state == "serving"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One host's result of one action."""
+
+    ok: bool
+    detail: str = ""
+    timed_out: bool = False
+    measurements: Mapping[str, Any] = field(default_factory=dict)
+
+
+Results = Mapping[str, Outcome]  # host name -> outcome
+
+
+class Actions(Protocol):
+    """Everything the runner does to hosts. See the module docstring for the rules every method follows."""
+
+    def read_hosts(self, hosts: Sequence[InventoryHost]) -> Mapping[str, HostFacts]:
+        """Installed bundle release, load-balancer state and reachability of each host."""
+        ...
+
+    def check_power(self, hosts: Sequence[InventoryHost], min_charge_pct: int) -> Results:
+        """Every UPS feeding the host (its `fleet_ups`) on line power with charge >= min_charge_pct.
+
+        measurements: {"ups": [{"name", "status", "charge_pct"}]}. Hosts without UPS feeds: ok.
+        """
+        ...
+
+    def check_fabric(self, hosts: Sequence[InventoryHost]) -> Results:
+        """Every InfiniBand port of the host (its `fleet_ib_hcas`) up. Hosts without IB: ok."""
+        ...
+
+    def drain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
+        """Take the hosts out of their load balancer and wait until their in-flight requests finished."""
+        ...
+
+    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
+        """Converge the hosts to the bundle (the patch playbook); the Ansible result is the first gate."""
+        ...
+
+    def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
+        """Reboot the hosts whose loaded driver differs from the bundle's, and wait until they are back."""
+        ...
+
+    def gate_testinfra(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
+        """The testinfra host checks for the bundle; detail names the failed checks."""
+        ...
+
+    def probe_slo(self, hosts: Sequence[InventoryHost], probe: SloProbe, timeout_s: float) -> Results:
+        """Requests straight to each host's serving port, warm-up first and not measured.
+
+        measurements: {"requests": int, "errors": int, "error_rate": float, "p50_ms": float, "p99_ms": float}.
+        """
+        ...
+
+    def undrain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
+        """Put the hosts back into their load balancer, once they answer its health check."""
+        ...
+
+    def soak(self, hosts: Sequence[InventoryHost], soak: Soak) -> Results:
+        """Probe every `soak.probe_interval` for `soak.duration` under live traffic and sample GPU memory.
+
+        measurements: {"p99_ms": worst P99, "error_rate": worst error rate,
+        "gpu_memory_slope_mib_per_hour": least-squares slope of used GPU memory, "samples": int}.
+        """
+        ...
+
+
+class ActionsUnavailable(NotImplementedError):
+    """The host actions cannot be used here (e.g. ansible-runner missing): a real run cannot start."""
+
+
+def make_actions(inventory: FleetInventory, bundle: Bundle, policy: Policy, *, work_dir: Path) -> Actions:
+    """The host actions for a run. `work_dir` is where they keep their files (Ansible artifacts, bundles).
+
+    Called only after every input was validated and the journal lock is held, never for `fleet plan`
+    or `--dry-run`.
+    """
+    del bundle, policy  # the runner passes them with each call
+    try:
+        from patching.hosts.actions import FleetActions
+    except ImportError as exc:
+        raise ActionsUnavailable(f"host actions unavailable: {exc}") from exc
+    return FleetActions(inventory, work_dir)

@@ -1,0 +1,170 @@
+"""The rollout policy: canary, waves, budgets, gates, rollback, windows (docs/policy.md explains each field).
+
+A policy file is YAML validated by `Policy`; every field has a default, so an empty file (or no file)
+is the conservative policy: one canary per site, waves of 25% of a pool, no failure allowed, testinfra
+and the SLO probe on, roll back the failed hosts, no window restriction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, WithJsonSchema
+
+from infra.model.errors import load_yaml
+from infra.model.strict import StrictModel, validate
+from patching.rollout.windows import Duration, Freeze, MaintenanceCalendar, Window, build_calendar
+
+_PERCENT = re.compile(r"^(\d{1,3})%$")
+
+
+def _amount(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a count (0, 1, 2, ...) or a percentage like '25%'")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a count cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _PERCENT.match(value.strip())
+        if match and int(match.group(1)) <= 100:
+            return value.strip()
+    raise ValueError("expected a count (0, 1, 2, ...) or a percentage like '25%'")
+
+
+Amount = Annotated[
+    int | str,
+    BeforeValidator(_amount),
+    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\d{1,3}%$"}]}),
+]
+
+
+def resolve(amount: int | str, total: int, *, at_least_one: bool = False) -> int:
+    """A count or percentage of `total` as a number of hosts.
+
+    Percentages round down, like Kubernetes' maxUnavailable. `at_least_one` is for sizes that must
+    make progress (wave size, disruption budget): they never round to 0 while there is a host.
+    """
+    count = amount if isinstance(amount, int) else math.floor(total * int(amount.rstrip("%")) / 100)
+    if at_least_one and total > 0:
+        count = max(count, 1)
+    return min(count, total)
+
+
+class Canary(StrictModel):
+    """The first wave: named hosts, or a few per site."""
+
+    hosts: list[str] = Field(default=[], description="canary hosts by inventory name; if empty, `per_site` picks")
+    per_site: int = Field(default=1, ge=0, description="hosts per site, lowest patch ring first; 0 = no canary")
+
+
+class Waves(StrictModel):
+    """How the hosts after the canary are cut into waves."""
+
+    size: Amount = Field(default="25%", description="hosts per pool per wave: a count or a percentage of the pool")
+    pools: dict[str, Amount] = Field(default={}, description="per-pool override of `size`")
+    site_order: list[str] = Field(default=[], description="sites patched first, in this order; others follow by name")
+    estimate: Duration = Field(
+        default=dt.timedelta(minutes=30), description="predicted wave duration until the journal has a history"
+    )
+
+
+class Budgets(StrictModel):
+    """Failures tolerated before the run halts; failed and timed-out hosts count, skipped hosts do not."""
+
+    canary: Amount = Field(default=0, description="failures tolerated in the canary wave")
+    per_wave: Amount = Field(default=0, description="failures tolerated in any later wave (percentage of the wave)")
+    global_: Amount = Field(default=0, alias="global", description="failures tolerated over the run (percentage of it)")
+
+
+class SloProbe(StrictModel):
+    """Requests sent straight to each drained host after the patch; warm-up requests are not measured."""
+
+    enabled: bool = True
+    warmup_requests: int = Field(default=5, ge=0)
+    requests: int = Field(default=50, ge=1)
+    p99_ms: float = Field(default=200.0, gt=0, description="the P99 latency must be below this")
+    max_error_rate: float = Field(default=0.0, ge=0, le=1, description="fraction of failed requests tolerated")
+    request_timeout: Duration = Field(default=dt.timedelta(seconds=30))
+
+
+class Soak(StrictModel):
+    """After undrain: repeated probes under live traffic and the GPU-memory growth from /metrics."""
+
+    duration: Duration = Field(default=dt.timedelta(minutes=10), description="0s turns the soak off")
+    probe_interval: Duration = Field(default=dt.timedelta(minutes=1))
+    max_gpu_memory_slope_mib_per_hour: float = Field(
+        default=512.0, ge=0, description="GPU memory growth (least-squares slope over the soak) that fails the host"
+    )
+
+
+class Gates(StrictModel):
+    testinfra: bool = Field(default=True, description="run the host checks for the bundle on the wave's hosts")
+    slo: SloProbe = SloProbe()
+    soak: Soak = Soak()
+
+
+class Preflight(StrictModel):
+    ups_min_charge_pct: int = Field(
+        default=80, ge=0, le=100, description="every UPS feeding a wave on line power with at least this charge"
+    )
+    check_fabric: bool = Field(default=True, description="InfiniBand ports of the wave's hosts must be up")
+
+
+class Timeouts(StrictModel):
+    """Per-step limits handed to the host actions; a host over its limit counts as failed."""
+
+    drain: Duration = Field(default=dt.timedelta(minutes=10), description="until in-flight requests are finished")
+    apply: Duration = Field(default=dt.timedelta(minutes=45))
+    reboot: Duration = Field(default=dt.timedelta(minutes=20))
+    gate: Duration = Field(default=dt.timedelta(minutes=15))
+    undrain: Duration = Field(default=dt.timedelta(minutes=5))
+    lock_stale: Duration = Field(
+        default=dt.timedelta(minutes=2), description="a journal lock without a heartbeat this long is stale"
+    )
+
+
+class Policy(StrictModel):
+    """A rollout policy (docs/policy.md)."""
+
+    canary: Canary = Canary()
+    waves: Waves = Waves()
+    budgets: Budgets = Budgets()
+    gates: Gates = Gates()
+    preflight: Preflight = Preflight()
+    rollback: Literal["failed-hosts", "wave", "all"] = Field(
+        default="failed-hosts",
+        description="what is rolled back when the run halts; failed hosts are always rolled back",
+    )
+    windows: list[Window] = Field(default=[], description="maintenance windows; empty = no restriction")
+    freeze: Freeze = Freeze()
+    timeouts: Timeouts = Timeouts()
+
+
+def parse_policy(data: Any, source: str) -> Policy:
+    """Validate policy data; any problem is an InputError naming the file and the field path."""
+    return validate(Policy, {} if data is None else data, source, "a rollout policy")
+
+
+def load_policy(path: str | Path | None) -> tuple[Policy, MaintenanceCalendar]:
+    """Read a policy file (None: the default policy) and build its calendar, reading any freeze iCalendar."""
+    if path is None:
+        policy = Policy()
+        return policy, build_calendar(policy.windows, policy.freeze, "<default policy>")
+    path = Path(path)
+    policy = parse_policy(load_yaml(path), str(path))
+    ical = policy.freeze.ical
+    if ical is not None and not ical.is_absolute():
+        # anchor it now: the journal keeps the policy, and a resume may run from another directory
+        freeze = policy.freeze.model_copy(update={"ical": path.resolve().parent / ical})
+        policy = policy.model_copy(update={"freeze": freeze})
+    return policy, build_calendar(policy.windows, policy.freeze, str(path))
+
+
+def schema() -> dict[str, Any]:
+    """The policy's JSON schema, with the field names a policy file uses."""
+    return Policy.model_json_schema(by_alias=True)

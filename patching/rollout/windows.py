@@ -1,0 +1,360 @@
+"""Maintenance windows and freezes: when a wave may start (DESIGN.md section 5).
+
+A window opens at each time its cron expression fires, in its IANA time zone, and stays open for its
+duration, measured in real elapsed time (a 6 h window that crosses a DST change is still 6 h long).
+All arithmetic is done in UTC: Python adds a timedelta to a zone-aware datetime on the wall clock,
+which would make a wave crossing a DST change an hour too short or too long.
+No new wave may start unless its predicted duration ends before the window's *cutoff*, a margin
+before the end kept free for rollback. A freeze (date ranges, or the VEVENTs of an iCalendar file)
+closes every window it overlaps. With no window configured, the calendar is always open (freezes
+still apply).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter  # type: ignore[import-untyped]
+from dateutil.rrule import rruleset, rrulestr  # type: ignore[import-untyped]
+from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, field_validator, model_validator
+
+from infra.model.errors import InputError, Problem
+from infra.model.strict import StrictModel
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+DURATION_PATTERN = r"^(\d+d)?(\d+h)?(\d+m)?(\d+s)?$"
+# How far ahead `next_opening` looks before it gives up, and at most how many openings it tries.
+HORIZON = dt.timedelta(days=400)
+_MAX_OCCURRENCES = 5000
+
+
+def parse_duration(value: Any) -> dt.timedelta:
+    """'4h', '30m', '1h30m', '2d', '90s' or a number of seconds -> timedelta; anything else is an error."""
+    if isinstance(value, dt.timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return dt.timedelta(seconds=value)
+    match = _DURATION.match(value.strip()) if isinstance(value, str) and value.strip() else None
+    if not match:
+        raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return dt.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def format_duration(value: dt.timedelta) -> str:
+    """timedelta -> the shortest text `parse_duration` reads back ('1h30m', '0s')."""
+    total = int(value.total_seconds())
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if total >= size:
+            parts.append(f"{total // size}{unit}")
+            total %= size
+    return "".join(parts) or "0s"
+
+
+Duration = Annotated[
+    dt.timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["4h", "30m", "1h30m"]}),
+]
+
+
+def zone(name: str) -> ZoneInfo:
+    """An IANA time zone by name; ValueError (with the name) when it does not exist."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown IANA time zone {name!r} (e.g. 'Europe/Berlin', 'UTC')") from exc
+
+
+class Window(StrictModel):
+    """One recurring maintenance window."""
+
+    name: str = Field(default="", description="shown in plans and reports")
+    cron: str = Field(description="when the window opens: five cron fields (minute hour day month weekday)")
+    duration: Duration = Field(description="how long it stays open, e.g. 6h")
+    timezone: str = Field(default="UTC", description="IANA time zone the cron expression is read in")
+    cutoff: Duration = Field(
+        default=dt.timedelta(0), description="no wave may be predicted to end later than this before the window closes"
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if len(value.split()) != 5 or not croniter.is_valid(value):
+            raise ValueError("expected five cron fields: minute hour day-of-month month day-of-week")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+    @field_validator("duration")
+    @classmethod
+    def _positive(cls, value: dt.timedelta) -> dt.timedelta:
+        if value <= dt.timedelta(0):
+            raise ValueError("a window must last longer than 0s")
+        return value
+
+    @model_validator(mode="after")
+    def _cutoff_inside(self) -> Window:
+        if self.cutoff >= self.duration:
+            raise ValueError(
+                f"cutoff {format_duration(self.cutoff)} leaves no time in a {format_duration(self.duration)} window"
+            )
+        return self
+
+
+class FreezeRange(StrictModel):
+    """Whole days (first and last inclusive) in which no wave may run."""
+
+    start: dt.date
+    end: dt.date
+    reason: str = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FreezeRange:
+        if self.end < self.start:
+            raise ValueError(f"end {self.end} is before start {self.start}")
+        return self
+
+
+class Freeze(StrictModel):
+    """Change freezes: date ranges and/or an iCalendar file of VEVENTs."""
+
+    timezone: str = Field(default="UTC", description="zone of the freeze dates and of floating iCalendar times")
+    ranges: list[FreezeRange] = []
+    ical: Path | None = Field(default=None, description="iCalendar file; a relative path is read next to the policy")
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        zone(value)
+        return value
+
+
+@dataclass(frozen=True)
+class OpenWindow:
+    """One occurrence of a window. `end` is None for the always-open calendar (no windows configured)."""
+
+    name: str
+    start: dt.datetime
+    end: dt.datetime | None
+    cutoff_at: dt.datetime | None
+
+    def time_left(self, at: dt.datetime) -> dt.timedelta | None:
+        """Time from `at` until the cutoff (never negative); None when there is no cutoff."""
+        if self.cutoff_at is None:
+            return None
+        return max(self.cutoff_at - at, dt.timedelta(0))
+
+
+@dataclass(frozen=True)
+class FreezePeriod:
+    """A freeze: one interval, or a recurring one (an iCalendar RRULE, in local time) when `recurrence` is set."""
+
+    label: str
+    start: dt.datetime  # UTC
+    length: dt.timedelta  # elapsed time
+    recurrence: rruleset | None = None
+
+    def overlapping(self, begin: dt.datetime, end: dt.datetime) -> dt.datetime | None:
+        """Start (UTC) of an occurrence that overlaps [begin, end), or None."""
+        begin, end = _utc(begin), _utc(end)
+        if self.recurrence is None:
+            return self.start if self.start < end and begin < self.start + self.length else None
+        # the latest occurrence starting at or before `begin` may still be running at `begin`
+        last = self.recurrence.before(begin, inc=True)
+        if last is not None and begin < _utc(last) + self.length:
+            return _utc(last)
+        nxt = self.recurrence.after(begin, inc=True)
+        return _utc(nxt) if nxt is not None and _utc(nxt) < end else None
+
+    def end_of(self, occurrence: dt.datetime) -> dt.datetime:
+        return occurrence + self.length
+
+
+class MaintenanceCalendar:
+    """Windows plus freezes: answers whether, and until when, a wave may run."""
+
+    def __init__(self, windows: Sequence[Window], freezes: Sequence[FreezePeriod] = ()):
+        self.windows = list(windows)
+        self.freezes = list(freezes)
+
+    def freeze_at(self, at: dt.datetime) -> FreezePeriod | None:
+        """The freeze in force at `at`, if any."""
+        return next((f for f in self.freezes if f.overlapping(at, at + dt.timedelta(microseconds=1))), None)
+
+    def open_window(self, at: dt.datetime) -> OpenWindow | None:
+        """The window occurrence containing `at`, or None when outside every window or in a freeze.
+
+        With several windows open at once, the one whose cutoff is latest wins.
+        """
+        at = _utc(at)
+        if self.freeze_at(at):
+            return None
+        if not self.windows:
+            return OpenWindow("always", at, None, None)
+        found = [w for w in (_containing(window, at) for window in self.windows) if w is not None]
+        return max(found, key=lambda w: w.cutoff_at or at, default=None)
+
+    def fits(self, at: dt.datetime, duration: dt.timedelta) -> bool:
+        """Whether a wave starting at `at` and lasting `duration` ends before the cutoff and meets no freeze."""
+        at = _utc(at)
+        window = self.open_window(at)
+        if window is None:
+            return False
+        if window.cutoff_at is not None and at + duration > window.cutoff_at:
+            return False
+        return not any(f.overlapping(at, at + duration) for f in self.freezes)
+
+    def next_opening(self, after: dt.datetime, duration: dt.timedelta = dt.timedelta(0)) -> dt.datetime | None:
+        """The earliest instant >= `after` at which a wave of `duration` fits; None if none within HORIZON."""
+        after = _utc(after)
+        if self.windows and duration > max(w.duration - w.cutoff for w in self.windows):
+            return None  # longer than any window can give
+        candidates = []
+        if not self.windows:
+            candidates.append(self._first_unfrozen(after, None, duration))
+        for window in self.windows:
+            for occurrence in _occurrences(window, after):
+                start = self._first_unfrozen(max(after, occurrence.start), occurrence.cutoff_at, duration)
+                if start is not None:
+                    candidates.append(start)
+                    break
+        return min((c for c in candidates if c is not None), default=None)
+
+    def _first_unfrozen(
+        self, start: dt.datetime, cutoff: dt.datetime | None, duration: dt.timedelta
+    ) -> dt.datetime | None:
+        # slide the start past every freeze the wave would meet; give up at the cutoff
+        start = origin = _utc(start)
+        for _ in range(_MAX_OCCURRENCES):
+            if (cutoff is not None and start + duration > cutoff) or start - origin > HORIZON:
+                return None
+            hits = [(f, o) for f in self.freezes if (o := f.overlapping(start, start + duration + _TICK)) is not None]
+            if not hits:
+                return start
+            start = max(f.end_of(o) for f, o in hits)
+        return None
+
+
+_TICK = dt.timedelta(microseconds=1)
+
+
+def _utc(at: dt.datetime) -> dt.datetime:
+    if at.tzinfo is None:
+        raise ValueError("window checks need a time zone-aware datetime")
+    return at.astimezone(dt.UTC)
+
+
+def _occurrence(window: Window, start: dt.datetime) -> OpenWindow:
+    end = _utc(start) + window.duration  # elapsed time: DST changes do not stretch a window
+    return OpenWindow(window.name or window.cron, start, end, end - window.cutoff)
+
+
+def _containing(window: Window, at: dt.datetime) -> OpenWindow | None:
+    local = at.astimezone(zone(window.timezone))
+    # croniter's get_prev is strict: step one second past `at` so a window opening exactly at `at` counts
+    times = croniter(window.cron, local + dt.timedelta(seconds=1))
+    start = times.get_prev(dt.datetime)
+    if start > at:  # `at` lies within the second before an opening
+        start = times.get_prev(dt.datetime)
+    occurrence = _occurrence(window, start)
+    assert occurrence.end is not None
+    return occurrence if occurrence.start <= at < occurrence.end else None
+
+
+def _occurrences(window: Window, after: dt.datetime) -> Iterable[OpenWindow]:
+    current = _containing(window, after)
+    if current is not None:
+        yield current
+    times = croniter(window.cron, after.astimezone(zone(window.timezone)))
+    for _ in range(_MAX_OCCURRENCES):
+        start = times.get_next(dt.datetime)
+        if start - after > HORIZON:
+            return
+        yield _occurrence(window, start)
+
+
+def build_calendar(windows: Sequence[Window], freeze: Freeze, source: str) -> MaintenanceCalendar:
+    """The calendar for a policy; reads the freeze iCalendar file (InputError naming `freeze.ical` if bad)."""
+    tz = zone(freeze.timezone)
+    periods = []
+    for r in freeze.ranges:
+        start = _utc(dt.datetime.combine(r.start, dt.time(), tz))
+        end = _utc(dt.datetime.combine(r.end + dt.timedelta(days=1), dt.time(), tz))
+        periods.append(FreezePeriod(r.reason or f"freeze {r.start}..{r.end}", start, end - start))
+    if freeze.ical is not None:
+        periods += read_ical(freeze.ical, tz, source)
+    return MaintenanceCalendar(windows, periods)
+
+
+def read_ical(path: Path, tz: ZoneInfo, source: str) -> list[FreezePeriod]:
+    """Every VEVENT of an iCalendar file as a freeze; RRULE/EXDATE recurrences are honoured."""
+    import icalendar
+
+    field = "freeze.ical"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError.single(source, field, str(path), f"cannot read the iCalendar file: {exc.strerror}") from exc
+    try:
+        calendar = icalendar.Calendar.from_ical(data)
+    except ValueError as exc:
+        raise InputError.single(source, field, str(path), f"not an iCalendar file: {exc}") from exc
+    periods: list[FreezePeriod] = []
+    problems: list[Problem] = []
+    for index, event in enumerate(calendar.walk("VEVENT")):
+        label = str(event.get("SUMMARY") or f"{path.name} event {index + 1}")
+        try:
+            periods.append(_event_period(event, label, tz))
+        except (KeyError, ValueError, TypeError) as exc:
+            problems.append(Problem(source, f"{field} ({path.name}: VEVENT {index + 1})", label, str(exc)))
+    if problems:
+        raise InputError(problems)
+    return periods
+
+
+def _event_period(event: Any, label: str, tz: ZoneInfo) -> FreezePeriod:
+    if "DTSTART" not in event:
+        raise ValueError("VEVENT without DTSTART")
+    start = _as_datetime(event["DTSTART"].dt, tz)
+    if "DTEND" in event:
+        end = _as_datetime(event["DTEND"].dt, tz)
+    elif "DURATION" in event:
+        end = start + event["DURATION"].dt
+    else:
+        # RFC 5545 3.6.1: a date-only event without an end lasts one day, a date-time one has no length
+        all_day = not isinstance(event["DTSTART"].dt, dt.datetime)
+        end = start + (dt.timedelta(days=1) if all_day else dt.timedelta(0))
+    if end < start:
+        raise ValueError("DTEND is before DTSTART")
+    recurrence = None
+    if "RRULE" in event:
+        recurrence = rruleset()
+        recurrence.rrule(rrulestr(event["RRULE"].to_ical().decode(), dtstart=start))
+        exdates = event.get("EXDATE")
+        for group in exdates if isinstance(exdates, list) else [exdates] if exdates else []:
+            for item in group.dts:
+                recurrence.exdate(_as_datetime(item.dt, tz))
+    return FreezePeriod(label, _utc(start), _utc(end) - _utc(start), recurrence)
+
+
+def _as_datetime(value: dt.date | dt.datetime, tz: ZoneInfo) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=tz)  # floating time: the freeze's zone
+    return dt.datetime.combine(value, dt.time(), tz)
