@@ -31,6 +31,7 @@ venv: $(BIN)/fleet
 
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy patching infra
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ansible-lint --offline playbooks/
 
 test-unit: venv

@@ -295,9 +295,9 @@ def _build_deb(deb: Deb, staging: Path, dest: Path) -> None:
         (control / kind).write_text(text)
         (control / kind).chmod(0o755)
     # Directories as dpkg expects them whatever the caller's umask; files carry their own modes.
-    for path in [root, *root.rglob("*")]:
-        if path.is_dir() and not path.is_symlink():
-            path.chmod(0o755)
+    for entry in [root, *root.rglob("*")]:
+        if entry.is_dir() and not entry.is_symlink():
+            entry.chmod(0o755)
     _run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(dest / deb.filename)],
          env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
 

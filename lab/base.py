@@ -14,8 +14,19 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
-RECIPE = {
+
+class Recipe(TypedDict):
+    """What the base image is built from: debootstrap suite, variant, extra packages, setup revision."""
+
+    suite: str
+    variant: str
+    include: list[str]
+    setup: int
+
+
+RECIPE: Recipe = {
     "suite": "bookworm",
     "variant": "minbase",
     # what a real server of ours has before Ansible: systemd, sshd, python for Ansible, apt tooling,

@@ -284,13 +284,13 @@ def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Prob
 
     sites = {s.name: s for s in config.sites}
     pools = {pl.name: pl for pl in config.pools}
-    for i, pool in enumerate(config.pools):
-        if pool.site not in sites:
-            guess = nearest(pool.site, sites)
-            yield p(["pools", i, "site"], pool.site,
+    for i, listed in enumerate(config.pools):
+        if listed.site not in sites:
+            guess = nearest(listed.site, sites)
+            yield p(["pools", i, "site"], listed.site,
                     "no such site" + (f", did you mean {guess!r}?" if guess else ""))
-        elif sites[pool.site].kind != "onprem" and not pool.instance_type:
-            yield p(["pools", i, "instance_type"], None, f"required for a pool on a {sites[pool.site].kind} site")
+        elif sites[listed.site].kind != "onprem" and not listed.instance_type:
+            yield p(["pools", i, "instance_type"], None, f"required for a pool on a {sites[listed.site].kind} site")
 
     endpoints: dict[tuple[str, int], str] = {}
     for i, host in enumerate(config.hosts):
