@@ -18,7 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOKS = ROOT / "playbooks"
 ROLES = PLAYBOOKS / "roles"
 BIN = Path(sys.executable).parent
-DISTRIBUTIONS = ("Debian", "Ubuntu-22", "Ubuntu-24")
+# The platforms the roles support (meta/main.yml) as their facts: distribution, major version, os_family
+DISTRIBUTIONS = {"Debian": ("Debian", "12", "Debian"), "Ubuntu-22": ("Ubuntu", "22", "Debian"),
+                 "Ubuntu-24": ("Ubuntu", "24", "Debian")}
+# Each role's first_found over its vars/: the release's file, the distribution's, the family's
+DISTRIBUTION_VARS_SEARCH = [
+    "{{ ansible_facts['distribution'] }}-{{ ansible_facts['distribution_major_version'] }}.yml",
+    "{{ ansible_facts['distribution'] }}.yml",
+    "{{ ansible_facts['os_family'] }}.yml",
+]
 # roles that run on the controller or touch nothing distribution-specific
 CONTROLLER_ROLES = {"lb_member"}
 
@@ -35,6 +43,15 @@ def _table() -> list[dict]:
     return _yaml(PLAYBOOKS / "group_vars/all/platform.yml")["fleet_platform_table"]
 
 
+def _distribution_vars(role: str, distribution: str) -> Path | None:
+    """The vars file the role's first_found picks on that platform (DISTRIBUTION_VARS_SEARCH), if any."""
+    name, major, family = DISTRIBUTIONS[distribution]
+    for candidate in (f"{name}-{major}.yml", f"{name}.yml", f"{family}.yml"):
+        if (ROLES / role / "vars" / candidate).is_file():
+            return ROLES / role / "vars" / candidate
+    return None
+
+
 @pytest.mark.parametrize("role", _roles())
 def test_role_has_defaults_specs_and_distribution_vars(role):
     path = ROLES / role
@@ -42,7 +59,7 @@ def test_role_has_defaults_specs_and_distribution_vars(role):
         assert (path / name).is_file(), f"{role}: {name} missing"
     if role not in CONTROLLER_ROLES:
         for distribution in DISTRIBUTIONS:
-            assert (path / f"vars/{distribution}.yml").is_file(), f"{role}: vars/{distribution}.yml missing"
+            assert _distribution_vars(role, distribution), f"{role}: no vars file for {distribution}"
     defaults = _yaml(path / "defaults/main.yml") or {}
     options = _yaml(path / "meta/argument_specs.yml")["argument_specs"]["main"]["options"]
     assert all(k.startswith(f"{role}_") for k in [*defaults, *options]), f"{role}: knobs must start with {role}_"
@@ -52,6 +69,15 @@ def test_role_has_defaults_specs_and_distribution_vars(role):
             assert name not in defaults, f"{role}: required knob {name} has a default, so it can never be missing"
         else:
             assert name in defaults, f"{role}: optional knob {name} has no default in defaults/main.yml"
+
+
+@pytest.mark.parametrize("role", sorted(set(_roles()) - CONTROLLER_ROLES))
+def test_role_picks_distribution_vars_with_first_found(role):
+    """The search the tests resolve is the role's own, and no vars file repeats the one it would fall back to."""
+    load = _yaml(ROLES / role / "tasks/main.yml")[0]
+    assert load["vars"][f"{role}_distribution_vars"]["files"] == DISTRIBUTION_VARS_SEARCH, role
+    texts = [p.read_text() for p in sorted((ROLES / role / "vars").glob("*.yml")) if p.name != "main.yml"]
+    assert len(texts) == len(set(texts)), f"{role}: identical vars files; keep one, first_found falls back to it"
 
 
 def test_platform_table_is_in_converge_order():
@@ -92,9 +118,9 @@ def test_roles_pin_what_the_bundle_pins(tmp_path, distribution, release):
     inventory = _lab_inventory(tmp_path)
     args = ["-e", f"@{PLAYBOOKS}/group_vars/all/bundle.yml", "-e", f"@{PLAYBOOKS}/group_vars/all/platform.yml"]
     for role in _roles():
-        for name in ("main", distribution):
-            if (ROLES / role / f"vars/{name}.yml").is_file():
-                args += ["-e", f"@{ROLES / role / f'vars/{name}.yml'}"]
+        for path in (ROLES / role / "vars/main.yml", _distribution_vars(role, distribution)):
+            if path is not None and path.is_file():
+                args += ["-e", f"@{path}"]
     env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
            "ANSIBLE_STDOUT_CALLBACK": "json"}
     proc = subprocess.run([str(BIN / "ansible"), "all", "-i", str(inventory), "-m", "ansible.builtin.debug",
