@@ -29,6 +29,8 @@ DISTRIBUTION_VARS_SEARCH = [
 ]
 # roles that run on the controller or touch nothing distribution-specific
 CONTROLLER_ROLES = {"lb_member"}
+# roles the others include for one shared step: not a component, no distribution vars (names come from the caller)
+SHARED_ROLES = {"pinned_packages"}
 
 
 def _yaml(path: Path):
@@ -57,7 +59,7 @@ def test_role_has_defaults_specs_and_distribution_vars(role):
     path = ROLES / role
     for name in ("defaults/main.yml", "meta/main.yml", "meta/argument_specs.yml", "tasks/main.yml"):
         assert (path / name).is_file(), f"{role}: {name} missing"
-    if role not in CONTROLLER_ROLES:
+    if role not in CONTROLLER_ROLES | SHARED_ROLES:
         for distribution in DISTRIBUTIONS:
             assert _distribution_vars(role, distribution), f"{role}: no vars file for {distribution}"
     defaults = _yaml(path / "defaults/main.yml") or {}
@@ -71,7 +73,7 @@ def test_role_has_defaults_specs_and_distribution_vars(role):
             assert name in defaults, f"{role}: optional knob {name} has no default in defaults/main.yml"
 
 
-@pytest.mark.parametrize("role", sorted(set(_roles()) - CONTROLLER_ROLES))
+@pytest.mark.parametrize("role", sorted(set(_roles()) - CONTROLLER_ROLES - SHARED_ROLES))
 def test_role_picks_distribution_vars_with_first_found(role):
     """The search the tests resolve is the role's own, and no vars file repeats the one it would fall back to."""
     load = _yaml(ROLES / role / "tasks/main.yml")[0]
@@ -84,7 +86,29 @@ def test_platform_table_is_in_converge_order():
     converge = [t["ansible.builtin.include_role"]["name"] for t in _yaml(PLAYBOOKS / "tasks/converge.yml")
                 if "ansible.builtin.include_role" in t]
     assert converge == [row["component"] for row in _table()]
-    assert set(converge) == set(_roles()) - CONTROLLER_ROLES
+    assert set(converge) == set(_roles()) - CONTROLLER_ROLES - SHARED_ROLES
+
+
+def _tasks(path: Path) -> list[dict]:
+    """Every task of a task file, blocks flattened."""
+    out = []
+    for task in _yaml(path) or []:
+        out += [t for part in ("block", "rescue", "always") for t in task.get(part, [])] or [task]
+    return out
+
+
+def test_packages_are_pinned_installed_and_held_in_one_place():
+    """Every role that installs vendor packages includes pinned_packages; none pins, installs or holds itself."""
+    pinning = {"container_toolkit", "cuda_toolkit", "efa", "fabric_manager", "gpu_driver", "model_serving", "ofed"}
+    for role in sorted(set(_roles()) - SHARED_ROLES):
+        files = sorted((ROLES / role / "tasks").glob("*.yml"))
+        tasks = [t for path in files for t in _tasks(path)]
+        includes = [t["ansible.builtin.include_role"]["name"] for t in tasks if "ansible.builtin.include_role" in t]
+        assert ("pinned_packages" in includes) == (role in pinning), role
+        assert not [t["name"] for t in tasks if "ansible.builtin.dpkg_selections" in t], role
+        assert "preferences.d" not in "".join(p.read_text() for p in files), role
+        if role in pinning:
+            assert not [t["name"] for t in tasks if "ansible.builtin.apt" in t], role
 
 
 def _lab_inventory(tmp_path: Path) -> Path:
