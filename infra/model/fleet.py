@@ -9,7 +9,6 @@ This module does not import Pulumi, so the patch pipeline and the lab can read a
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from infra.model.amount import NonZeroAmount
 from infra.model.errors import InputError, Problem, field_path, load_yaml, nearest
 from infra.model.strict import StrictModel, validate
 
@@ -176,19 +176,9 @@ class Pool(StrictModel):
     gpu_model: str
     gpu_count: int = Field(ge=1, le=16)
     serving_port: int = Field(8000, ge=1, le=65535)
-    max_unavailable: int | str = Field(1, description="hosts or percent ('25%') out at once")
+    max_unavailable: NonZeroAmount = Field(1, description="hosts or percent ('25%') out at once")
     min_serving: int = Field(1, ge=0, description="capacity floor: hosts that must keep serving")
     count: int | None = Field(None, ge=0, description="cloud pools: number of instances")
-
-    @field_validator("max_unavailable")
-    @classmethod
-    def _budget(cls, value: int | str) -> int | str:
-        if isinstance(value, int):
-            if value < 1:
-                raise ValueError("must be at least 1")
-        elif not re.fullmatch(r"(100|[1-9]\d?)%", value):
-            raise ValueError("must be a count or a percentage like '25%'")
-        return value
 
     @field_validator("gpu_model")
     @classmethod

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from infra.model.amount import Amount
 from infra.model.errors import InputError, Problem, nearest
-from patching.rollout.policy import Amount
 
 
 @dataclass(frozen=True, slots=True)

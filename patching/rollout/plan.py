@@ -25,11 +25,12 @@ from typing import Any, Literal
 from rich.console import Group
 from rich.table import Table
 
+from infra.model.amount import resolve
 from infra.model.errors import InputError, Problem, nearest
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle
 from patching.release.compat import diff_bundles
-from patching.rollout.policy import Policy, resolve
+from patching.rollout.policy import Policy
 from patching.rollout.windows import MaintenanceCalendar, format_duration
 
 PLAN_FORMAT = 1

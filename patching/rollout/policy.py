@@ -8,51 +8,16 @@ and the SLO probe on, roll back the failed hosts, no window restriction.
 from __future__ import annotations
 
 import datetime as dt
-import math
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BeforeValidator, Field, WithJsonSchema
+from pydantic import Field
 
+from infra.model.amount import Amount
+from infra.model.amount import resolve as resolve  # re-exported: patching/rollout/budgets.py imports it from here
 from infra.model.errors import load_yaml
 from infra.model.strict import StrictModel, validate
 from patching.rollout.windows import Duration, Freeze, MaintenanceCalendar, Window, build_calendar
-
-_PERCENT = re.compile(r"^(\d{1,3})%$")
-
-
-def _amount(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a count (0, 1, 2, ...) or a percentage like '25%'")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a count cannot be negative")
-        return value
-    if isinstance(value, str):
-        match = _PERCENT.match(value.strip())
-        if match and int(match.group(1)) <= 100:
-            return value.strip()
-    raise ValueError("expected a count (0, 1, 2, ...) or a percentage like '25%'")
-
-
-Amount = Annotated[
-    int | str,
-    BeforeValidator(_amount),
-    WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 0}, {"type": "string", "pattern": r"^\d{1,3}%$"}]}),
-]
-
-
-def resolve(amount: int | str, total: int, *, at_least_one: bool = False) -> int:
-    """A count or percentage of `total` as a number of hosts.
-
-    Percentages round down, like Kubernetes' maxUnavailable. `at_least_one` is for sizes that must
-    make progress (wave size, disruption budget): they never round to 0 while there is a host.
-    """
-    count = amount if isinstance(amount, int) else math.floor(total * int(amount.rstrip("%")) / 100)
-    if at_least_one and total > 0:
-        count = max(count, 1)
-    return min(count, total)
 
 
 class Canary(StrictModel):

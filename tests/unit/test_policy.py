@@ -4,8 +4,9 @@ import datetime as dt
 
 import pytest
 
+from infra.model.amount import resolve
 from infra.model.errors import InputError
-from patching.rollout.policy import Policy, load_policy, resolve, schema
+from patching.rollout.policy import Policy, load_policy, schema
 from tests.conftest import write_yaml
 
 
