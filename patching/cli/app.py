@@ -1,4 +1,4 @@
-"""`fleet`: the command line (DESIGN.md section 6).
+"""`fleet`: the command line (DESIGN.md section 6); exit codes are `patching.states.ExitCode`.
 
 Exit codes: 0 done, 1 rollout failed or rolled back, 2 bad input (nothing touched),
 3 refused (locked, outside the window, freeze).
@@ -17,10 +17,10 @@ from rich.table import Table
 
 from infra.model.errors import InputError
 from patching.cli.hosts import register as register_host_commands
+from patching.cli.output import say
 from patching.cli.patch import register as register_patch_commands
 from patching.hosts.toolpath import put_our_bin_first
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
+from patching.states import ExitCode
 
 app = typer.Typer(
     help="Provision, pin, patch and verify a hybrid GPU fleet serving DeepSeek-class models.",
@@ -82,7 +82,7 @@ def release_check(
         say(f"{file}: {f}", stderr=f.severity == "error")
     if errors:
         say(f"{file}: {len(errors)} compatibility rule(s) broken", stderr=True)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        raise typer.Exit(ExitCode.BAD_INPUT)
     advisories = ", ".join(a.id for a in new.advisories) or "none"
     say(f"{file}: release {new.release} OK ({len(findings)} warning(s)); fixes {advisories}")
 
@@ -110,11 +110,6 @@ def inventory(
         sys.stdout.write(text)
 
 
-def say(text: str, stderr: bool = False) -> None:
-    """A plain line (no wrapping or markup), so messages stay greppable in CI logs."""
-    print(text, file=sys.stderr if stderr else sys.stdout, flush=True)
-
-
 def _parse_date(text: str, option: str) -> dt.date:
     try:
         return dt.date.fromisoformat(text)
@@ -132,11 +127,11 @@ def main() -> None:
     put_our_bin_first()
     try:
         rc = app(standalone_mode=False)  # click returns typer.Exit's code instead of exiting
-        sys.exit(rc if isinstance(rc, int) else EXIT_OK)
+        sys.exit(rc if isinstance(rc, int) else ExitCode.OK)
     except InputError as exc:
         for problem in exc.problems:
             say(f"error: {problem}", stderr=True)
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(ExitCode.BAD_INPUT)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
@@ -146,5 +141,5 @@ def main() -> None:
         # click's usage errors (typer vendors click, so match on the interface, not the class)
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
-            sys.exit(EXIT_BAD_INPUT)
+            sys.exit(ExitCode.BAD_INPUT)
         raise

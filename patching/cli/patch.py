@@ -22,25 +22,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from infra.model.errors import InputError, Problem, collect
+from patching.cli.output import console, progress, say
 from patching.inventory.reader import FleetInventory, load_inventory
-from patching.journal.store import Journal, JournalError, LockHeld, LockKeeper, LockLost, RunRecord, lock_staleness
+from patching.journal.lock import LockHeld, LockKeeper, LockLost, lock_staleness
+from patching.journal.reports import build_report, write_reports
+from patching.journal.store import Journal, JournalError, RunJournal, RunRecord
 from patching.release.bundle import Bundle, load_bundle
-from patching.rollout import actions as host_actions
+from patching.rollout.actions import Actions, ActionsUnavailable
 from patching.rollout.plan import Plan, build_plan, check_policy_against, render_plan
 from patching.rollout.policy import Policy, load_policy, parse_policy, schema
-from patching.rollout.runner import FINISHED, Runner, RunResult, RunStatus
-from patching.rollout.windows import MaintenanceCalendar, build_calendar, format_duration
-from patching.states import IN_FLIGHT, HostState
+from patching.rollout.runner import Runner, RunResult, abort, window_refusal
+from patching.rollout.windows import MaintenanceCalendar, build_calendar
+from patching.states import FINISHED, UNFINISHED, ExitCode, HostState, WaveStatus
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2, 3
 DEFAULT_JOURNAL = Path(".fleet/journal.db")
-UNFINISHED = (RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.BLOCKED)
-
-console = Console(highlight=False, soft_wrap=True)
 
 ReleaseOpt = Annotated[Path, typer.Option("--release", help="the bundle to roll out (releases/YYYY-MM.yaml)")]
 InventoryOpt = Annotated[list[str], typer.Option("--inventory", "-i", help="Ansible inventory source (repeatable)")]
@@ -189,16 +187,14 @@ def patch_run(
     Exit 0 done, 1 failed or rolled back, 2 bad input (nothing touched), 3 refused (window, freeze, lock).
     """
     inputs = load_inputs(release, inventory, policy, limit, releases_dir)
-    now = dt.datetime.now(dt.UTC)
-    preview = _preview(inputs, journal, now)
     if dry_run:
-        _show_plan(preview, output)
+        _show_plan(_preview(inputs, journal, dt.datetime.now(dt.UTC)), output)
         return
-    if not ignore_window and preview.waves:
-        refusal = _window_refusal(inputs.calendar, now, preview.waves[0].predicted_s)
-        if refusal:
-            say(f"refused: {refusal} (--ignore-window overrides)", stderr=True)
-            raise typer.Exit(EXIT_REFUSED)
+    if not ignore_window:
+        refused = window_refusal(inputs.calendar, dt.datetime.now(dt.UTC), dt.timedelta(0), "the run")
+        if refused:
+            say(f"refused: {refused[0]} (--ignore-window overrides)", stderr=True)
+            raise typer.Exit(ExitCode.REFUSED)
     db = _open(journal)
     _take_lock(db, steal_lock, inputs.policy)
     try:
@@ -207,27 +203,26 @@ def patch_run(
             run = active[0]
             say(f"refused: run {run.id} ({run.release}) is {run.status}: `fleet patch resume` continues it, "
                 "`fleet patch abort` ends it", stderr=True)
-            raise typer.Exit(EXIT_REFUSED)
+            raise typer.Exit(ExitCode.REFUSED)
         resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, db.recorded_bundles())
         actions = _make_actions(inputs, journal)
         with LockKeeper(journal, _beat(inputs.policy)) as keeper:
             runner = Runner(db, actions, inputs.inventory, inputs.bundle, inputs.policy, inputs.calendar, resolve,
-                            ignore_window=ignore_window, notify=_progress, lock=keeper)
-            history = db.wave_history()
+                            ignore_window=ignore_window, notify=progress, lock=keeper)
             try:
                 run_id = runner.start(owner=_owner(), bundle_path=str(inputs.bundle_path.resolve()),
                                       releases_dir=str(inputs.releases_dir.resolve()),
                                       policy_path=str(inputs.policy_path.resolve()) if inputs.policy_path else None,
-                                      history=history)
-            except host_actions.ActionsUnavailable as exc:
+                                      history=db.wave_history())
+            except ActionsUnavailable as exc:
                 say(f"error: {exc}; no run was started", stderr=True)
-                raise typer.Exit(EXIT_FAILED) from None
-            db.set_lock_run(run_id)
+                raise typer.Exit(ExitCode.FAILED) from None
+            db.lock.set_run(run_id)
             say(f"run {run_id}: release {inputs.bundle.release}, journal {journal}")
             result = _execute(runner, run_id)
-        _finish(db, result, journal, report_dir)
+        _finish(db.of_run(run_id), result, journal, report_dir)
     finally:
-        db.release_lock()
+        db.lock.release()
         db.close()
 
 
@@ -258,12 +253,12 @@ def patch_resume(
             with LockKeeper(journal, _beat(rollout)) as keeper:
                 resolve = bundle_resolver(releases, bundle, db.recorded_bundles())
                 runner = Runner(db, actions, fleet, bundle, rollout, calendar, resolve,
-                                ignore_window=ignore_window, notify=_progress, lock=keeper)
+                                ignore_window=ignore_window, notify=progress, lock=keeper)
                 say(f"resuming run {record.id} ({record.release}, {record.status})")
                 result = _execute(runner, record.id)
-            _finish(db, result, journal, report_dir)
+            _finish(db.of_run(record.id), result, journal, report_dir)
         finally:
-            db.release_lock()
+            db.lock.release()
     finally:
         db.close()
 
@@ -278,32 +273,32 @@ def patch_status(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing")] = False,
 ) -> None:
     """Show the latest runs, the lock, and the hosts of one run that are not done."""
-    from patching.journal.reports import build_report
-
     if paused:
         latest = _latest_run(journal)
         resumable = latest is not None and latest.status in UNFINISHED
         if not quiet:
             say(f"run {latest.id} ({latest.release}) is {latest.status}" if latest else f"no run in {journal}")
-        raise typer.Exit(EXIT_OK if resumable else EXIT_FAILED)
+        raise typer.Exit(ExitCode.OK if resumable else ExitCode.FAILED)
     db = _open(journal, must_exist=True)
     try:
         record = _pick_run(db, run)
         if quiet:
             return
         if as_json:
-            sys.stdout.write(json.dumps(build_report(db, record.id), indent=2) + "\n")
+            sys.stdout.write(json.dumps(build_report(db.of_run(record.id)), indent=2) + "\n")
             return
         runs = Table(title=f"Runs in {journal}")
         for column in ("run", "release", "status", "waves done", "hosts", "message"):
             runs.add_column(column, overflow="fold")
         for r in db.runs(10):
-            waves = db.waves(r.id)
-            states = Counter(s.value for s in db.latest_states(r.id).values())
-            runs.add_row(str(r.id), r.release, r.status, f"{sum(w.status == 'done' for w in waves)}/{len(waves)}",
+            view = db.of_run(r.id)
+            waves = view.waves()
+            states = Counter(s.value for s in view.latest_states().values())
+            runs.add_row(str(r.id), r.release, r.status,
+                         f"{sum(w.status == WaveStatus.DONE for w in waves)}/{len(waves)}",
                          ", ".join(f"{k} {v}" for k, v in sorted(states.items())), r.message)
         console.print(runs)
-        lock = db.lock_info()
+        lock = db.lock.info()
         if lock:
             stale = lock_staleness(lock, _stale_after(record))
             say(f"lock: {lock}" + (f" - STALE: {stale}" if stale else ""))
@@ -311,7 +306,7 @@ def patch_status(
         for column in ("host", "wave", "state", "since", "detail"):
             hosts.add_column(column, overflow="fold")
         last = {}
-        for row in db.host_history(record.id):
+        for row in db.of_run(record.id).host_history():
             last[row.host] = row
         for name, row in sorted(last.items()):
             if row.state != HostState.DONE:
@@ -327,28 +322,15 @@ def patch_abort(journal: JournalOpt = DEFAULT_JOURNAL, run: RunOpt = None) -> No
     db = _open(journal, must_exist=True)
     try:
         record = _pick_run(db, run)
-        if record.status not in UNFINISHED:
-            raise InputError.single("--run", "", record.id, f"run {record.id} is already {record.status}")
-        db.request_abort(record.id)
-        in_flight = any(s in IN_FLIGHT for s in db.latest_states(record.id).values())
         try:
-            db.acquire_lock(_owner() + " (abort)", run_id=record.id, stale_after=_stale_after(record))
-        except LockHeld as held:
-            if held.stale:
-                say(f"abort recorded for run {record.id}; its runner is gone ({held.stale}): "
-                    "`fleet patch resume --steal-lock` finishes the hosts in flight and stops")
-            else:
-                say(f"abort recorded for run {record.id}; the runner stops after the hosts in flight finish")
+            db.lock.acquire(_owner() + " (abort)", run_id=record.id, stale_after=_stale_after(record))
+        except LockHeld as held:  # a runner has it (or had it): it reads the request before its next wave
+            say(abort(db.of_run(record.id), held=held))
             return
         try:
-            if record.status in (RunStatus.PAUSED, RunStatus.BLOCKED) and not in_flight:
-                db.set_stop(record.id, "aborted", None)
-                db.set_run_status(record.id, RunStatus.ABORTED, f"aborted while {record.status}", finished=True)
-                say(f"run {record.id} aborted (it was {record.status}; no host was in flight)")
-            else:
-                say(f"abort recorded for run {record.id}: `fleet patch resume` finishes the hosts in flight and stops")
+            say(abort(db.of_run(record.id), held=None))
         finally:
-            db.release_lock()
+            db.lock.release()
     finally:
         db.close()
 
@@ -359,19 +341,6 @@ def policy_schema() -> None:
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
-
-
-def say(text: str, stderr: bool = False) -> None:
-    """A plain line (no wrapping or markup), so messages stay greppable in CI logs."""
-    print(text, file=sys.stderr if stderr else sys.stdout, flush=True)
-
-
-_STYLES = {"info": "", "warn": "yellow", "error": "bold red"}
-
-
-def _progress(level: str, text: str) -> None:
-    stamp = dt.datetime.now().strftime("%H:%M:%S")
-    console.print(f"[dim]{stamp}[/dim] {text}", style=_STYLES.get(level, ""), markup=True)
 
 
 def _open(path: Path, must_exist: bool = False) -> Journal:
@@ -412,11 +381,11 @@ def _pick_run(db: Journal, run: int | None) -> RunRecord:
 
 def _take_lock(db: Journal, steal: bool, policy: Policy, run_id: int | None = None) -> None:
     try:
-        stolen = db.acquire_lock(_owner(), run_id=run_id, steal=steal,
+        stolen = db.lock.acquire(_owner(), run_id=run_id, steal=steal,
                                  stale_after=policy.timeouts.lock_stale.total_seconds())
     except LockHeld as held:
         say(f"refused: {held}", stderr=True)
-        raise typer.Exit(EXIT_REFUSED) from None
+        raise typer.Exit(ExitCode.REFUSED) from None
     if stolen:
         say(f"took the stale journal lock of {stolen}", stderr=True)
 
@@ -426,13 +395,21 @@ def _beat(policy: Policy) -> float:
     return max(policy.timeouts.lock_stale.total_seconds() / 4, 0.5)
 
 
-def _make_actions(inputs: Inputs, journal: Path) -> host_actions.Actions:
+def make_actions(inventory: FleetInventory, *, work_dir: Path) -> Actions:
+    """The real host actions (patching/hosts/actions.py); ActionsUnavailable when they cannot run here."""
     try:
-        return host_actions.make_actions(inputs.inventory, inputs.bundle, inputs.policy,
-                                         work_dir=journal.resolve().parent)
-    except host_actions.ActionsUnavailable as exc:
+        from patching.hosts.actions import make_actions as make_host_actions
+    except ImportError as exc:
+        raise ActionsUnavailable(f"host actions unavailable: {exc}") from exc
+    return make_host_actions(inventory, work_dir=work_dir)
+
+
+def _make_actions(inputs: Inputs, journal: Path) -> Actions:
+    try:
+        return make_actions(inputs.inventory, work_dir=journal.resolve().parent)
+    except ActionsUnavailable as exc:
         say(f"error: {exc}", stderr=True)
-        raise typer.Exit(EXIT_FAILED) from None
+        raise typer.Exit(ExitCode.FAILED) from None
 
 
 def _execute(runner: Runner, run_id: int) -> RunResult:
@@ -440,43 +417,24 @@ def _execute(runner: Runner, run_id: int) -> RunResult:
         return runner.execute(run_id)
     except LockLost as exc:
         say(f"refused: {exc}", stderr=True)
-        raise typer.Exit(EXIT_REFUSED) from None
-    except host_actions.ActionsUnavailable as exc:
+        raise typer.Exit(ExitCode.REFUSED) from None
+    except ActionsUnavailable as exc:
         say(f"error: {exc}; run {run_id} is kept: `fleet patch resume` continues it", stderr=True)
-        raise typer.Exit(EXIT_FAILED) from None
+        raise typer.Exit(ExitCode.FAILED) from None
 
 
-def _finish(db: Journal, result: RunResult, journal: Path, report_dir: Path | None) -> None:
-    from patching.journal.reports import write_reports
-
+def _finish(run: RunJournal, result: RunResult, journal: Path, report_dir: Path | None) -> None:
     out = report_dir or journal.resolve().parent / "reports" / f"run-{result.run_id}"
-    write_reports(db, result.run_id, out)
+    write_reports(run, out)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.hosts.items()))
     say(f"run {result.run_id}: {result.status}: {result.message} [{counts}]",
-        stderr=result.exit_code != EXIT_OK)
+        stderr=result.exit_code != ExitCode.OK)
     if result.rollback_failed:
         say(f"ROLLBACK FAILED, hosts left drained: {', '.join(result.rollback_failed)}", stderr=True)
     say(f"reports in {out}")
     if result.status not in FINISHED:
         say("`fleet patch resume` continues this run", stderr=True)
     raise typer.Exit(result.exit_code)
-
-
-def _window_refusal(calendar: MaintenanceCalendar, now: dt.datetime, first_wave_s: float) -> str | None:
-    duration = dt.timedelta(seconds=first_wave_s)
-    if calendar.fits(now, duration):
-        return None
-    nxt = calendar.next_opening(now, duration)
-    later = f"; next opening {nxt.isoformat()}" if nxt else ""
-    frozen = calendar.freeze_at(now)
-    if frozen:
-        return f"freeze in force ({frozen.label}){later}"
-    window = calendar.open_window(now)
-    if window is None:
-        return f"outside every maintenance window{later}"
-    left = format_duration(window.time_left(now) or dt.timedelta(0))
-    predicted = format_duration(duration)
-    return f"the first wave ({predicted} predicted) does not fit the {left} left in window {window.name}{later}"
 
 
 def _owner() -> str:

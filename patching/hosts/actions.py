@@ -27,7 +27,7 @@ from patching.hosts import nut, probe
 from patching.hosts.toolpath import put_our_bin_first
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle
-from patching.rollout.actions import ActionsUnavailable, HostFacts, LbState, Outcome, Results
+from patching.rollout.actions import Actions, ActionsUnavailable, HostSnapshot, LbState, Outcome, Results
 from patching.rollout.policy import SloProbe, Soak
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,17 +73,25 @@ def haproxy_states(api: str, backend: str) -> dict[str, LbState]:
     return states
 
 
+def make_actions(inventory: FleetInventory, *, work_dir: Path) -> Actions:
+    """The host actions for a run. `work_dir` is where they keep their files (Ansible artifacts, bundles).
+
+    Called only after every input was validated and the journal lock is held, never for `fleet plan`
+    or `--dry-run`.
+    """
+    return FleetActions(inventory, work_dir)
+
+
 class FleetActions:
     """Actions on real hosts (or the lab's, which look the same)."""
 
-    def __init__(self, inventory: FleetInventory, work_dir: Path, releases: Callable[[Bundle], Path] | None = None):
+    def __init__(self, inventory: FleetInventory, work_dir: Path):
         put_our_bin_first()  # ansible-runner finds `ansible` and `ansible-playbook` on PATH
         self.inventory = inventory
         self.work_dir = work_dir
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._counter = 0
         self._lock = threading.Lock()
-        self._bundle_file = releases or self._write_bundle
 
     # --- plumbing --------------------------------------------------------------------------------
 
@@ -163,7 +171,7 @@ class FleetActions:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    def read_hosts(self, hosts: Sequence[InventoryHost]) -> Mapping[str, HostFacts]:
+    def read_hosts(self, hosts: Sequence[InventoryHost]) -> Mapping[str, HostSnapshot]:
         answers = self._command(hosts, f"cat {MANIFEST}", timeout_s=60)
         lb = self._lb_states(hosts)
         facts = {}
@@ -176,7 +184,7 @@ class FleetActions:
                 except json.JSONDecodeError:
                     release = None
             detail = "" if reachable else stdout
-            facts[h.name] = HostFacts(reachable, release, lb.get(h.name, "unknown"), detail)
+            facts[h.name] = HostSnapshot(reachable, release, lb.get(h.name, "unknown"), detail)
         return facts
 
     def _lb_states(self, hosts: Sequence[InventoryHost]) -> dict[str, LbState]:
@@ -241,7 +249,7 @@ class FleetActions:
         return out
 
     def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
-        return self._playbook("patch.yml", hosts, timeout_s, {"bundle_file": str(self._bundle_file(bundle))})
+        return self._playbook("patch.yml", hosts, timeout_s, {"bundle_file": str(self._write_bundle(bundle))})
 
     def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
         query = "nvidia-smi --query-gpu=driver_version --format=csv,noheader"
@@ -270,7 +278,7 @@ class FleetActions:
         if not hosts:
             return {}
         junit = self._private_dir("testinfra") / "junit.xml"
-        result = run_verify(self._bundle_file(bundle), Path(self.inventory.sources[0]), [h.name for h in hosts],
+        result = run_verify(self._write_bundle(bundle), Path(self.inventory.sources[0]), [h.name for h in hosts],
                             workers=min(8, len(hosts)), junit=junit)
         out = {}
         for h in hosts:
@@ -278,7 +286,7 @@ class FleetActions:
             failed = [c for c in checks if c.outcome == "failed"]
             if not checks:
                 out[h.name] = Outcome(False, f"no host check ran for this host (pytest exit {result.rc}; "
-                                             f"log {result.log})")
+                                             f"log {result.log})", measured=False)
                 continue
             detail = "; ".join(f"{c.check}: {c.message.splitlines()[0][:200]}" for c in failed[:5])
             out[h.name] = Outcome(not failed, detail or f"{len(checks)} host checks passed",
@@ -302,7 +310,7 @@ class FleetActions:
                 figures = probe.soak(f"http://{h.serving_address}", h.model, soak.duration.total_seconds(),
                                      soak.probe_interval.total_seconds(), requests_per_probe=5, timeout=30)
             except (OSError, ValueError) as exc:
-                return Outcome(False, f"could not measure: {exc}")
+                return Outcome(False, f"could not measure: {exc}", measured=False)
             return Outcome(True, "", measurements=figures.as_dict())
 
         return _parallel(hosts, one)
@@ -351,7 +359,8 @@ def _nlb_state(h: InventoryHost) -> LbState:
     client = boto3.client("elbv2", region_name=h.lb.get("region"))
     found = client.describe_target_health(TargetGroupArn=tg, Targets=[{"Id": target}])["TargetHealthDescriptions"]
     state = found[0]["TargetHealth"]["State"] if found else "unused"
-    return {"healthy": "serving", "draining": "drained", "unused": "drained"}.get(state, "down")
+    known: dict[str, LbState] = {"healthy": "serving", "draining": "drained", "unused": "drained"}
+    return known.get(state, "down")
 
 
 def _runner_output(run: Any, limit: int = 500) -> str:

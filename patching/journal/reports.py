@@ -2,8 +2,9 @@
 
 junit.xml has one test case per host per gate (the Ansible result, testinfra, the SLO probe, the soak),
 so CI shows which gate failed on which host; the failure text carries the measured figures and the
-thresholds. summary.md is also appended to `$GITHUB_STEP_SUMMARY` when that is set. Event data is
-masked for secrets when it is journaled; the whole report is masked again before it is written.
+thresholds. A gate that could not measure is a JUnit `error`, one that judged and failed a `failure`.
+summary.md is also appended to `$GITHUB_STEP_SUMMARY` when that is set. Event data is masked for secrets
+when it is journaled; the whole report is masked again before it is written.
 """
 
 from __future__ import annotations
@@ -16,19 +17,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from patching.journal.store import EventRow, Journal, redact
-from patching.states import HostState
+from patching.journal.redact import redact
+from patching.journal.store import EventRow, RunJournal
+from patching.states import Gate, HostState, Phase, Verdict
 
-GATES = ("ansible", "testinfra", "slo", "soak")
 
-
-def build_report(journal: Journal, run_id: int) -> dict[str, Any]:
+def build_report(journal: RunJournal) -> dict[str, Any]:
     """Everything known about a run, as JSON data."""
-    run = journal.run(run_id)
+    run = journal.record()
     plan = run.plan
-    history = journal.host_history(run_id)
-    events = journal.events(run_id)
-    previous = journal.previous_bundles(run_id)
+    history = journal.host_history()
+    events = journal.events()
+    previous = journal.previous_bundles()
     hosts: dict[str, dict[str, Any]] = {}
     for row in history:
         entry = hosts.setdefault(row.host, {"wave": row.wave, "pool": plan["hosts"].get(row.host, {}).get("pool"),
@@ -46,7 +46,7 @@ def build_report(journal: Journal, run_id: int) -> dict[str, Any]:
         {"index": w.index, "kind": w.kind, "hosts": w.hosts, "status": w.status, "failures": w.failures,
          "predicted_s": w.predicted_s, "started_at": _iso(w.started_at), "finished_at": _iso(w.finished_at),
          "duration_s": round(w.finished_at - w.started_at, 3) if w.started_at and w.finished_at else None}
-        for w in journal.waves(run_id)
+        for w in journal.waves()
     ]
     return redact({
         "run": {"id": run.id, "release": run.release, "status": run.status, "message": run.message,
@@ -62,9 +62,9 @@ def build_report(journal: Journal, run_id: int) -> dict[str, Any]:
     })
 
 
-def write_reports(journal: Journal, run_id: int, out_dir: Path) -> dict[str, Path]:
+def write_reports(journal: RunJournal, out_dir: Path) -> dict[str, Path]:
     """Write the four reports into `out_dir`; append the summary to $GITHUB_STEP_SUMMARY when set."""
-    report = build_report(journal, run_id)
+    report = build_report(journal)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in ("report.json", "junit.xml", "summary.md", "events.jsonl")}
     paths["report.json"].write_text(json.dumps(report, indent=2) + "\n")
@@ -72,7 +72,7 @@ def write_reports(journal: Journal, run_id: int, out_dir: Path) -> dict[str, Pat
     summary = summary_md(report)
     paths["summary.md"].write_text(summary)
     with paths["events.jsonl"].open("w") as fh:
-        for event in journal.events(run_id):
+        for event in journal.events():
             line = {"id": event.id, "at": _iso(event.at), "kind": event.kind, "wave": event.wave,
                     "host": event.host, "data": event.data}
             fh.write(json.dumps(redact(line)) + "\n")
@@ -100,12 +100,14 @@ def junit_xml(report: dict[str, Any]) -> bytes:
                 counts["tests"] += 1
                 if case.find("failure") is not None:
                     counts["failures"] += 1
+                if case.find("error") is not None:
+                    counts["errors"] += 1
                 if case.find("skipped") is not None:
                     counts["skipped"] += 1
-        for key in ("tests", "failures", "skipped"):
+        for key in ("tests", "failures", "errors", "skipped"):
             suite.set(key, str(counts[key]))
         totals += counts
-    for key in ("tests", "failures", "skipped"):
+    for key in ("tests", "failures", "errors", "skipped"):
         suites.set(key, str(totals[key]))
     ET.indent(suites)
     return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
@@ -119,24 +121,25 @@ def _cases(name: str, host: dict[str, Any]) -> list[ET.Element]:
         return [case]
     cases = []
     gates = host["gates"]
-    for phase in ("rollout", "rollback"):
+    for phase in Phase:
         ran = [g for g in gates if g["phase"] == phase]
-        if phase == "rollback" and not ran:
+        if phase == Phase.ROLLBACK and not ran:
             continue
-        for gate in GATES:
+        for gate in Gate:
             results = [g for g in ran if g["gate"] == gate]
-            label = gate if phase == "rollout" else f"rollback {gate}"
+            label = gate.value if phase == Phase.ROLLOUT else f"rollback {gate.value}"
             case = ET.Element("testcase", classname=classname, name=label)
             if not results:
-                if phase == "rollout":
+                if phase == Phase.ROLLOUT:
                     ET.SubElement(case, "skipped", message=f"not reached (host {host['state']}: {host['detail']})")
                 else:
                     continue
             else:
                 last = results[-1]  # a resumed run may have measured again: the last word counts
                 if not last["ok"]:
-                    failure = ET.SubElement(case, "failure", message=last["detail"] or "failed",
-                                            type="timeout" if last["timed_out"] else gate)
+                    kind = "error" if last["verdict"] == Verdict.COULD_NOT_MEASURE else "failure"
+                    failure = ET.SubElement(case, kind, message=last["detail"] or "failed",
+                                            type="timeout" if last["timed_out"] else last["verdict"])
                     failure.text = json.dumps({"measurements": last["measurements"],
                                                "thresholds": last["thresholds"]}, sort_keys=True)
                 else:
@@ -163,12 +166,13 @@ def summary_md(report: dict[str, Any]) -> str:
         lines.append(f"| {w['index']} | {w['kind']} | {w['hosts']} | {w['status']} | {w['failures']} | {duration} |")
     failed = [(name, g) for name, h in sorted(report["hosts"].items()) for g in h["gates"] if not g["ok"]]
     if failed:
-        lines += ["", "## Failed gates", "", "| host | wave | phase | gate | why | figures |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "## Failed gates", "", "| host | wave | phase | gate | why | verdict | figures |",
+                  "|---|---|---|---|---|---|---|"]
         for name, g in failed:
             figures = ", ".join(f"{k}={v}" for k, v in sorted(g["measurements"].items())
                                 if not isinstance(v, dict | list))
-            lines.append(f"| {name} | {g['wave']} | {g['phase']} | {g['gate']} | {g['detail']} | {figures} |")
+            lines.append(f"| {name} | {g['wave']} | {g['phase']} | {g['gate']} | {g['detail']} | {g['verdict']} "
+                         f"| {figures} |")
     skipped = report["skipped"] | {n: h["detail"] for n, h in report["hosts"].items() if h["state"] == "skipped"}
     if skipped:
         lines += ["", f"## Skipped ({len(skipped)})", ""]
@@ -180,7 +184,8 @@ def summary_md(report: dict[str, Any]) -> str:
 
 def _gate(event: EventRow) -> dict[str, Any]:
     d = event.data
-    return {"gate": d["gate"], "phase": d["phase"], "release": d["release"], "ok": d["ok"],
+    verdict = d.get("verdict") or (Verdict.PASSED if d["ok"] else Verdict.FAILED)  # journals before verdicts
+    return {"gate": d["gate"], "phase": d["phase"], "release": d["release"], "ok": d["ok"], "verdict": verdict,
             "timed_out": d["timed_out"], "detail": d["detail"], "measurements": d["measurements"],
             "thresholds": d["thresholds"], "wave": event.wave, "at": _iso(event.at)}
 

@@ -6,27 +6,25 @@
   `previous_bundles` (what each host ran before the run touched it: rollback re-applies it) and
   `lb_changes` (each host's load-balancer state before the run drained it: resume restores only those).
 - Every write commits at once, so a state is on disk *before* the action it announces starts.
-- `lock` holds one row: owner, PID, host name and a heartbeat. A second run is refused; a lock whose
-  heartbeat is older than the stale limit, or whose PID is dead on this machine, is stale and may be
-  stolen on request.
+- `lock` holds one row: owner, PID, host name and a heartbeat (patching/journal/lock.py).
+- `Journal` is the file; `RunJournal` is the view of one run that the runner, the CLI and the reports
+  read and write through.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import re
-import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patching.states import HostState, check_transition
+from patching.journal.lock import LOCK_SCHEMA, JournalLock
+from patching.journal.redact import redact
+from patching.states import HostState, RunStatus, StopReason, WaveStatus, check_transition
 
 SCHEMA_VERSION = 1
 
@@ -98,16 +96,7 @@ CREATE TABLE IF NOT EXISTS lb_changes (
     at REAL NOT NULL,
     PRIMARY KEY (run_id, host)
 );
-CREATE TABLE IF NOT EXISTS lock (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    owner TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    hostname TEXT NOT NULL,
-    run_id INTEGER,
-    acquired_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
-);
-"""
+""" + LOCK_SCHEMA
 
 _APPEND_ONLY = ("host_states", "events", "previous_bundles", "lb_changes")
 
@@ -116,40 +105,10 @@ class JournalError(Exception):
     """The journal file cannot be used (not a journal, newer schema, unreadable)."""
 
 
-class LockHeld(Exception):
-    """Another run holds the journal's lock (exit 3). `stale` says why it may be stolen, if it may."""
-
-    def __init__(self, lock: LockInfo, stale: str | None):
-        self.lock = lock
-        self.stale = stale
-        if stale:
-            text = f"the journal lock is stale ({stale}); held by {lock}. --steal-lock takes it"
-        else:
-            text = f"another run holds the journal lock: {lock}"
-        super().__init__(text)
-
-
-class LockLost(Exception):
-    """Our lock was stolen (we were judged stale): stop before touching anything else."""
-
-
-@dataclass(frozen=True)
-class LockInfo:
-    owner: str
-    pid: int
-    hostname: str
-    run_id: int | None
-    acquired_at: float
-    heartbeat_at: float
-
-    def __str__(self) -> str:
-        age = time.time() - self.heartbeat_at
-        run = f"run {self.run_id}, " if self.run_id is not None else ""
-        return f"{self.owner} (PID {self.pid} on {self.hostname}, {run}last heartbeat {age:.0f}s ago)"
-
-
 @dataclass(frozen=True)
 class RunRecord:
+    """A run as stored: what was asked (bundle, inventory, policy, plan) and where it stands."""
+
     id: int
     release: str
     status: str
@@ -173,6 +132,8 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class WaveRecord:
+    """A planned wave as stored: its status, times and failures."""
+
     run_id: int
     index: int
     kind: str
@@ -186,6 +147,8 @@ class WaveRecord:
 
 @dataclass(frozen=True)
 class StateRow:
+    """One host state change."""
+
     id: int
     host: str
     wave: int | None
@@ -196,48 +159,14 @@ class StateRow:
 
 @dataclass(frozen=True)
 class EventRow:
+    """One journaled event (its data already masked for secrets)."""
+
     id: int
     wave: int | None
     host: str | None
     kind: str
     at: float
     data: dict[str, Any]
-
-
-# whole words of a key ('access_token', 'auth', 'client-secret'), not substrings ('max_tokens', 'passed')
-_SECRET_KEY = re.compile(
-    r"(^|[_\-.])(password|passwd|pass|secret|token|api[_-]?key|credentials?|authori[sz]ation|auth|cookie"
-    r"|private[_-]?key|bearer)($|[_\-.])",
-    re.IGNORECASE,
-)
-_SECRET_TEXT = (
-    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}"), r"\1 ***"),
-    (re.compile(r"(?i)\b(password|passwd|pwd|secret|token|api[_-]?key)(\s*[=:]\s*)[^\s,;&\"']+"), r"\1\2***"),
-    (re.compile(r"(://)[^/\s:@]+:[^/\s@]+@"), r"\1***@"),
-)
-
-
-def redact(value: Any) -> Any:
-    """Mask secrets in event data before it is stored: keys that name one, and tokens/passwords in text."""
-    if isinstance(value, Mapping):
-        return {k: "***" if _SECRET_KEY.search(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        for pattern, replacement in _SECRET_TEXT:
-            value = pattern.sub(replacement, value)
-    return value
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this PID exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Journal:
@@ -259,7 +188,7 @@ class Journal:
                 self._create()
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{self.path}: not a usable journal: {exc}") from exc
-        self._latest: dict[int, dict[str, HostState]] = {}
+        self.lock = JournalLock(self.db)
 
     def _create(self) -> None:
         self.db.executescript(_SCHEMA)
@@ -272,6 +201,7 @@ class Journal:
         self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Close the connection."""
         self.db.close()
 
     @contextlib.contextmanager
@@ -286,10 +216,10 @@ class Journal:
         self.db.execute("COMMIT")
 
     def journal_mode(self) -> str:
+        """SQLite's journal mode of the file (WAL)."""
         return str(self.db.execute("PRAGMA journal_mode").fetchone()[0])
 
     # ---- runs and waves -------------------------------------------------------------------------
-
     def create_run(
         self,
         *,
@@ -303,16 +233,16 @@ class Journal:
         policy_path: str | None,
         policy: Mapping[str, Any],
         plan: Mapping[str, Any],
-    ) -> int:
+    ) -> RunJournal:
         """A new run with its waves; every planned host `pending`, every skipped host `pending -> skipped`."""
         now = time.time()
         with self.transaction():
             cur = self.db.execute(
                 "INSERT INTO runs (release, status, owner, created_at, updated_at, bundle_path, bundle_json,"
                 " releases_dir, inventory_json, limit_text, policy_path, policy_json, plan_json)"
-                " VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (release, owner, now, now, bundle_path, json.dumps(bundle), releases_dir, json.dumps(list(inventory)),
-                 limit, policy_path, json.dumps(policy), json.dumps(plan)),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (release, RunStatus.RUNNING.value, owner, now, now, bundle_path, json.dumps(bundle), releases_dir,
+                 json.dumps(list(inventory)), limit, policy_path, json.dumps(policy), json.dumps(plan)),
             )
             run_id = int(cur.lastrowid or 0)
             self.db.executemany(
@@ -327,10 +257,10 @@ class Journal:
             self.db.executemany(
                 "INSERT INTO host_states (run_id, host, wave, state, at, detail) VALUES (?, ?, ?, ?, ?, ?)", rows
             )
-        self._latest.pop(run_id, None)
-        return run_id
+        return RunJournal(self, run_id)
 
     def run(self, run_id: int) -> RunRecord:
+        """The stored run (KeyError when there is none with this id)."""
         row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None:
             raise KeyError(run_id)
@@ -358,130 +288,19 @@ class Journal:
             policy=json.loads(r["policy_json"]), plan=json.loads(r["plan_json"]),
         )
 
-    def set_run_status(self, run_id: int, status: str, message: str = "", *, finished: bool = False) -> None:
-        now = time.time()
-        self.db.execute(
-            "UPDATE runs SET status = ?, message = ?, updated_at = ?, finished_at = ? WHERE id = ?",
-            (status, message, now, now if finished else None, run_id),
-        )
-
-    def set_stop(self, run_id: int, reason: str, wave: int | None) -> None:
-        """Record why the run stops starting waves (`budget`, `aborted`); the first reason stays."""
-        self.db.execute(
-            "UPDATE runs SET stop_reason = ?, stop_wave = ?, updated_at = ? WHERE id = ? AND stop_reason IS NULL",
-            (reason, wave, time.time(), run_id),
-        )
-
-    def request_abort(self, run_id: int) -> None:
-        self.db.execute("UPDATE runs SET abort_requested = 1, updated_at = ? WHERE id = ?", (time.time(), run_id))
-
-    def waves(self, run_id: int) -> list[WaveRecord]:
-        rows = self.db.execute(
-            "SELECT run_id, idx, kind, hosts, predicted_s, status, started_at, finished_at, failures FROM waves"
-            " WHERE run_id = ? ORDER BY idx",
-            (run_id,),
-        ).fetchall()
-        return [WaveRecord(*r) for r in rows]
-
-    def wave_started(self, run_id: int, index: int) -> None:
-        self.db.execute(
-            "UPDATE waves SET status = 'running', started_at = COALESCE(started_at, ?) WHERE run_id = ? AND idx = ?",
-            (time.time(), run_id, index),
-        )
-
-    def wave_finished(self, run_id: int, index: int, failures: int) -> None:
-        self.db.execute(
-            "UPDATE waves SET status = 'done', finished_at = ?, failures = ? WHERE run_id = ? AND idx = ?",
-            (time.time(), failures, run_id, index),
-        )
-
-    # ---- host states ----------------------------------------------------------------------------
-
-    def latest_states(self, run_id: int) -> dict[str, HostState]:
-        """Every host of the run and its current state."""
-        if run_id not in self._latest:
-            rows = self.db.execute(
-                "SELECT host, state FROM host_states WHERE id IN"
-                " (SELECT MAX(id) FROM host_states WHERE run_id = ? GROUP BY host)",
-                (run_id,),
-            ).fetchall()
-            self._latest[run_id] = {host: HostState(state) for host, state in rows}
-        return self._latest[run_id]
-
-    def record_state(self, run_id: int, host: str, wave: int | None, state: HostState, detail: str = "") -> None:
-        """Append a state change; refuses one the state diagram does not allow (IllegalTransition)."""
-        latest = self.latest_states(run_id)
-        check_transition(host, latest[host], state)
-        self.db.execute(
-            "INSERT INTO host_states (run_id, host, wave, state, at, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, host, wave, state.value, time.time(), redact(detail)),
-        )
-        latest[host] = state
-
-    def host_history(self, run_id: int) -> list[StateRow]:
-        rows = self.db.execute(
-            "SELECT id, host, wave, state, at, detail FROM host_states WHERE run_id = ? ORDER BY id", (run_id,)
-        ).fetchall()
-        return [StateRow(i, h, w, HostState(s), a, d) for i, h, w, s, a, d in rows]
-
-    def hosts_that_failed(self, run_id: int, wave: int | None = None) -> set[str]:
-        """Hosts that went through `failed` in this run (in one wave, or in any)."""
-        sql = "SELECT DISTINCT host FROM host_states WHERE run_id = ? AND state = 'failed'"
-        args: tuple[Any, ...] = (run_id,)
-        if wave is not None:
-            sql += " AND wave = ?"
-            args += (wave,)
-        return {r[0] for r in self.db.execute(sql, args).fetchall()}
-
-    # ---- what a host was before the run touched it ----------------------------------------------
-
-    def record_previous_bundle(self, run_id: int, host: str, release: str) -> None:
-        """The bundle a host ran before this run touched it; the first record stays (rollback target)."""
-        self.db.execute(
-            "INSERT OR IGNORE INTO previous_bundles (run_id, host, release, at) VALUES (?, ?, ?, ?)",
-            (run_id, host, release, time.time()),
-        )
-
-    def previous_bundles(self, run_id: int) -> dict[str, str]:
-        rows = self.db.execute("SELECT host, release FROM previous_bundles WHERE run_id = ?", (run_id,)).fetchall()
-        return dict(rows)
-
-    def record_lb_before(self, run_id: int, host: str, state: str) -> None:
-        """A host's load-balancer state before this run first drained it; the first record stays."""
-        self.db.execute(
-            "INSERT OR IGNORE INTO lb_changes (run_id, host, before, at) VALUES (?, ?, ?, ?)",
-            (run_id, host, state, time.time()),
-        )
-
-    def lb_before(self, run_id: int) -> dict[str, str]:
-        rows = self.db.execute("SELECT host, before FROM lb_changes WHERE run_id = ?", (run_id,)).fetchall()
-        return dict(rows)
-
-    # ---- events ---------------------------------------------------------------------------------
-
-    def add_event(
-        self, run_id: int, kind: str, data: Mapping[str, Any], *, wave: int | None = None, host: str | None = None
-    ) -> None:
-        """Append an event; secrets in `data` are masked before it is stored."""
-        self.db.execute(
-            "INSERT INTO events (run_id, wave, host, kind, at, data) VALUES (?, ?, ?, ?, ?, ?)",
-            (run_id, wave, host, kind, time.time(), json.dumps(redact(data), default=str)),
-        )
-
-    def events(self, run_id: int) -> list[EventRow]:
-        rows = self.db.execute(
-            "SELECT id, wave, host, kind, at, data FROM events WHERE run_id = ? ORDER BY id", (run_id,)
-        ).fetchall()
-        return [EventRow(i, w, h, k, a, json.loads(d)) for i, w, h, k, a, d in rows]
+    def of_run(self, run_id: int) -> RunJournal:
+        """The view of one stored run (KeyError when there is none with this id)."""
+        self.run(run_id)
+        return RunJournal(self, run_id)
 
     # ---- history for the planner ----------------------------------------------------------------
 
     def wave_history(self, limit: int = 200) -> list[tuple[int, float]]:
         """(hosts, seconds) of the latest waves that finished without a failure."""
         rows = self.db.execute(
-            "SELECT hosts, finished_at - started_at FROM waves WHERE status = 'done' AND failures = 0"
+            "SELECT hosts, finished_at - started_at FROM waves WHERE status = ? AND failures = 0"
             " AND started_at IS NOT NULL AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
-            (limit,),
+            (WaveStatus.DONE.value, limit),
         ).fetchall()
         return [(int(h), float(s)) for h, s in rows]
 
@@ -489,10 +308,11 @@ class Journal:
         """Each host's bundle as the journal last left it: the run's release if done, the previous if rolled back."""
         rows = self.db.execute(
             "SELECT hs.host, hs.state, r.release, pb.release FROM host_states hs"
-            " JOIN (SELECT host, MAX(id) AS id FROM host_states WHERE state IN ('done', 'rolled_back')"
+            " JOIN (SELECT host, MAX(id) AS id FROM host_states WHERE state IN (?, ?)"
             "       GROUP BY host) last ON last.id = hs.id"
             " JOIN runs r ON r.id = hs.run_id"
-            " LEFT JOIN previous_bundles pb ON pb.run_id = hs.run_id AND pb.host = hs.host"
+            " LEFT JOIN previous_bundles pb ON pb.run_id = hs.run_id AND pb.host = hs.host",
+            (HostState.DONE.value, HostState.ROLLED_BACK.value),
         ).fetchall()
         out = {}
         for host, state, release, previous in rows:
@@ -501,89 +321,145 @@ class Journal:
                 out[host] = known
         return out
 
-    # ---- the lock -------------------------------------------------------------------------------
 
-    def lock_info(self) -> LockInfo | None:
-        row = self.db.execute(
-            "SELECT owner, pid, hostname, run_id, acquired_at, heartbeat_at FROM lock WHERE id = 1"
-        ).fetchone()
-        return LockInfo(*row) if row else None
+class RunJournal:
+    """One run of a journal: its status, waves, host states, events and what hosts were before it."""
 
-    def acquire_lock(
-        self, owner: str, *, run_id: int | None = None, steal: bool = False, stale_after: float = 120.0
-    ) -> LockInfo | None:
-        """Take the lock. Returns the stale lock that was stolen, if any; raises LockHeld otherwise."""
+    def __init__(self, journal: Journal, run_id: int):
+        self.journal = journal
+        self.db = journal.db
+        self.id = run_id
+        self._latest: dict[str, HostState] | None = None
+
+    def record(self) -> RunRecord:
+        """The run as stored now."""
+        return self.journal.run(self.id)
+
+    # ---- status and waves -----------------------------------------------------------------------
+
+    def set_run_status(self, status: RunStatus, message: str = "", *, finished: bool = False) -> None:
+        """Move the run to a status (RunStatus), with the message people read."""
         now = time.time()
-        with self.transaction():
-            current = self.lock_info()
-            stolen = None
-            if current is not None:
-                stale = lock_staleness(current, stale_after, now)
-                if stale is None or not steal:
-                    raise LockHeld(current, stale)
-                stolen = current
-            self.db.execute(
-                "INSERT OR REPLACE INTO lock (id, owner, pid, hostname, run_id, acquired_at, heartbeat_at)"
-                " VALUES (1, ?, ?, ?, ?, ?, ?)",
-                (owner, os.getpid(), socket.gethostname(), run_id, now, now),
-            )
-        return stolen
-
-    def set_lock_run(self, run_id: int) -> None:
-        self.db.execute("UPDATE lock SET run_id = ? WHERE pid = ? AND hostname = ?",
-                        (run_id, os.getpid(), socket.gethostname()))
-
-    def heartbeat(self) -> bool:
-        """Refresh our lock's heartbeat; False when the lock is no longer ours."""
-        cur = self.db.execute(
-            "UPDATE lock SET heartbeat_at = ? WHERE id = 1 AND pid = ? AND hostname = ?",
-            (time.time(), os.getpid(), socket.gethostname()),
+        self.db.execute(
+            "UPDATE runs SET status = ?, message = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+            (status, message, now, now if finished else None, self.id),
         )
-        return cur.rowcount == 1
 
-    def release_lock(self) -> None:
-        self.db.execute("DELETE FROM lock WHERE pid = ? AND hostname = ?", (os.getpid(), socket.gethostname()))
+    def set_stop(self, reason: StopReason, wave: int | None) -> None:
+        """Record why the run stops starting waves (`budget`, `aborted`); the first reason stays."""
+        self.db.execute(
+            "UPDATE runs SET stop_reason = ?, stop_wave = ?, updated_at = ? WHERE id = ? AND stop_reason IS NULL",
+            (reason, wave, time.time(), self.id),
+        )
 
+    def request_abort(self) -> None:
+        """Ask the runner to stop before its next wave (`fleet patch abort`)."""
+        self.db.execute("UPDATE runs SET abort_requested = 1, updated_at = ? WHERE id = ?", (time.time(), self.id))
 
-def lock_staleness(lock: LockInfo, stale_after: float, now: float | None = None) -> str | None:
-    """Why a lock may be considered abandoned, or None while its holder looks alive."""
-    age = (now or time.time()) - lock.heartbeat_at
-    if lock.hostname == socket.gethostname() and not pid_alive(lock.pid):
-        return f"PID {lock.pid} is not running on {lock.hostname}"
-    if age > stale_after:
-        return f"no heartbeat for {age:.0f}s (stale after {stale_after:.0f}s)"
-    return None
+    def waves(self) -> list[WaveRecord]:
+        """The run's waves in order."""
+        rows = self.db.execute(
+            "SELECT run_id, idx, kind, hosts, predicted_s, status, started_at, finished_at, failures FROM waves"
+            " WHERE run_id = ? ORDER BY idx",
+            (self.id,),
+        ).fetchall()
+        return [WaveRecord(*r) for r in rows]
 
+    def wave_started(self, index: int) -> None:
+        """A wave is under way (its first start time stays across resumes)."""
+        self.db.execute(
+            "UPDATE waves SET status = ?, started_at = COALESCE(started_at, ?) WHERE run_id = ? AND idx = ?",
+            (WaveStatus.RUNNING.value, time.time(), self.id, index),
+        )
 
-class LockKeeper:
-    """Heartbeats our lock from a thread (long host actions block the runner) and notices if it is stolen."""
+    def wave_finished(self, index: int, failures: int) -> None:
+        """A wave is finished, with the number of hosts that failed in it."""
+        self.db.execute(
+            "UPDATE waves SET status = ?, finished_at = ?, failures = ? WHERE run_id = ? AND idx = ?",
+            (WaveStatus.DONE.value, time.time(), failures, self.id, index),
+        )
 
-    def __init__(self, path: Path, interval: float):
-        self.path = path
-        self.interval = interval
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name="journal-heartbeat", daemon=True)
+    # ---- host states ----------------------------------------------------------------------------
 
-    def __enter__(self) -> LockKeeper:
-        self._thread.start()
-        return self
+    def latest_states(self) -> dict[str, HostState]:
+        """Every host of the run and its current state."""
+        if self._latest is None:
+            rows = self.db.execute(
+                "SELECT host, state FROM host_states WHERE id IN"
+                " (SELECT MAX(id) FROM host_states WHERE run_id = ? GROUP BY host)",
+                (self.id,),
+            ).fetchall()
+            self._latest = {host: HostState(state) for host, state in rows}
+        return self._latest
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def record_state(self, host: str, wave: int | None, state: HostState, detail: str = "") -> None:
+        """Append a state change; refuses one the state diagram does not allow (IllegalTransition)."""
+        latest = self.latest_states()
+        check_transition(host, latest[host], state)
+        self.db.execute(
+            "INSERT INTO host_states (run_id, host, wave, state, at, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (self.id, host, wave, state.value, time.time(), redact(detail)),
+        )
+        latest[host] = state
 
-    def check(self) -> None:
-        """Raise LockLost if another process took the lock."""
-        if self.lost.is_set():
-            raise LockLost("the journal lock was taken by another process; stopping before the next action")
+    def host_history(self) -> list[StateRow]:
+        """Every state change of every host, in order."""
+        rows = self.db.execute(
+            "SELECT id, host, wave, state, at, detail FROM host_states WHERE run_id = ? ORDER BY id", (self.id,)
+        ).fetchall()
+        return [StateRow(i, h, w, HostState(s), a, d) for i, h, w, s, a, d in rows]
 
-    def _beat(self) -> None:
-        journal = Journal(self.path)
-        try:
-            while not self._stop.wait(self.interval):
-                if not journal.heartbeat():
-                    self.lost.set()
-                    return
-        finally:
-            journal.close()
+    def hosts_that_failed(self, wave: int | None = None) -> set[str]:
+        """Hosts that went through `failed` in this run (in one wave, or in any)."""
+        sql = "SELECT DISTINCT host FROM host_states WHERE run_id = ? AND state = ?"
+        args: tuple[Any, ...] = (self.id, HostState.FAILED.value)
+        if wave is not None:
+            sql += " AND wave = ?"
+            args += (wave,)
+        return {r[0] for r in self.db.execute(sql, args).fetchall()}
+
+    # ---- what a host was before the run touched it ----------------------------------------------
+
+    def record_previous_bundle(self, host: str, release: str) -> None:
+        """The bundle a host ran before this run touched it; the first record stays (rollback target)."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO previous_bundles (run_id, host, release, at) VALUES (?, ?, ?, ?)",
+            (self.id, host, release, time.time()),
+        )
+
+    def previous_bundles(self) -> dict[str, str]:
+        """host -> the release it ran before this run touched it."""
+        rows = self.db.execute("SELECT host, release FROM previous_bundles WHERE run_id = ?", (self.id,)).fetchall()
+        return dict(rows)
+
+    def record_lb_before(self, host: str, state: str) -> None:
+        """A host's load-balancer state before this run first drained it; the first record stays."""
+        self.db.execute(
+            "INSERT OR IGNORE INTO lb_changes (run_id, host, before, at) VALUES (?, ?, ?, ?)",
+            (self.id, host, state, time.time()),
+        )
+
+    def lb_before(self) -> dict[str, str]:
+        """host -> its load-balancer state before this run drained it."""
+        rows = self.db.execute("SELECT host, before FROM lb_changes WHERE run_id = ?", (self.id,)).fetchall()
+        return dict(rows)
+
+    # ---- events ---------------------------------------------------------------------------------
+
+    def add_event(
+        self, kind: str, data: Mapping[str, Any], *, wave: int | None = None, host: str | None = None
+    ) -> None:
+        """Append an event; secrets in `data` are masked before it is stored."""
+        self.db.execute(
+            "INSERT INTO events (run_id, wave, host, kind, at, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (self.id, wave, host, kind, time.time(), json.dumps(redact(data), default=str)),
+        )
+
+    def events(self) -> list[EventRow]:
+        """Every event of the run, in order."""
+        rows = self.db.execute(
+            "SELECT id, wave, host, kind, at, data FROM events WHERE run_id = ? ORDER BY id", (self.id,)
+        ).fetchall()
+        return [EventRow(i, w, h, k, a, json.loads(d)) for i, w, h, k, a, d in rows]
+
+    # ---- history for the planner ----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The seam between the patch pipeline and the hosts: the `Actions` protocol and its factory.
+"""The seam between the patch pipeline and the hosts: the `Actions` protocol.
 
 The runner (patching/rollout/runner.py) decides *what* happens and in which order; an `Actions`
 implementation does it to hosts (ansible-runner for playbooks and reads, HAProxy's runtime API or an
@@ -8,27 +8,27 @@ a crash the runner calls them again for the same hosts (drain an already drained
 bundle already installed, ...). Each is given its time limit; a host that runs over it is answered
 `Outcome(ok=False, timed_out=True)`.
 
-The runner judges the SLO probe's and the soak's figures against the policy itself (so the decision
-and its figures are journaled together): those methods report `ok=False` only when they could not
-measure, and put the figures in `measurements`.
+Actions measure; they never judge a gate. Every verdict is made in patching/rollout/gates.py from
+the `Outcome` (so the decision and its figures are journaled together). The SLO probe and the soak
+put their figures in `measurements`; an action that could not measure says so with
+`measured=False`. The real implementation is patching/hosts/actions.py (`make_actions`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from patching.inventory.reader import FleetInventory, InventoryHost
+from patching.inventory.reader import InventoryHost
 from patching.release.bundle import Bundle
-from patching.rollout.policy import Policy, SloProbe, Soak
+from patching.rollout.policy import SloProbe, Soak
 
 LbState = Literal["serving", "drained", "down", "unknown"]
 
 
 @dataclass(frozen=True)
-class HostFacts:
+class HostSnapshot:
     """What a host is now, read fresh (at preflight, and at resume: the runner is level-triggered)."""
 
     reachable: bool
@@ -44,12 +44,13 @@ class HostFacts:
 
 @dataclass(frozen=True)
 class Outcome:
-    """One host's result of one action."""
+    """One host's result of one action. `measured=False`: the action could not get its figures."""
 
     ok: bool
     detail: str = ""
     timed_out: bool = False
     measurements: Mapping[str, Any] = field(default_factory=dict)
+    measured: bool = True
 
 
 Results = Mapping[str, Outcome]  # host name -> outcome
@@ -58,7 +59,7 @@ Results = Mapping[str, Outcome]  # host name -> outcome
 class Actions(Protocol):
     """Everything the runner does to hosts. See the module docstring for the rules every method follows."""
 
-    def read_hosts(self, hosts: Sequence[InventoryHost]) -> Mapping[str, HostFacts]:
+    def read_hosts(self, hosts: Sequence[InventoryHost]) -> Mapping[str, HostSnapshot]:
         """Installed bundle release, load-balancer state and reachability of each host."""
         ...
 
@@ -111,17 +112,3 @@ class Actions(Protocol):
 
 class ActionsUnavailable(NotImplementedError):
     """The host actions cannot be used here (e.g. ansible-runner missing): a real run cannot start."""
-
-
-def make_actions(inventory: FleetInventory, bundle: Bundle, policy: Policy, *, work_dir: Path) -> Actions:
-    """The host actions for a run. `work_dir` is where they keep their files (Ansible artifacts, bundles).
-
-    Called only after every input was validated and the journal lock is held, never for `fleet plan`
-    or `--dry-run`.
-    """
-    del bundle, policy  # the runner passes them with each call
-    try:
-        from patching.hosts.actions import FleetActions
-    except ImportError as exc:
-        raise ActionsUnavailable(f"host actions unavailable: {exc}") from exc
-    return FleetActions(inventory, work_dir)

@@ -1,17 +1,19 @@
 """The patch run: a state machine over hosts, journaled before every action (DESIGN.md section 5).
 
-Reading order follows the state diagram (patching/states.py):
+It reads like the diagram in patching/states.py:
 
-    start()    read every host, plan with what was found, store run + plan; hosts `pending`
-    execute()  wave by wave:  abort requested? -> window fits? -> preflight -> the wave's pipeline
-               (draining, applying, rebooting, verifying, undraining, soaking -> done), each step
-               journaled for every host *before* its action starts -> failure budgets -> roll back
-               what failed (and, when the run halts, the wave or everything, as the policy says)
+    start()    read every host, plan once with what was found, store run + plan; hosts `pending`
+    execute()  wave by wave: abort requested? -> window fits? -> preflight -> the wave's hosts
+               through HANDLERS in diagram order (draining, applying, rebooting, verifying,
+               undraining, soaking -> done), each step journaled for every host *before* its
+               action starts -> failure budgets -> roll back what must be rolled back
+    _roll_back the `rolling_back` state's own steps (ROLLBACK_STEPS), then rolled_back | rollback_failed
 
 `execute()` is also resume: it is level-triggered. Hosts caught in flight are re-read through
 `Actions.read_hosts` and re-enter the pipeline at their journaled state; a step whose effect is
 already there (bundle installed, host back in the LB) is not redone; only LB state this run changed
-is restored. Hosts reach the network only through `patching.rollout.actions.Actions`.
+is restored. Hosts reach the network only through `patching.rollout.actions.Actions`; every gate
+verdict comes from `patching.rollout.gates`.
 
 Crash tests: FLEET_KILL_AT=<state>:<n> makes the process SIGKILL itself right after the n-th
 transition into <state> is persisted.
@@ -25,37 +27,43 @@ import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
 from typing import Any
 
 from infra.model.errors import InputError, Problem
 from patching.inventory.reader import FleetInventory, InventoryHost
-from patching.journal.store import Journal, LockKeeper
+from patching.journal.lock import LockHeld, LockKeeper
+from patching.journal.store import Journal, RunJournal
 from patching.release.bundle import Bundle
-from patching.rollout.actions import Actions, HostFacts, Outcome, Results
+from patching.rollout import gates
+from patching.rollout.actions import Actions, HostSnapshot, Outcome, Results
+from patching.rollout.budgets import capacity_problems, check_budgets
 from patching.rollout.plan import Plan, PlannedWave, build_plan
-from patching.rollout.policy import Policy, resolve
+from patching.rollout.policy import Policy
 from patching.rollout.windows import HORIZON, MaintenanceCalendar, format_duration
-from patching.states import IN_FLIGHT, PIPELINE, HostState
+from patching.states import (
+    FINISHED,
+    IN_FLIGHT,
+    PIPELINE,
+    UNFINISHED,
+    ExitCode,
+    Gate,
+    HostState,
+    Phase,
+    RunStatus,
+    StopReason,
+    WaveStatus,
+)
 
 KILL_ENV = "FLEET_KILL_AT"
 
-
-class RunStatus(StrEnum):
-    RUNNING = "running"
-    PAUSED = "paused"  # the next wave does not fit the window: resume continues it
-    BLOCKED = "blocked"  # preflight refused the next wave (UPS, IB, capacity): resume retries it
-    DONE = "done"
-    FAILED = "failed"  # halted by a failure budget
-    ABORTED = "aborted"
-
-
-FINISHED = frozenset({RunStatus.DONE, RunStatus.FAILED, RunStatus.ABORTED})
+__all__ = ["FINISHED", "KILL_ENV", "RunResult", "RunStatus", "Runner", "abort", "window_refusal"]
 
 
 @dataclass(frozen=True)
 class RunResult:
+    """How a run ended (or stopped for now): its status, message and hosts per final state."""
+
     run_id: int
     status: RunStatus
     message: str
@@ -63,12 +71,12 @@ class RunResult:
     rollback_failed: tuple[str, ...] = ()
 
     @property
-    def exit_code(self) -> int:
+    def exit_code(self) -> ExitCode:
         """0 done with every host on the bundle; 3 paused or refused by preflight; 1 anything else."""
         if self.status in (RunStatus.PAUSED, RunStatus.BLOCKED):
-            return 3
+            return ExitCode.REFUSED
         rolled = self.hosts.get(HostState.ROLLED_BACK, 0) + self.hosts.get(HostState.ROLLBACK_FAILED, 0)
-        return 0 if self.status == RunStatus.DONE and rolled == 0 else 1
+        return ExitCode.OK if self.status == RunStatus.DONE and rolled == 0 else ExitCode.FAILED
 
 
 Notify = Callable[[str, str], None]  # (level: info | warn | error, text)
@@ -80,6 +88,48 @@ def _quiet(level: str, text: str) -> None:
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def window_refusal(calendar: MaintenanceCalendar, now: dt.datetime, predicted: dt.timedelta, what: str
+                   ) -> tuple[str, dict[str, Any]] | None:
+    """Why `what` (lasting `predicted`) may not start now, with the figures; None when it fits a window."""
+    if calendar.fits(now, predicted):
+        return None
+    frozen = calendar.freeze_at(now)
+    window = calendar.open_window(now)
+    nxt = calendar.next_opening(now, predicted)
+    if frozen:
+        why = f"freeze in force ({frozen.label})"
+    elif window is None:
+        why = "outside every maintenance window"
+    else:
+        left = window.time_left(now) or dt.timedelta(0)
+        why = (f"{what} is predicted to take {format_duration(predicted)}, "
+               f"{format_duration(left)} left before the cutoff of window {window.name}")
+    later = f"; next opening {nxt.isoformat()}" if nxt else f"; no window fits it in the next {HORIZON.days} days"
+    figures = {"refused": why, "now": now.isoformat(), "predicted_s": predicted.total_seconds(),
+               "next_opening": nxt.isoformat() if nxt else None}
+    return why + later, figures
+
+
+def abort(run: RunJournal, *, held: LockHeld | None) -> str:
+    """`fleet patch abort`: ask the run to stop before its next wave. With the lock ours (`held` None) and
+    nothing in flight, a paused or blocked run is closed at once. Returns what happened, in words."""
+    record = run.record()
+    if record.status not in UNFINISHED:
+        raise InputError.single("--run", "", record.id, f"run {record.id} is already {record.status}")
+    run.request_abort()
+    in_flight = any(s in IN_FLIGHT for s in run.latest_states().values())
+    if held is not None and held.stale:
+        return (f"abort recorded for run {run.id}; its runner is gone ({held.stale}): "
+                "`fleet patch resume --steal-lock` finishes the hosts in flight and stops")
+    if held is not None:
+        return f"abort recorded for run {run.id}; the runner stops after the hosts in flight finish"
+    if record.status in (RunStatus.PAUSED, RunStatus.BLOCKED) and not in_flight:
+        run.set_stop(StopReason.ABORTED, None)
+        run.set_run_status(RunStatus.ABORTED, f"aborted while {record.status}", finished=True)
+        return f"run {run.id} aborted (it was {record.status}; no host was in flight)"
+    return f"abort recorded for run {run.id}: `fleet patch resume` finishes the hosts in flight and stops"
 
 
 class _KillPoint:
@@ -98,6 +148,18 @@ class _KillPoint:
             self.seen += 1
             if self.seen == self.n:
                 os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class _Wave:
+    """The hosts of one wave on their way through the pipeline."""
+
+    planned: PlannedWave
+    rejoining: dict[str, HostSnapshot] = field(default_factory=dict)  # resumed hosts as re-read now
+
+    @property
+    def index(self) -> int:
+        return self.planned.index
 
 
 class Runner:
@@ -130,10 +192,22 @@ class Runner:
         self.notify = notify
         self.lock = lock
         self.kill = _KillPoint(os.environ.get(KILL_ENV))
-        self.run_id = 0
-        self.plan: Plan | None = None
+        self._run: RunJournal | None = None
+        self._plan: Plan | None = None
 
-    # ---- start --------------------------------------------------------------------------------------
+    @property
+    def run(self) -> RunJournal:
+        """The run being executed."""
+        assert self._run is not None, "start() or execute() first"
+        return self._run
+
+    @property
+    def plan(self) -> Plan:
+        """The run's stored plan."""
+        assert self._plan is not None, "start() or execute() first"
+        return self._plan
+
+    # ---- start ----------------------------------------------------------------------------------
 
     def start(
         self,
@@ -144,102 +218,98 @@ class Runner:
         policy_path: str | None,
         history: Sequence[tuple[int, float]] = (),
     ) -> int:
-        """Read the hosts, plan with what they are, and store the run. Touches nothing."""
+        """Read the hosts, plan once with what they are, and store the run. Touches nothing."""
         pools = {self.inventory.hosts[n].pool for n in self.inventory.selected}
         members = [h for h in self.inventory.hosts.values() if h.pool in pools]
         facts = self.actions.read_hosts(members)
         skip: dict[str, str] = {}
         current: dict[str, str | None] = {}
-        known: dict[str, Bundle] = {}
-        unresolved: dict[str, list[str]] = {}
         for name in self.inventory.selected:
-            why, release = self._untouchable(name, facts.get(name))
+            why, release = _untouchable(facts.get(name))
             current[name] = release
             if why:
                 skip[name] = why
-            elif release and release != self.bundle.release and release not in known:
-                if (previous := self.resolve_bundle(release)) is None:
-                    unresolved.setdefault(release, []).append(name)
-                else:
-                    known[release] = previous
-        if unresolved:
-            raise InputError([Problem("--releases-dir", "", releases_dir, f"no manifest of bundle {release} "
-                                      f"(installed on {', '.join(hosts)}) here or in the journal: without it "
-                                      f"{'they' if len(hosts) > 1 else 'it'} could not be rolled back; "
-                                      f"pass --releases-dir with the directory holding {release}.yaml")
-                              for release, hosts in sorted(unresolved.items())])
+        known = self._rollback_bundles({n: r for n, r in current.items() if r and n not in skip}, releases_dir)
         unhealthy = {n: _unhealthy_reason(f) for n, f in facts.items() if not f.healthy}
         plan = build_plan(
             self.inventory, self.policy, self.bundle, current=current, unhealthy=unhealthy, skip=skip,
             history=history, known_bundles=known, calendar=None if self.ignore_window else self.calendar,
             now=self.clock(),
         )
-        self.run_id = self.journal.create_run(
+        self._run = self.journal.create_run(
             release=self.bundle.release, owner=owner, bundle_path=bundle_path,
             bundle=self.bundle.model_dump(mode="json"), releases_dir=releases_dir,
             inventory=list(self.inventory.sources), limit=self.inventory.limit, policy_path=policy_path,
             policy=self.policy.model_dump(mode="json", by_alias=True), plan=plan.to_dict(),
         )
+        self._plan = plan
         self._event("run", {"event": "started", "release": self.bundle.release, "hosts": len(plan.hosts),
                             "waves": len(plan.waves), "skipped": dict(plan.skipped),
                             "unhealthy": unhealthy})
         for name, why in plan.skipped.items():
             self.notify("warn", f"{name}: skipped: {why}")
-        return self.run_id
+        return self.run.id
 
-    def _untouchable(self, name: str, facts: HostFacts | None) -> tuple[str | None, str | None]:
-        """(why the host must not be touched, or None; the release it runs)."""
-        if facts is None or not facts.reachable:
-            detail = f": {facts.detail}" if facts and facts.detail else ""
-            return f"unreachable at preflight{detail}", None
-        release = facts.installed_release
-        if release is None:
-            return "its installed bundle is unknown: there would be nothing to roll back to", None
-        return None, release  # one already on the target is reported so by the planner
+    def _rollback_bundles(self, current: Mapping[str, str], releases_dir: str) -> dict[str, Bundle]:
+        """The manifest of every bundle the hosts run now (rollback re-applies it); bad input if one is missing."""
+        known: dict[str, Bundle] = {}
+        unresolved: dict[str, list[str]] = defaultdict(list)
+        for name, release in current.items():
+            if release == self.bundle.release or release in known:
+                continue
+            if (previous := self.resolve_bundle(release)) is None:
+                unresolved[release].append(name)
+            else:
+                known[release] = previous
+        if unresolved:
+            raise InputError([Problem("--releases-dir", "", releases_dir, f"no manifest of bundle {release} "
+                                      f"(installed on {', '.join(hosts)}) here or in the journal: without it "
+                                      f"{'they' if len(hosts) > 1 else 'it'} could not be rolled back; "
+                                      f"pass --releases-dir with the directory holding {release}.yaml")
+                              for release, hosts in sorted(unresolved.items())])
+        return known
 
-    # ---- execute / resume ---------------------------------------------------------------------------
+    # ---- execute / resume -----------------------------------------------------------------------
 
     def execute(self, run_id: int) -> RunResult:
         """Run (or resume) a stored run until it is done, halts, pauses or is refused by preflight."""
-        self.run_id = run_id
-        run = self.journal.run(run_id)
-        self.plan = Plan.from_dict(run.plan)
-        states = self.journal.latest_states(run_id)
-        if run.status in FINISHED and not any(s in IN_FLIGHT for s in states.values()):
-            return self._result(RunStatus(run.status), run.message)
-        self.journal.set_run_status(run_id, RunStatus.RUNNING)
-        self._event("run", {"event": "executing", "status_before": run.status})
-        for wave in self.journal.waves(run_id):
-            if wave.status == "done":
+        self._run = run = self.journal.of_run(run_id)
+        record = run.record()
+        self._plan = Plan.from_dict(record.plan)
+        states = run.latest_states()
+        if record.status in FINISHED and not any(s in IN_FLIGHT for s in states.values()):
+            return self._result(RunStatus(record.status), record.message)
+        run.set_run_status(RunStatus.RUNNING)
+        self._event("run", {"event": "executing", "status_before": record.status})
+        for stored in run.waves():
+            if stored.status == WaveStatus.DONE:
                 continue
-            planned = self.plan.waves[wave.index]
-            run = self.journal.run(run_id)
-            if run.stop_reason:
+            planned = self.plan.waves[stored.index]
+            record = run.record()
+            if record.stop_reason:
                 break
-            if wave.status == "pending":
-                if run.abort_requested:
-                    self.journal.set_stop(run_id, "aborted", wave.index)
-                    self.notify("warn", f"abort requested: wave {wave.index} and later not started")
+            if stored.status == WaveStatus.PENDING:
+                if record.abort_requested:
+                    run.set_stop(StopReason.ABORTED, stored.index)
+                    self.notify("warn", f"abort requested: wave {stored.index} and later not started")
                     break
-                refusal = self._window_refusal(planned)
-                if refusal:
+                if refusal := self._window_refusal(planned):
                     return self._stop_here(RunStatus.PAUSED, refusal)
-                problems = self._preflight(planned)
-                if problems:
-                    return self._stop_here(RunStatus.BLOCKED, f"preflight refused wave {wave.index}: "
+                if problems := self._preflight(planned):
+                    return self._stop_here(RunStatus.BLOCKED, f"preflight refused wave {stored.index}: "
                                            + "; ".join(problems))
-                self.journal.wave_started(run_id, wave.index)
-                self.notify("info", f"wave {wave.index} ({planned.kind}): {len(planned.hosts)} host(s) "
+                run.wave_started(stored.index)
+                self.notify("info", f"wave {stored.index} ({planned.kind}): {len(planned.hosts)} host(s) "
                                     f"{self._pools_text(planned)}")
             self._run_wave(planned)
             failures = self._check_budgets(planned)
-            self._settle()
-            self.journal.wave_finished(run_id, wave.index, failures)
-        self._settle()
+            self._roll_back_what_must()
+            run.wave_finished(stored.index, failures)
+        self._roll_back_what_must()
         return self._finish()
 
     def _stop_here(self, status: RunStatus, message: str) -> RunResult:
-        self.journal.set_run_status(self.run_id, status, message)
+        self.run.set_run_status(status, message)
         self._event("run", {"event": status.value, "message": message})
         self.notify("warn", message)
         return self._result(status, message)
@@ -247,40 +317,27 @@ class Runner:
     def _window_refusal(self, wave: PlannedWave) -> str | None:
         if self.ignore_window:
             return None
-        now = self.clock()
-        predicted = dt.timedelta(seconds=wave.predicted_s)
-        if self.calendar.fits(now, predicted):
+        refused = window_refusal(self.calendar, self.clock(), dt.timedelta(seconds=wave.predicted_s),
+                                 f"wave {wave.index}")
+        if refused is None:
             return None
-        frozen = self.calendar.freeze_at(now)
-        window = self.calendar.open_window(now)
-        nxt = self.calendar.next_opening(now, predicted)
-        later = f"; next opening {nxt.isoformat()}" if nxt else f"; no window fits it in the next {HORIZON.days} days"
-        if frozen:
-            why = f"freeze in force ({frozen.label})"
-        elif window is None:
-            why = "outside every maintenance window"
-        else:
-            left = window.time_left(now) or dt.timedelta(0)
-            why = (f"wave {wave.index} is predicted to take {format_duration(predicted)}, "
-                   f"{format_duration(left)} left before the cutoff of window {window.name}")
-        self._event("window", {"wave": wave.index, "refused": why, "now": now.isoformat(),
-                               "predicted_s": wave.predicted_s, "next_opening": nxt.isoformat() if nxt else None})
-        return f"paused before wave {wave.index}: {why}{later}"
+        message, figures = refused
+        self._event("window", {"wave": wave.index, **figures})
+        return f"paused before wave {wave.index}: {message}"
 
-    # ---- preflight ----------------------------------------------------------------------------------
+    # ---- preflight ------------------------------------------------------------------------------
 
     def _preflight(self, wave: PlannedWave) -> list[str]:
         """Skip what cannot be touched, then refuse the wave (list of problems) on power, fabric or capacity."""
-        assert self.plan is not None
-        states = self.journal.latest_states(self.run_id)
+        states = self.run.latest_states()
         pending = [n for n in wave.hosts if states[n] == HostState.PENDING]
         pools = {self.plan.hosts[n].pool for n in pending}
         members = [h for h in self.inventory.hosts.values() if h.pool in pools]
         facts = self.actions.read_hosts(members)
         ready = []
         for name in pending:
-            why, _ = self._untouchable(name, facts.get(name))
-            if why is None and facts[name].installed_release == self.bundle.release:
+            why, release = _untouchable(facts.get(name))
+            if why is None and release == self.bundle.release:
                 why = f"already on {self.bundle.release}"
             if why:
                 self._enter(name, wave.index, HostState.SKIPPED, why)
@@ -293,12 +350,13 @@ class Runner:
             hosts = self._hosts(ready)
             power = self.actions.check_power(hosts, self.policy.preflight.ups_min_charge_pct)
             measurements["power"] = _outcomes(power)
-            problems += [f"{n}: power: {_why(power.get(n))}" for n in ready if not _ok(power.get(n))]
+            problems += [f"{n}: power: {gates.why(power.get(n))}" for n in ready if not _ok(power.get(n))]
             if self.policy.preflight.check_fabric:
                 fabric = self.actions.check_fabric(hosts)
                 measurements["fabric"] = _outcomes(fabric)
-                problems += [f"{n}: fabric: {_why(fabric.get(n))}" for n in ready if not _ok(fabric.get(n))]
-            capacity, figures = self._capacity(ready, members, facts)
+                problems += [f"{n}: fabric: {gates.why(fabric.get(n))}" for n in ready if not _ok(fabric.get(n))]
+            healthy = {n: f.healthy for n, f in facts.items()}
+            capacity, figures = capacity_problems(ready, members, healthy, self.plan.pools)
             measurements["capacity"] = figures
             problems += capacity
         self._event("preflight", {"hosts": ready, "ok": not problems, "problems": problems,
@@ -308,101 +366,85 @@ class Runner:
         for name in ready:
             release = facts[name].installed_release
             assert release is not None  # _untouchable refused hosts without one
-            self.journal.record_previous_bundle(self.run_id, name, release)
-            self.journal.record_lb_before(self.run_id, name, facts[name].lb_state)
+            self.run.record_previous_bundle(name, release)
+            self.run.record_lb_before(name, facts[name].lb_state)
         return []
 
-    def _capacity(
-        self, ready: Sequence[str], members: Sequence[InventoryHost], facts: Mapping[str, HostFacts]
-    ) -> tuple[list[str], dict[str, Any]]:
-        """Hosts out of each pool with this wave drained, against its max_unavailable and min_serving."""
-        assert self.plan is not None
-        problems = []
-        figures = {}
-        by_pool: dict[str, list[InventoryHost]] = defaultdict(list)
-        for host in members:
-            by_pool[host.pool].append(host)
-        leaving = set(ready)
-        for pool, hosts in sorted(by_pool.items()):
-            budget = self.plan.pools[pool]
-            serving = [h.name for h in hosts if (f := facts.get(h.name)) is not None and f.healthy]
-            serving_after = len([n for n in serving if n not in leaving])
-            out_after = len(hosts) - serving_after
-            figures[pool] = {"size": len(hosts), "serving": len(serving), "serving_after": serving_after,
-                             "max_unavailable": budget.max_unavailable, "min_serving": budget.min_serving}
-            if out_after > budget.max_unavailable:
-                problems.append(f"pool {pool}: {out_after} host(s) would be out, max_unavailable is "
-                                f"{budget.max_unavailable}")
-            if serving_after < budget.min_serving:
-                problems.append(f"pool {pool}: {serving_after} host(s) would serve, min_serving is "
-                                f"{budget.min_serving}")
-        return problems, figures
+    # ---- the wave: one handler per pipeline state, in diagram order -----------------------------
 
-    # ---- the wave pipeline --------------------------------------------------------------------------
-
-    def _run_wave(self, wave: PlannedWave) -> None:
-        """Walk the wave's hosts through the pipeline in lockstep; resumed hosts join at their own step."""
-        states = self.journal.latest_states(self.run_id)
-        hosts = [n for n in wave.hosts if states[n] == HostState.PENDING or states[n] in PIPELINE]
+    def _run_wave(self, planned: PlannedWave) -> None:
+        """Walk the wave's hosts through HANDLERS in lockstep; resumed hosts join at their own state."""
+        states = self.run.latest_states()
+        hosts = [n for n in planned.hosts if states[n] == HostState.PENDING or states[n] in PIPELINE]
         resumed = [n for n in hosts if states[n] != HostState.PENDING]
-        # level-triggered: what the resumed hosts are now decides what is redone
-        facts = dict(self.actions.read_hosts(self._hosts(resumed))) if resumed else {}
-        if resumed:
+        wave = _Wave(planned)
+        if resumed:  # level-triggered: what the resumed hosts are now decides what is redone
+            wave.rejoining = dict(self.actions.read_hosts(self._hosts(resumed)))
             self._event("resume", {"hosts": {n: states[n].value for n in resumed},
-                                   "facts": {n: _facts_dict(f) for n, f in facts.items()}}, wave=wave.index)
+                                   "facts": {n: _snapshot_dict(f) for n, f in wave.rejoining.items()}},
+                        wave=wave.index)
         entry = {n: 0 if states[n] == HostState.PENDING else PIPELINE.index(states[n]) for n in hosts}
         live = list(hosts)
-        for i, step in enumerate(PIPELINE):
+        for i, (state, handler) in enumerate(HANDLERS.items()):
             group = [n for n in live if entry[n] <= i]
             if not group:
                 continue
             if self.lock:
                 self.lock.check()
-            rejoining = {n for n in group if entry[n] == i and n in facts}
             for name in group:
-                if states[name] != step:
-                    self._enter(name, wave.index, step)
+                if states[name] != state:
+                    self._enter(name, wave.index, state)
+            # only the hosts that re-enter at this very state were caught in it by a crash
+            caught = {n: f for n, f in wave.rejoining.items() if entry[n] == i}
             started = time.monotonic()
-            results = self._step(step, group, rejoining, facts, wave)
+            results = handler(self, group, _Wave(planned, caught))
             failed = [n for n in group if not _ok(results.get(n))]
-            self._event("step", {"step": step.value, "hosts": group, "failed": failed,
+            self._event("step", {"step": state.value, "hosts": group, "failed": failed,
                                  "seconds": round(time.monotonic() - started, 3)}, wave=wave.index)
             for name in failed:
-                self._enter(name, wave.index, HostState.FAILED, _why(results.get(name)))
-                self.notify("error", f"{name}: failed at {step}: {_why(results.get(name))}")
+                self._enter(name, wave.index, HostState.FAILED, gates.why(results.get(name)))
+                self.notify("error", f"{name}: failed at {state}: {gates.why(results.get(name))}")
                 live.remove(name)
         for name in live:
             self._enter(name, wave.index, HostState.DONE)
         if live:
             self.notify("info", f"wave {wave.index}: {len(live)} host(s) done on {self.bundle.release}")
 
-    def _step(
-        self, step: HostState, group: list[str], rejoining: set[str], facts: Mapping[str, HostFacts],
-        wave: PlannedWave,
-    ) -> dict[str, Outcome]:
-        t = self.policy.timeouts
-        if step == HostState.DRAINING:
-            return self._drain(group)
-        if step == HostState.APPLYING:
-            done = {n for n in rejoining if facts[n].installed_release == self.bundle.release}
-            results = self._call(self.actions.apply, [n for n in group if n not in done], self.bundle,
-                                 t.apply.total_seconds())
-            results |= {n: Outcome(True, f"{self.bundle.release} already installed") for n in done}
-            for name in group:
-                self._gate(name, wave.index, "ansible", results.get(name), phase="rollout")
-            return results
-        if step == HostState.REBOOTING:
-            return self._call(self.actions.reboot_if_needed, group, self.bundle, t.reboot.total_seconds())
-        if step == HostState.VERIFYING:
-            return self._verify(group, self.bundle, wave.index, "rollout")
-        if step == HostState.UNDRAINING:
-            back = {n for n in rejoining if facts[n].lb_state == "serving"}
-            results = self._undrain([n for n in group if n not in back])
-            return results | {n: Outcome(True, "already serving") for n in back}
-        return self._soak(group, wave.index)
+    def _draining(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
+        """Out of the load balancer, in-flight requests finished."""
+        return self._drain(names)
+
+    def _applying(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
+        """The bundle through patch.yml; the Ansible result is the first gate."""
+        done = {n for n, f in wave.rejoining.items() if f.installed_release == self.bundle.release}
+        results = self._call(self.actions.apply, [n for n in names if n not in done], self.bundle,
+                             self.policy.timeouts.apply.total_seconds())
+        results |= {n: Outcome(True, f"{self.bundle.release} already installed") for n in done}
+        return self._judge(Gate.ANSIBLE, results, names, wave.index, Phase.ROLLOUT, self.bundle)
+
+    def _rebooting(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
+        """Rebooted where the loaded driver is not the bundle's, and back."""
+        timeout_s = self.policy.timeouts.reboot.total_seconds()
+        return self._call(self.actions.reboot_if_needed, names, self.bundle, timeout_s)
+
+    def _verifying(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
+        """testinfra, then the SLO probe."""
+        return self._verify(names, self.bundle, wave.index, Phase.ROLLOUT)
+
+    def _undraining(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
+        """Back in the load balancer (unless it was out before the run)."""
+        back = {n for n, f in wave.rejoining.items() if f.lb_state == "serving"}
+        results = self._undrain([n for n in names if n not in back])
+        return results | {n: Outcome(True, "already serving") for n in back}
+
+    def _soaking(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
+        """Live traffic for the soak's duration: latency, errors and GPU memory growth."""
+        return self._soak(names, wave.index, Phase.ROLLOUT)
+
+    # ---- what the handlers share ------------------------------------------------------------------
 
     def _drain(self, names: list[str]) -> dict[str, Outcome]:
-        before = self.journal.lb_before(self.run_id)
+        before = self.run.lb_before()
         # a host someone else took out of the LB stays theirs: we neither drain nor later undrain it
         ours = [n for n in names if before.get(n) != "drained"]
         results = self._call(self.actions.drain, ours, self.policy.timeouts.drain.total_seconds())
@@ -410,83 +452,77 @@ class Runner:
                           for n in names if n not in ours}
 
     def _undrain(self, names: list[str]) -> dict[str, Outcome]:
-        before = self.journal.lb_before(self.run_id)
+        before = self.run.lb_before()
         ours = [n for n in names if before.get(n, "serving") != "drained"]
         results = self._call(self.actions.undrain, ours, self.policy.timeouts.undrain.total_seconds())
         return results | {n: Outcome(True, "was not serving before the run; left out of the LB")
                           for n in names if n not in ours}
 
-    def _verify(self, names: list[str], bundle: Bundle, wave: int | None, phase: str) -> dict[str, Outcome]:
+    def _verify(self, names: list[str], bundle: Bundle, wave: int, phase: Phase) -> dict[str, Outcome]:
         """testinfra, then the SLO probe on the hosts that passed it; every decision journaled with its figures."""
         gate_s = self.policy.timeouts.gate.total_seconds()
         results: dict[str, Outcome] = {n: Outcome(True) for n in names}
         if self.policy.gates.testinfra:
             checks = self._call(self.actions.gate_testinfra, names, bundle, gate_s)
-            for name in names:
-                self._gate(name, wave, "testinfra", checks.get(name), phase=phase, release=bundle.release)
-                results[name] = checks.get(name) or _no_result()
+            results = self._judge(Gate.TESTINFRA, checks, names, wave, phase, bundle)
         probe = self.policy.gates.slo
         passing = [n for n in names if results[n].ok]
         if probe.enabled and passing:
             figures = self._call(self.actions.probe_slo, passing, probe, gate_s)
-            thresholds = {"p99_ms": probe.p99_ms, "max_error_rate": probe.max_error_rate}
-            for name in passing:
-                verdict = _judge_latency(figures.get(name), probe.p99_ms, probe.max_error_rate)
-                self._gate(name, wave, "slo", verdict, phase=phase, release=bundle.release, thresholds=thresholds)
-                results[name] = verdict
+            results |= self._judge(Gate.SLO, figures, passing, wave, phase, bundle)
         return results
 
-    def _soak(self, names: list[str], wave: int | None) -> dict[str, Outcome]:
+    def _soak(self, names: list[str], wave: int, phase: Phase) -> dict[str, Outcome]:
         soak = self.policy.gates.soak
         if soak.duration.total_seconds() <= 0:
             return {n: Outcome(True, "soak off") for n in names}
         figures = self._call(self.actions.soak, names, soak)
-        probe = self.policy.gates.slo
-        thresholds = {"p99_ms": probe.p99_ms, "max_error_rate": probe.max_error_rate,
-                      "max_gpu_memory_slope_mib_per_hour": soak.max_gpu_memory_slope_mib_per_hour}
-        results = {}
-        for name in names:
-            verdict = _judge_soak(figures.get(name), probe.p99_ms, probe.max_error_rate,
-                                  soak.max_gpu_memory_slope_mib_per_hour)
-            self._gate(name, wave, "soak", verdict, phase="rollout", thresholds=thresholds)
-            results[name] = verdict
-        return results
+        return self._judge(Gate.SOAK, figures, names, wave, phase, self.bundle)
 
-    # ---- budgets and rollback -----------------------------------------------------------------------
+    def _judge(self, gate: Gate, measured: Mapping[str, Outcome], names: Iterable[str], wave: int, phase: Phase,
+               bundle: Bundle) -> dict[str, Outcome]:
+        """The gate's verdict on each host, journaled with its figures; the verdicts as step results."""
+        out = {}
+        for name in names:
+            decision = gates.judge(gate, measured.get(name), self.policy)
+            self._event("gate", {"gate": gate.value, "phase": phase.value, "release": bundle.release,
+                                 "verdict": decision.verdict.value, "ok": decision.ok,
+                                 "timed_out": decision.timed_out, "detail": decision.detail,
+                                 "measurements": dict(decision.measurements),
+                                 "thresholds": dict(decision.thresholds)}, wave=wave, host=name)
+            out[name] = decision.outcome()
+        return out
+
+    # ---- budgets and rollback -------------------------------------------------------------------
 
     def _check_budgets(self, wave: PlannedWave) -> int:
         """Count the wave's failures; halt the run (stop reason `budget`) when a budget is exceeded."""
-        assert self.plan is not None
-        states = self.journal.latest_states(self.run_id)
-        failed_here = self.journal.hosts_that_failed(self.run_id, wave.index)
-        in_wave = [n for n in wave.hosts if states[n] != HostState.SKIPPED]
-        amount = self.policy.budgets.canary if wave.kind == "canary" else self.policy.budgets.per_wave
-        allowed = resolve(amount, len(in_wave))
-        failed_all = self.journal.hosts_that_failed(self.run_id)
-        planned = [n for n in self.plan.hosts if states[n] != HostState.SKIPPED]
-        allowed_all = resolve(self.policy.budgets.global_, len(planned))
-        figures = {"wave_failed": len(failed_here), "wave_allowed": allowed, "run_failed": len(failed_all),
-                   "run_allowed": allowed_all, "failed_hosts": sorted(failed_here)}
-        exceeded = len(failed_here) > allowed or len(failed_all) > allowed_all
-        self._event("budget", figures | {"exceeded": exceeded}, wave=wave.index)
-        if exceeded:
-            self.journal.set_stop(self.run_id, "budget", wave.index)
-            self.notify("error", f"wave {wave.index}: failure budget exceeded ({len(failed_here)} failed, "
-                                 f"{allowed} allowed in the wave; {len(failed_all)} failed, {allowed_all} allowed "
-                                 f"in the run): halting, rollback: {self.policy.rollback}")
-        return len(failed_here)
+        states = self.run.latest_states()
+        counted = [n for n in self.plan.hosts if states[n] != HostState.SKIPPED]
+        check = check_budgets(
+            self.policy, canary=wave.kind == "canary",
+            wave_hosts=len([n for n in wave.hosts if states[n] != HostState.SKIPPED]),
+            wave_failed=sorted(self.run.hosts_that_failed(wave.index)),
+            run_hosts=len(counted), run_failed=len(self.run.hosts_that_failed()),
+        )
+        self._event("budget", check.figures(), wave=wave.index)
+        if check.exceeded:
+            self.run.set_stop(StopReason.BUDGET, wave.index)
+            self.notify("error", f"wave {wave.index}: failure budget exceeded ({check.wave_failed} failed, "
+                                 f"{check.wave_allowed} allowed in the wave; {check.run_failed} failed, "
+                                 f"{check.run_allowed} allowed in the run): halting, rollback: {self.policy.rollback}")
+        return check.wave_failed
 
-    def _settle(self) -> None:
+    def _roll_back_what_must(self) -> None:
         """Roll back every failed host, and when the run halted on a budget, the wave or all, per policy."""
-        assert self.plan is not None
-        states = self.journal.latest_states(self.run_id)
-        run = self.journal.run(self.run_id)
+        states = self.run.latest_states()
+        record = self.run.record()
         targets = {n for n, s in states.items() if s in (HostState.FAILED, HostState.ROLLING_BACK)}
-        if run.stop_reason == "budget":
+        if record.stop_reason == StopReason.BUDGET:
             if self.policy.rollback == "all":
                 targets |= {n for n, s in states.items() if s == HostState.DONE}
-            elif self.policy.rollback == "wave" and run.stop_wave is not None:
-                targets |= {n for n in self.plan.waves[run.stop_wave].hosts if states[n] == HostState.DONE}
+            elif self.policy.rollback == "wave" and record.stop_wave is not None:
+                targets |= {n for n in self.plan.waves[record.stop_wave].hosts if states[n] == HostState.DONE}
         by_wave: dict[int, list[str]] = defaultdict(list)
         for name in targets:
             by_wave[self.plan.hosts[name].wave].append(name)
@@ -495,77 +531,81 @@ class Runner:
             self._roll_back(sorted(by_wave[index]), index)
 
     def _roll_back(self, names: list[str], wave: int) -> None:
-        """Re-apply each host's recorded previous bundle through the same actions and gates."""
+        """The `rolling_back` state: ROLLBACK_STEPS re-apply each host's recorded previous bundle through the
+        same actions and gates; a host any step breaks ends `rollback_failed`, left drained."""
         for name in names:
-            if self.journal.latest_states(self.run_id)[name] != HostState.ROLLING_BACK:
+            if self.run.latest_states()[name] != HostState.ROLLING_BACK:
                 self._enter(name, wave, HostState.ROLLING_BACK)
         if self.lock:
             self.lock.check()
         self.notify("warn", f"rolling back {len(names)} host(s): {', '.join(names)}")
-        previous = self.journal.previous_bundles(self.run_id)
-        facts = self.actions.read_hosts(self._hosts(names))
-        broken: dict[str, str] = {}
-
-        def fail(results: Mapping[str, Outcome], names_: Iterable[str], what: str) -> None:
-            for n in names_:
-                if not _ok(results.get(n)):
-                    broken[n] = f"{what}: {_why(results.get(n))}"
-
+        facts = dict(self.actions.read_hosts(self._hosts(names)))
+        rollback = _Rollback(names, wave, self.run.previous_bundles(), facts)
+        for step in ROLLBACK_STEPS:
+            step(self, rollback)
         for name in names:
-            if name not in previous:
-                broken[name] = "no previous bundle was recorded"
-            elif not (f := facts.get(name)) or not f.reachable:
-                broken[name] = "unreachable"
-        live = [n for n in names if n not in broken]
-        serving = [n for n in live if facts[n].lb_state == "serving"]
-        fail(self._drain(serving), serving, "drain")
+            if name in rollback.broken:
+                # left drained on purpose: a host that could not be restored must not take traffic
+                self._enter(name, wave, HostState.ROLLBACK_FAILED, rollback.broken[name])
+                self._event("rollback_failed", {"reason": rollback.broken[name]}, wave=wave, host=name)
+                self.notify("error", f"ROLLBACK FAILED: {name}: {rollback.broken[name]}; the host is left drained")
+            else:
+                self._enter(name, wave, HostState.ROLLED_BACK, f"back on {rollback.previous[name]}")
+                self.notify("warn", f"{name}: rolled back to {rollback.previous[name]}")
+
+    def _rollback_check(self, rollback: _Rollback) -> None:
+        """Only hosts with a recorded previous bundle that answer can be rolled back."""
+        for name in rollback.names:
+            if name not in rollback.previous:
+                rollback.broken[name] = "no previous bundle was recorded"
+            elif not (f := rollback.facts.get(name)) or not f.reachable:
+                rollback.broken[name] = "unreachable"
+
+    def _rollback_drain(self, rollback: _Rollback) -> None:
+        """Out of the load balancer again (a host that reached `done` serves)."""
+        serving = [n for n in rollback.live() if rollback.facts[n].lb_state == "serving"]
+        rollback.fail(self._drain(serving), serving, "drain")
+
+    def _rollback_apply(self, rollback: _Rollback) -> None:
+        """Per previous release: apply it where it is not installed, reboot if needed, verify with the gates."""
         by_release: dict[str, list[str]] = defaultdict(list)
-        for name in live:
-            if name not in broken:
-                by_release[previous[name]].append(name)
+        for name in rollback.live():
+            by_release[rollback.previous[name]].append(name)
         for release, group in sorted(by_release.items()):
             bundle = self.resolve_bundle(release)
             if bundle is None:  # checked at start; only a manifest deleted mid-run gets here
-                broken |= dict.fromkeys(group, f"the manifest of its previous bundle {release} is gone")
+                rollback.broken |= dict.fromkeys(group, f"the manifest of its previous bundle {release} is gone")
                 continue
-            todo = [n for n in group if facts[n].installed_release != release]
+            todo = [n for n in group if rollback.facts[n].installed_release != release]
             applied = self._call(self.actions.apply, todo, bundle, self.policy.timeouts.apply.total_seconds())
-            for name in todo:
-                self._gate(name, wave, "ansible", applied.get(name), phase="rollback", release=release)
-            fail(applied, todo, f"apply {release}")
-            group = [n for n in group if n not in broken]
+            rollback.fail(self._judge(Gate.ANSIBLE, applied, todo, rollback.wave, Phase.ROLLBACK, bundle), todo,
+                          f"apply {release}")
+            group = [n for n in group if n not in rollback.broken]
             rebooted = self._call(self.actions.reboot_if_needed, group, bundle,
                                   self.policy.timeouts.reboot.total_seconds())
-            fail(rebooted, group, "reboot")
-            group = [n for n in group if n not in broken]
-            fail(self._verify(group, bundle, wave, "rollback"), group, "gate")
-        live = [n for n in live if n not in broken]
-        fail(self._undrain(live), live, "undrain")
-        for name in names:
-            if name in broken:
-                # left drained on purpose: a host that could not be restored must not take traffic
-                self._enter(name, wave, HostState.ROLLBACK_FAILED, broken[name])
-                self._event("rollback_failed", {"reason": broken[name]}, wave=wave, host=name)
-                self.notify("error", f"ROLLBACK FAILED: {name}: {broken[name]}; the host is left drained")
-            else:
-                self._enter(name, wave, HostState.ROLLED_BACK, f"back on {previous[name]}")
-                self.notify("warn", f"{name}: rolled back to {previous[name]}")
+            rollback.fail(rebooted, group, "reboot")
+            group = [n for n in group if n not in rollback.broken]
+            rollback.fail(self._verify(group, bundle, rollback.wave, Phase.ROLLBACK), group, "gate")
 
-    # ---- the end --------------------------------------------------------------------------------------
+    def _rollback_undrain(self, rollback: _Rollback) -> None:
+        """Back in the load balancer, the hosts that were restored."""
+        live = rollback.live()
+        rollback.fail(self._undrain(live), live, "undrain")
+
+    # ---- the end ----------------------------------------------------------------------------------
 
     def _finish(self) -> RunResult:
-        run = self.journal.run(self.run_id)
-        states = self.journal.latest_states(self.run_id)
-        for wave in self.journal.waves(self.run_id):
-            if wave.status == "running":
-                self.journal.wave_finished(self.run_id, wave.index,
-                                           len(self.journal.hosts_that_failed(self.run_id, wave.index)))
+        record = self.run.record()
+        states = self.run.latest_states()
+        for stored in self.run.waves():
+            if stored.status == WaveStatus.RUNNING:
+                self.run.wave_finished(stored.index, len(self.run.hosts_that_failed(stored.index)))
         counts = Counter(states.values())
-        if run.stop_reason == "budget":
-            status, message = RunStatus.FAILED, (f"halted: failure budget exceeded in wave {run.stop_wave}; "
+        if record.stop_reason == StopReason.BUDGET:
+            status, message = RunStatus.FAILED, (f"halted: failure budget exceeded in wave {record.stop_wave}; "
                                                  f"rollback policy {self.policy.rollback}")
-        elif run.stop_reason == "aborted":
-            status, message = RunStatus.ABORTED, f"aborted before wave {run.stop_wave}"
+        elif record.stop_reason == StopReason.ABORTED:
+            status, message = RunStatus.ABORTED, f"aborted before wave {record.stop_wave}"
         else:
             status, message = RunStatus.DONE, f"{counts[HostState.DONE]} host(s) on {self.bundle.release}"
         if counts[HostState.ROLLED_BACK]:
@@ -573,22 +613,22 @@ class Runner:
         broken = sorted(n for n, s in states.items() if s == HostState.ROLLBACK_FAILED)
         if broken:
             message += f"; ROLLBACK FAILED on {', '.join(broken)} (left drained)"
-        self.journal.set_run_status(self.run_id, status, message, finished=True)
+        self.run.set_run_status(status, message, finished=True)
         self._event("run", {"event": "finished", "status": status.value, "message": message,
                             "hosts": {s.value: n for s, n in counts.items()}})
         return self._result(status, message)
 
     def _result(self, status: RunStatus, message: str) -> RunResult:
-        states = self.journal.latest_states(self.run_id)
+        states = self.run.latest_states()
         counts = Counter(s.value for s in states.values())
         broken = tuple(sorted(n for n, s in states.items() if s == HostState.ROLLBACK_FAILED))
-        return RunResult(self.run_id, status, message, dict(counts), broken)
+        return RunResult(self.run.id, status, message, dict(counts), broken)
 
-    # ---- helpers --------------------------------------------------------------------------------------
+    # ---- plumbing -----------------------------------------------------------------------------------
 
     def _enter(self, name: str, wave: int | None, state: HostState, detail: str = "") -> None:
         """Persist a transition (the action it announces has not started yet), then honour a kill point."""
-        self.journal.record_state(self.run_id, name, wave, state, detail)
+        self.run.record_state(name, wave, state, detail)
         self.kill.after(state)
 
     def _hosts(self, names: Iterable[str]) -> list[InventoryHost]:
@@ -599,81 +639,77 @@ class Runner:
             return {}
         return dict(action(self._hosts(names), *args))
 
-    def _gate(
-        self, name: str, wave: int | None, gate: str, outcome: Outcome | None, *, phase: str,
-        release: str | None = None, thresholds: Mapping[str, Any] | None = None,
-    ) -> None:
-        outcome = outcome or _no_result()
-        self._event("gate", {"gate": gate, "phase": phase, "release": release or self.bundle.release,
-                             "ok": outcome.ok, "timed_out": outcome.timed_out, "detail": outcome.detail,
-                             "measurements": dict(outcome.measurements), "thresholds": dict(thresholds or {})},
-                    wave=wave, host=name)
-
     def _event(self, kind: str, data: Mapping[str, Any], *, wave: int | None = None, host: str | None = None) -> None:
-        self.journal.add_event(self.run_id, kind, data, wave=wave, host=host)
+        self.run.add_event(kind, data, wave=wave, host=host)
 
     def _pools_text(self, wave: PlannedWave) -> str:
-        assert self.plan is not None
         return "(" + ", ".join(f"{p}: {n}" for p, n in sorted(self.plan.pool_counts(wave).items())) + ")"
 
 
-def _no_result() -> Outcome:
-    return Outcome(False, "no result from the action")
+# The pipeline's states and their handlers, in the order of the diagram (patching/states.py PIPELINE).
+HANDLERS: dict[HostState, Callable[[Runner, list[str], _Wave], dict[str, Outcome]]] = {
+    HostState.DRAINING: Runner._draining,
+    HostState.APPLYING: Runner._applying,
+    HostState.REBOOTING: Runner._rebooting,
+    HostState.VERIFYING: Runner._verifying,
+    HostState.UNDRAINING: Runner._undraining,
+    HostState.SOAKING: Runner._soaking,
+}
+assert tuple(HANDLERS) == PIPELINE
+
+
+@dataclass
+class _Rollback:
+    """One batch of hosts in `rolling_back`: what each ran before, what it is now, what broke."""
+
+    names: list[str]
+    wave: int
+    previous: Mapping[str, str]
+    facts: Mapping[str, HostSnapshot]
+    broken: dict[str, str] = field(default_factory=dict)
+
+    def live(self) -> list[str]:
+        """The hosts no step has broken yet."""
+        return [n for n in self.names if n not in self.broken]
+
+    def fail(self, results: Mapping[str, Outcome], names: Iterable[str], what: str) -> None:
+        """Mark the hosts whose result is not ok as broken by `what`."""
+        for n in names:
+            if not _ok(results.get(n)):
+                self.broken[n] = f"{what}: {gates.why(results.get(n))}"
+
+
+# What `rolling_back` does, in order.
+ROLLBACK_STEPS: tuple[Callable[[Runner, _Rollback], None], ...] = (
+    Runner._rollback_check,
+    Runner._rollback_drain,
+    Runner._rollback_apply,
+    Runner._rollback_undrain,
+)
+
+
+def _untouchable(facts: HostSnapshot | None) -> tuple[str | None, str | None]:
+    """(why the host must not be touched, or None; the release it runs)."""
+    if facts is None or not facts.reachable:
+        detail = f": {facts.detail}" if facts and facts.detail else ""
+        return f"unreachable at preflight{detail}", None
+    if facts.installed_release is None:
+        return "its installed bundle is unknown: there would be nothing to roll back to", None
+    return None, facts.installed_release  # one already on the target is reported so by the planner
 
 
 def _ok(outcome: Outcome | None) -> bool:
     return outcome is not None and outcome.ok
 
 
-def _why(outcome: Outcome | None) -> str:
-    if outcome is None:
-        return "no result from the action"
-    return ("timed out: " if outcome.timed_out else "") + (outcome.detail or ("ok" if outcome.ok else "failed"))
-
-
 def _outcomes(results: Results) -> dict[str, Any]:
     return {n: {"ok": o.ok, "detail": o.detail, **dict(o.measurements)} for n, o in results.items()}
 
 
-def _facts_dict(facts: HostFacts) -> dict[str, Any]:
+def _snapshot_dict(facts: HostSnapshot) -> dict[str, Any]:
     return {"reachable": facts.reachable, "installed_release": facts.installed_release,
             "lb_state": facts.lb_state, "detail": facts.detail}
 
 
-def _unhealthy_reason(facts: HostFacts) -> str:
+def _unhealthy_reason(facts: HostSnapshot) -> str:
     return "unreachable" if not facts.reachable else f"load balancer: {facts.lb_state}"
-
-
-def _judge_latency(outcome: Outcome | None, p99_ms: float, max_error_rate: float) -> Outcome:
-    """The SLO verdict on a probe's figures: P99 below the threshold, error rate at most the maximum."""
-    if outcome is None or not outcome.ok:
-        return Outcome(False, f"probe failed: {_why(outcome)}", outcome.timed_out if outcome else False,
-                       outcome.measurements if outcome else {})
-    m = outcome.measurements
-    p99, errors = m.get("p99_ms"), m.get("error_rate")
-    if p99 is None or errors is None:
-        return Outcome(False, "probe returned no p99_ms/error_rate", measurements=m)
-    problems = []
-    if p99 >= p99_ms:
-        problems.append(f"p99 {p99:.1f} ms >= {p99_ms:g} ms")
-    if errors > max_error_rate:
-        problems.append(f"error rate {errors:.2%} > {max_error_rate:.2%}")
-    if problems:
-        return Outcome(False, "; ".join(problems), measurements=m)
-    return Outcome(True, f"p99 {p99:.1f} ms, error rate {errors:.2%}", measurements=m)
-
-
-def _judge_soak(outcome: Outcome | None, p99_ms: float, max_error_rate: float, max_slope: float) -> Outcome:
-    """The soak verdict: latency and errors as for the SLO probe, and GPU memory growth under the slope limit."""
-    latency = _judge_latency(outcome, p99_ms, max_error_rate)
-    if outcome is None or not outcome.ok:
-        return latency
-    slope = outcome.measurements.get("gpu_memory_slope_mib_per_hour")
-    problems = [] if latency.ok else [latency.detail]
-    if slope is None:
-        problems.append("soak returned no gpu_memory_slope_mib_per_hour")
-    elif slope > max_slope:
-        problems.append(f"GPU memory grows {slope:.0f} MiB/h > {max_slope:g} MiB/h")
-    if problems:
-        return Outcome(False, "; ".join(problems), measurements=outcome.measurements)
-    return Outcome(True, f"{latency.detail}, GPU memory {slope:+.0f} MiB/h", measurements=outcome.measurements)

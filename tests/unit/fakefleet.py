@@ -17,7 +17,7 @@ from typing import Any
 
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle
-from patching.rollout.actions import HostFacts, Outcome
+from patching.rollout.actions import HostSnapshot, Outcome
 from patching.rollout.policy import SloProbe, Soak
 
 OLD, NEW = "2026-10", "2026-11"
@@ -118,13 +118,13 @@ class FakeFleet:
             return Outcome(False, "unreachable")
         return None
 
-    def read_hosts(self, hosts: Sequence[InventoryHost]) -> dict[str, HostFacts]:
+    def read_hosts(self, hosts: Sequence[InventoryHost]) -> dict[str, HostSnapshot]:
         names = self._begin("read", hosts)
         out = {}
         for n in names:
             h = self.hosts[n]
-            out[n] = (HostFacts(True, h["installed"], h["lb"]) if h["reachable"]
-                      else HostFacts(False, detail="ssh: connection refused"))
+            out[n] = (HostSnapshot(True, h["installed"], h["lb"]) if h["reachable"]
+                      else HostSnapshot(False, detail="ssh: connection refused"))
         self.save()
         return out
 

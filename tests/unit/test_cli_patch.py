@@ -10,6 +10,7 @@ import typer
 import yaml
 
 import patching.cli.app as cli
+import patching.cli.patch as cli_patch
 from patching.cli.patch import register
 from patching.journal.store import Journal
 from patching.rollout import actions as host_actions
@@ -37,14 +38,14 @@ def spy(monkeypatch):
     calls = []
     fleets = {}
 
-    def make_actions(inventory, bundle, policy, *, work_dir):
+    def make_actions(inventory, *, work_dir):
         calls.append(inventory.selected)
         key = str(work_dir)
         if key not in fleets:
             fleets[key] = FakeFleet.fresh(inventory)
         return fleets[key]
 
-    monkeypatch.setattr(host_actions, "make_actions", make_actions)
+    monkeypatch.setattr(cli_patch, "make_actions", make_actions)
     return calls, fleets
 
 
@@ -199,10 +200,10 @@ def test_run_outside_every_window_is_refused(fleet, spy, tmp_path, release, inve
 
 def test_locked_journal_refuses_a_second_run(fleet, spy, tmp_path, release, inventory):
     journal = Journal(tmp_path / "j/journal.db")
-    journal.acquire_lock("someone else")
+    journal.lock.acquire("someone else")
     code, _, err = fleet(*run_args(release, inventory, tmp_path))
     assert code == 3 and "another run holds the journal lock: someone else" in err and spy[0] == []
-    journal.release_lock()
+    journal.lock.release()
 
 
 # ---- runs end to end with fake hosts ------------------------------------------------------------
@@ -269,8 +270,8 @@ def short_window(tmp_path):
     run = journal.create_run(release="2026-10", owner="t", bundle_path="b", bundle={}, releases_dir=".",
                              inventory=[], limit=None, policy_path=None, policy={}, plan=plan)
     journal.db.execute("UPDATE waves SET status = 'done', started_at = 0, finished_at = CASE idx WHEN 0 THEN 300"
-                       " ELSE 3000 END WHERE run_id = ?", (run,))
-    journal.set_run_status(run, "done", finished=True)
+                       " ELSE 3000 END WHERE run_id = ?", (run.id,))
+    run.set_run_status("done", finished=True)
     journal.close()
     now = dt.datetime.now(dt.UTC)
     return write_yaml(tmp_path / "p.yaml", {"windows": [{"cron": f"{now.minute} {now.hour} * * *",
@@ -313,10 +314,10 @@ def test_without_host_actions_a_run_explains_itself(fleet, tmp_path, release, in
     def unavailable(*args, **kwargs):
         raise host_actions.ActionsUnavailable("host actions unavailable: ansible_runner is missing")
 
-    monkeypatch.setattr(host_actions, "make_actions", unavailable)
+    monkeypatch.setattr(cli_patch, "make_actions", unavailable)
     code, _, err = fleet(*run_args(release, inventory, tmp_path))
     assert code == 1 and "ansible_runner is missing" in err
-    assert Journal(tmp_path / "j/journal.db").lock_info() is None  # the lock was given back
+    assert Journal(tmp_path / "j/journal.db").lock.info() is None  # the lock was given back
 
 
 def test_ansible_failing_to_start_is_an_error_not_unreachable_hosts(fleet, spy, tmp_path, release, inventory,
@@ -329,7 +330,7 @@ def test_ansible_failing_to_start_is_an_error_not_unreachable_hosts(fleet, spy, 
     assert code == 1 and "ansible could not run" in err and "no run was started" in err
     assert "skipped" not in stdout + err
     journal = Journal(tmp_path / "j/journal.db")
-    assert journal.runs() == [] and journal.lock_info() is None
+    assert journal.runs() == [] and journal.lock.info() is None
 
 
 def test_status_and_resume_need_a_journal(fleet, tmp_path):

@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from patching.journal.store import Journal, JournalError, LockHeld, LockKeeper, lock_staleness, redact
+from patching.journal.lock import LockHeld, LockKeeper, lock_staleness
+from patching.journal.redact import redact
+from patching.journal.store import Journal, JournalError
 from patching.states import TRANSITIONS, HostState, IllegalTransition
 
 PLAN = {"waves": [{"index": 0, "kind": "canary", "hosts": ["a1"], "predicted_s": 60.0},
@@ -30,29 +32,29 @@ def journal(tmp_path):
 def test_wal_mode_and_schema(journal):
     assert journal.journal_mode() == "wal"
     run = new_run(journal)
-    assert journal.latest_states(run) == {"a1": "pending", "a2": "pending", "a3": "pending", "a4": "skipped"}
-    assert [w.status for w in journal.waves(run)] == ["pending", "pending"]
-    assert journal.run(run).status == "running"
+    assert run.latest_states() == {"a1": "pending", "a2": "pending", "a3": "pending", "a4": "skipped"}
+    assert [w.status for w in run.waves()] == ["pending", "pending"]
+    assert run.record().status == "running"
 
 
 def test_state_changes_are_appended_and_checked_against_the_diagram(journal):
     run = new_run(journal)
     for state in (HostState.DRAINING, HostState.APPLYING, HostState.FAILED, HostState.ROLLING_BACK):
-        journal.record_state(run, "a1", 0, state)
+        run.record_state("a1", 0, state)
     with pytest.raises(IllegalTransition):
-        journal.record_state(run, "a1", 0, HostState.DONE)
+        run.record_state("a1", 0, HostState.DONE)
     with pytest.raises(IllegalTransition):
-        journal.record_state(run, "a2", 1, HostState.APPLYING)  # pending -> applying skips draining
-    assert [r.state for r in journal.host_history(run) if r.host == "a1"] == [
+        run.record_state("a2", 1, HostState.APPLYING)  # pending -> applying skips draining
+    assert [r.state for r in run.host_history() if r.host == "a1"] == [
         "pending", "draining", "applying", "failed", "rolling_back"]
-    assert journal.hosts_that_failed(run) == {"a1"} and journal.hosts_that_failed(run, 1) == set()
+    assert run.hosts_that_failed() == {"a1"} and run.hosts_that_failed(1) == set()
 
 
 def test_history_and_events_are_append_only(journal):
     run = new_run(journal)
-    journal.add_event(run, "gate", {"ok": True})
-    journal.record_previous_bundle(run, "a1", "2026-10")
-    journal.record_lb_before(run, "a1", "serving")
+    run.add_event("gate", {"ok": True})
+    run.record_previous_bundle("a1", "2026-10")
+    run.record_lb_before("a1", "serving")
     for sql in ("UPDATE host_states SET state = 'done'", "DELETE FROM host_states",
                 "UPDATE events SET data = '{}'", "DELETE FROM events",
                 "UPDATE previous_bundles SET release = 'x'", "DELETE FROM lb_changes"):
@@ -62,27 +64,27 @@ def test_history_and_events_are_append_only(journal):
 
 def test_previous_bundle_and_lb_state_keep_the_first_record(journal):
     run = new_run(journal)
-    journal.record_previous_bundle(run, "a1", "2026-10")
-    journal.record_previous_bundle(run, "a1", "2026-11")  # a resume must not overwrite the rollback target
-    journal.record_lb_before(run, "a1", "serving")
-    journal.record_lb_before(run, "a1", "drained")
-    assert journal.previous_bundles(run) == {"a1": "2026-10"} and journal.lb_before(run) == {"a1": "serving"}
+    run.record_previous_bundle("a1", "2026-10")
+    run.record_previous_bundle("a1", "2026-11")  # a resume must not overwrite the rollback target
+    run.record_lb_before("a1", "serving")
+    run.record_lb_before("a1", "drained")
+    assert run.previous_bundles() == {"a1": "2026-10"} and run.lb_before() == {"a1": "serving"}
 
 
 def test_every_write_is_visible_to_another_connection_at_once(journal, tmp_path):
     run = new_run(journal)
-    journal.record_state(run, "a1", 0, HostState.DRAINING)
+    run.record_state("a1", 0, HostState.DRAINING)
     other = Journal(tmp_path / "journal.db")
-    assert other.latest_states(run)["a1"] == HostState.DRAINING
+    assert other.of_run(run.id).latest_states()["a1"] == HostState.DRAINING
     other.close()
 
 
 def test_events_mask_secrets(journal):
     run = new_run(journal)
-    journal.add_event(run, "gate", {"headers": {"Authorization": "Bearer abc.def.ghi"}, "password": "hunter2",
+    run.add_event("gate", {"headers": {"Authorization": "Bearer abc.def.ghi"}, "password": "hunter2",
                                     "detail": "GET https://admin:s3cret@bmc/redfish failed; token=abcd1234",
                                     "max_tokens": 512})
-    data = journal.events(run)[0].data
+    data = run.events()[0].data
     text = str(data)
     assert "hunter2" not in text and "s3cret" not in text and "abcd1234" not in text and "abc.def" not in text
     assert data["max_tokens"] == 512
@@ -90,19 +92,19 @@ def test_events_mask_secrets(journal):
 
 
 def test_a_second_run_is_refused_and_a_live_lock_is_not_stale(journal, tmp_path):
-    journal.acquire_lock("first")
+    journal.lock.acquire("first")
     other = Journal(tmp_path / "journal.db")
     with pytest.raises(LockHeld) as held:
-        other.acquire_lock("second", steal=True)  # steal never takes a live lock
+        other.lock.acquire("second", steal=True)  # steal never takes a live lock
     assert held.value.stale is None and "first" in str(held.value) and str(os.getpid()) in str(held.value)
-    journal.release_lock()
-    assert other.acquire_lock("second") is None
-    other.release_lock()
+    journal.lock.release()
+    assert other.lock.acquire("second") is None
+    other.lock.release()
     other.close()
 
 
 def _hold_lock_and_die(path):
-    Journal(path).acquire_lock("doomed")
+    Journal(path).lock.acquire("doomed")
     os._exit(0)  # dies without releasing
 
 
@@ -111,28 +113,28 @@ def test_lock_of_a_dead_pid_is_stale_and_can_be_stolen(journal, tmp_path):
     child.start()
     child.join()
     with pytest.raises(LockHeld) as held:
-        journal.acquire_lock("me")
+        journal.lock.acquire("me")
     assert held.value.stale and f"PID {child.pid} is not running" in held.value.stale
     assert "--steal-lock" in str(held.value)
-    stolen = journal.acquire_lock("me", steal=True)
+    stolen = journal.lock.acquire("me", steal=True)
     assert stolen is not None and stolen.owner == "doomed"
-    assert journal.lock_info().owner == "me"
+    assert journal.lock.info().owner == "me"
 
 
 def test_lock_without_heartbeat_is_stale(journal):
-    journal.acquire_lock("me")
+    journal.lock.acquire("me")
     journal.db.execute("UPDATE lock SET pid = 1, hostname = 'elsewhere', heartbeat_at = ?", (time.time() - 300,))
-    lock = journal.lock_info()
+    lock = journal.lock.info()
     assert lock_staleness(lock, stale_after=120) == "no heartbeat for 300s (stale after 120s)"
     assert lock_staleness(lock, stale_after=600) is None  # another machine's PID cannot be checked
 
 
 def test_heartbeat_keeps_the_lock_fresh_and_notices_theft(journal, tmp_path):
-    journal.acquire_lock("me")
-    before = journal.lock_info().heartbeat_at
+    journal.lock.acquire("me")
+    before = journal.lock.info().heartbeat_at
     with LockKeeper(tmp_path / "journal.db", interval=0.05) as keeper:
         time.sleep(0.2)
-        assert journal.lock_info().heartbeat_at > before
+        assert journal.lock.info().heartbeat_at > before
         journal.db.execute("UPDATE lock SET pid = 1, hostname = 'thief'")
         time.sleep(0.2)
         assert keeper.lost.is_set()
@@ -142,18 +144,18 @@ def test_heartbeat_keeps_the_lock_fresh_and_notices_theft(journal, tmp_path):
 
 def test_history_for_the_planner(journal):
     run = new_run(journal)
-    journal.record_previous_bundle(run, "a1", "2026-10")
-    journal.record_previous_bundle(run, "a2", "2026-10")
+    run.record_previous_bundle("a1", "2026-10")
+    run.record_previous_bundle("a2", "2026-10")
     for host, wave in (("a1", 0), ("a2", 1)):
         for state in (HostState.DRAINING, HostState.APPLYING, HostState.REBOOTING, HostState.VERIFYING,
                       HostState.UNDRAINING, HostState.SOAKING, HostState.DONE):
-            journal.record_state(run, host, wave, state)
+            run.record_state(host, wave, state)
     for state in (HostState.ROLLING_BACK, HostState.ROLLED_BACK):
-        journal.record_state(run, "a2", 1, state)
-    journal.wave_started(run, 0)
-    journal.wave_finished(run, 0, failures=0)
-    journal.wave_started(run, 1)
-    journal.wave_finished(run, 1, failures=1)  # waves with failures do not predict normal ones
+        run.record_state("a2", 1, state)
+    run.wave_started(0)
+    run.wave_finished(0, failures=0)
+    run.wave_started(1)
+    run.wave_finished(1, failures=1)  # waves with failures do not predict normal ones
     assert journal.last_known_releases() == {"a1": "2026-11", "a2": "2026-10"}
     history = journal.wave_history()
     assert len(history) == 1 and history[0][0] == 1 and history[0][1] >= 0

@@ -21,7 +21,7 @@ def failed_run(tmp_path):
 
 
 def test_junit_has_one_case_per_host_per_gate(failed_run, tmp_path):
-    paths = write_reports(failed_run.journal, 1, tmp_path / "reports")
+    paths = write_reports(failed_run.journal.of_run(1), tmp_path / "reports")
     root = ET.parse(paths["junit.xml"]).getroot()
     assert root.tag == "testsuites"
     cases = {(c.get("classname"), c.get("name")): c for c in root.iter("testcase")}
@@ -44,7 +44,7 @@ def test_summary_says_what_failed_and_why(failed_run, tmp_path, monkeypatch):
     step_summary = tmp_path / "step-summary.md"
     step_summary.write_text("# earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step_summary))
-    paths = write_reports(failed_run.journal, 1, tmp_path / "reports")
+    paths = write_reports(failed_run.journal.of_run(1), tmp_path / "reports")
     summary = paths["summary.md"].read_text()
     assert summary.startswith("# Patch run 1: release 2026-11 - FAILED")
     assert "> [!CAUTION]" in summary and "ROLLBACK FAILED on 1 host(s), left drained: **a1**" in summary
@@ -55,7 +55,7 @@ def test_summary_says_what_failed_and_why(failed_run, tmp_path, monkeypatch):
 
 def test_report_json_and_events_jsonl(failed_run, tmp_path, monkeypatch):
     monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
-    paths = write_reports(failed_run.journal, 1, tmp_path / "reports")
+    paths = write_reports(failed_run.journal.of_run(1), tmp_path / "reports")
     report = json.loads(paths["report.json"].read_text())
     assert report["run"]["status"] == "failed" and report["run"]["rollback"] == "wave"
     assert report["hosts"]["a1"]["state"] == "rollback_failed" and report["hosts"]["a1"]["previous_bundle"] == "2026-10"
@@ -68,7 +68,7 @@ def test_report_json_and_events_jsonl(failed_run, tmp_path, monkeypatch):
 
 def test_no_secret_reaches_any_report(failed_run, tmp_path):
     # the fake SLO probe returns an Authorization value among its measurements
-    paths = write_reports(failed_run.journal, 1, tmp_path / "reports")
+    paths = write_reports(failed_run.journal.of_run(1), tmp_path / "reports")
     for path in paths.values():
         text = path.read_text()
         assert "abcdefghijklmnop" not in text, path.name
@@ -78,5 +78,5 @@ def test_no_secret_reaches_any_report(failed_run, tmp_path):
 def test_clean_run_summary(tmp_path):
     h = Harness(tmp_path)
     h.run()
-    summary = write_reports(h.journal, 1, tmp_path / "r")["summary.md"].read_text()
+    summary = write_reports(h.journal.of_run(1), tmp_path / "r")["summary.md"].read_text()
     assert "DONE" in summary and f"7 host(s) on {NEW}" in summary and "Failed gates" not in summary

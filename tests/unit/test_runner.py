@@ -59,14 +59,14 @@ class Harness:
         return self.runner(**kw).execute(run_id)
 
     def states(self, run_id: int = 1) -> dict[str, str]:
-        return {h: s.value for h, s in Journal(self.dir / "journal.db").latest_states(run_id).items()}
+        return {h: s.value for h, s in Journal(self.dir / "journal.db").of_run(run_id).latest_states().items()}
 
 
 def assert_consistent(journal_path: Path, fleet: FakeFleet, run_id: int = 1) -> dict[str, str]:
     """Journal walks the diagram; nothing in flight; hosts are where their state says; nothing drained that serves."""
     journal = Journal(journal_path)
     walks: dict[str, list[HostState]] = {}
-    for row in journal.host_history(run_id):
+    for row in journal.of_run(run_id).host_history():
         walks.setdefault(row.host, []).append(row.state)
     for host, walk in walks.items():
         assert walk[0] == HostState.PENDING, (host, walk)
@@ -105,7 +105,7 @@ def test_happy_path(tmp_path):
     # canary first, then one wave at a time; a host is drained before it is patched and back after
     order = [names for action, names, _ in h.fleet.calls if action == "apply"]
     assert order[0] == ("a1", "b1") and len(order) == 6
-    gates = [e for e in h.journal.events(1) if e.kind == "gate"]
+    gates = [e for e in h.journal.of_run(1).events() if e.kind == "gate"]
     assert Counter(e.data["gate"] for e in gates) == {"ansible": 7, "testinfra": 7, "slo": 7, "soak": 7}
     slo = next(e for e in gates if e.data["gate"] == "slo")
     assert slo.data["measurements"]["p99_ms"] == 48.0 and slo.data["thresholds"]["p99_ms"] == 200
@@ -138,11 +138,12 @@ def test_canary_failing_its_slo_gate_is_rolled_back_per_policy(tmp_path, mode, r
     assert {n for n, s in final.items() if s == "rolled_back"} == rolled_back
     assert {n for n, s in final.items() if s == "pending"} == {"a2", "a3", "a4", "b2", "b3"}
     assert applied(h.fleet) == {"a1", "b1"}  # no later wave started
-    gate = next(e for e in h.journal.events(1) if e.kind == "gate" and e.data["gate"] == "slo" and not e.data["ok"])
+    events = h.journal.of_run(1).events()
+    gate = next(e for e in events if e.kind == "gate" and e.data["gate"] == "slo" and not e.data["ok"])
     assert gate.host == "a1" and "p99 480.0 ms >= 200 ms" in gate.data["detail"]
     assert h.fleet.hosts["a1"]["installed"] == OLD
     # the rollback went through the same gates, on the old bundle
-    rollback_gates = [e.data for e in h.journal.events(1) if e.kind == "gate" and e.data["phase"] == "rollback"]
+    rollback_gates = [e.data for e in events if e.kind == "gate" and e.data["phase"] == "rollback"]
     assert {(g["gate"], g["release"]) for g in rollback_gates if g["ok"]} >= {("testinfra", OLD), ("slo", OLD)}
 
 
@@ -165,7 +166,7 @@ def test_failures_within_budget_are_rolled_back_and_the_run_goes_on(tmp_path):
     final = assert_consistent(tmp_path / "journal.db", h.fleet)
     assert result.status == RunStatus.DONE and result.exit_code == 1  # done, but a host was rolled back
     assert final["a2"] == "rolled_back" and Counter(final.values())["done"] == 6
-    budget = [e.data for e in h.journal.events(1) if e.kind == "budget" and e.data["wave_failed"]]
+    budget = [e.data for e in h.journal.of_run(1).events() if e.kind == "budget" and e.data["wave_failed"]]
     assert budget == [{"wave_failed": 1, "wave_allowed": 1, "run_failed": 1, "run_allowed": 2,
                        "failed_hosts": ["a2"], "exceeded": False}]
 
@@ -185,7 +186,8 @@ def test_gpu_memory_leak_fails_the_soak(tmp_path):
     h = Harness(tmp_path)
     h.fleet.leaky[("b1", NEW)] = 2048.0
     h.run()
-    gate = next(e for e in h.journal.events(1) if e.kind == "gate" and e.data["gate"] == "soak" and not e.data["ok"])
+    events = h.journal.of_run(1).events()
+    gate = next(e for e in events if e.kind == "gate" and e.data["gate"] == "soak" and not e.data["ok"])
     assert gate.host == "b1" and "GPU memory grows 2048 MiB/h > 512 MiB/h" in gate.data["detail"]
 
 
@@ -210,7 +212,7 @@ def test_unreachable_hosts_are_skipped_not_counted(tmp_path):
     final = assert_consistent(tmp_path / "journal.db", h.fleet)
     assert result.status == RunStatus.DONE and result.exit_code == 0
     assert final["a1"] == final["b3"] == "skipped"
-    detail = {r.host: r.detail for r in h.journal.host_history(1) if r.state == HostState.SKIPPED}
+    detail = {r.host: r.detail for r in h.journal.of_run(1).host_history() if r.state == HostState.SKIPPED}
     assert detail["a1"].startswith("unreachable at preflight")
 
 
@@ -308,7 +310,7 @@ def test_abort_stops_after_the_hosts_in_flight(tmp_path):
     def abort_during_wave_1(action: str, names: list[str]) -> None:
         if action == "apply" and names == ["a2"]:
             other = Journal(tmp_path / "journal.db")
-            other.request_abort(1)
+            other.of_run(1).request_abort()
             other.close()
 
     h.fleet.on_call = abort_during_wave_1
@@ -323,13 +325,13 @@ def test_resume_is_level_triggered(tmp_path):
     h = Harness(tmp_path)
     runner = h.runner()
     run_id = runner.start(owner="t", bundle_path="b", releases_dir="r", policy_path=None)
-    h.journal.wave_started(run_id, 0)
+    h.journal.of_run(run_id).wave_started(0)
     # as if a crash hit after a1 was patched and b1 drained, before the journal heard of it
     for host, states in (("a1", ["draining", "applying"]), ("b1", ["draining"])):
         for state in states:
-            h.journal.record_state(run_id, host, 0, HostState(state))
-        h.journal.record_previous_bundle(run_id, host, OLD)
-        h.journal.record_lb_before(run_id, host, "serving")
+            h.journal.of_run(run_id).record_state(host, 0, HostState(state))
+        h.journal.of_run(run_id).record_previous_bundle(host, OLD)
+        h.journal.of_run(run_id).record_lb_before(host, "serving")
     h.fleet.hosts["a1"].update(installed=NEW, lb="drained")
     h.fleet.hosts["b1"].update(lb="drained")
     result = h.resume(run_id)
@@ -372,7 +374,7 @@ def _scenario(directory: Path, name: str) -> Harness:
 def _run_until_killed(directory: Path, name: str, kill_at: str) -> None:
     os.environ[KILL_ENV] = kill_at
     h = _scenario(directory, name)
-    h.journal.acquire_lock("crash-test")
+    h.journal.lock.acquire("crash-test")
     h.run()
     os._exit(0)  # reached only when the kill point was not
 
@@ -384,7 +386,7 @@ def test_crash_at_every_kill_point_then_resume(tmp_path, record_property):
         reference = _scenario(tmp_path / name / "reference", name)
         reference.run()
         expected = assert_consistent(reference.dir / "journal.db", reference.fleet)
-        entered = Counter(r.state for r in reference.journal.host_history(1)
+        entered = Counter(r.state for r in reference.journal.of_run(1).host_history()
                           if r.state not in (HostState.PENDING, HostState.SKIPPED))
         for state, count in sorted(entered.items()):
             for n in range(1, count + 1):
@@ -398,7 +400,7 @@ def test_crash_at_every_kill_point_then_resume(tmp_path, record_property):
                 tried += 1
                 assert child.exitcode == -signal.SIGKILL, f"{name} {state}:{n} was never reached"
                 h = _scenario(directory, name)
-                assert h.journal.acquire_lock("resume", steal=True).owner == "crash-test"  # stale: PID is dead
+                assert h.journal.lock.acquire("resume", steal=True).owner == "crash-test"  # stale: PID is dead
                 h.resume()
                 final = assert_consistent(directory / "journal.db", h.fleet)
                 assert final == expected, (name, f"{state}:{n}")
