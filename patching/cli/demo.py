@@ -39,6 +39,7 @@ def _traffic(lab: Lab) -> TrafficGenerator:
 
 
 def run_demo(stack: str = "lab") -> None:
+    """The demo on the embedded lab: converge, verify, roll a bundle out under traffic, catch a bad one."""
     state = ROOT / ".fleet" / "demo"
     state.mkdir(parents=True, exist_ok=True)
     _step("1. The November bundle against October: what changes, and every compatibility rule")

@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
 
 @dataclass(frozen=True)
 class Inputs:
+    """Every validated input of a run: bundle, inventory, policy with its calendar, where old bundles are."""
     bundle: Bundle
     bundle_path: Path
     inventory: FleetInventory

@@ -172,6 +172,7 @@ class FleetActions:
     # --- reads -----------------------------------------------------------------------------------
 
     def read_hosts(self, hosts: Sequence[InventoryHost]) -> Mapping[str, HostSnapshot]:
+        """The bundle manifest each host wrote (/etc/fleet/bundle.json) and its load-balancer state."""
         answers = self._command(hosts, f"cat {MANIFEST}", timeout_s=60)
         lb = self._lb_states(hosts)
         facts = {}
@@ -205,6 +206,7 @@ class FleetActions:
         return states
 
     def check_power(self, hosts: Sequence[InventoryHost], min_charge_pct: int) -> Results:
+        """Each UPS feeding the host, read from upsd (NUT's network protocol)."""
         def one(h: InventoryHost) -> Outcome:
             units, problems = [], []
             for ups in h.ups:
@@ -225,6 +227,7 @@ class FleetActions:
         return _parallel(hosts, one)
 
     def check_fabric(self, hosts: Sequence[InventoryHost]) -> Results:
+        """Every port `ibstat` lists, Active/LinkUp."""
         ib = [h for h in hosts if h.ib_hcas]
         out: dict[str, Outcome] = {h.name: Outcome(True, "no InfiniBand") for h in hosts if not h.ib_hcas}
         for name, (reachable, rc, stdout) in self._command(ib, "ibstat").items():
@@ -240,6 +243,7 @@ class FleetActions:
     # --- changes -----------------------------------------------------------------------------------
 
     def drain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
+        """drain.yml, then wait until the serving endpoint runs no request."""
         started = time.monotonic()
         out = self._playbook("drain.yml", hosts, timeout_s)
         drained = [h for h in hosts if out[h.name].ok]
@@ -249,9 +253,11 @@ class FleetActions:
         return out
 
     def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
+        """patch.yml with the bundle."""
         return self._playbook("patch.yml", hosts, timeout_s, {"bundle_file": str(self._write_bundle(bundle))})
 
     def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
+        """Ansible's reboot module on the hosts whose loaded driver (nvidia-smi) is not the bundle's."""
         query = "nvidia-smi --query-gpu=driver_version --format=csv,noheader"
         answers = self._command(hosts, query, timeout_s=60)
         needs = [h for h in hosts if answers[h.name][1] != 0 or
@@ -294,6 +300,7 @@ class FleetActions:
         return out
 
     def probe_slo(self, hosts: Sequence[InventoryHost], slo: SloProbe, timeout_s: float) -> Results:
+        """The SLO probe's figures, straight at each host's serving port."""
         def one(h: InventoryHost) -> Outcome:
             figures = probe.slo_probe(f"http://{h.serving_address}", h.model, slo.warmup_requests, slo.requests,
                                       slo.request_timeout.total_seconds())
@@ -302,9 +309,11 @@ class FleetActions:
         return _parallel(hosts, one)
 
     def undrain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
+        """undrain.yml (it waits for the LB's health check)."""
         return self._playbook("undrain.yml", hosts, timeout_s)
 
     def soak(self, hosts: Sequence[InventoryHost], soak: Soak) -> Results:
+        """The soak's figures; could not measure when the host stops answering."""
         def one(h: InventoryHost) -> Outcome:
             try:
                 figures = probe.soak(f"http://{h.serving_address}", h.model, soak.duration.total_seconds(),

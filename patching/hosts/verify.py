@@ -45,6 +45,7 @@ class VerifyResult:
     junit: Path | None = None
 
     def by_host(self) -> dict[str, dict[str, int]]:
+        """host -> passed/failed/skipped counts."""
         counts: dict[str, dict[str, int]] = {}
         for c in self.checks:
             row = counts.setdefault(c.host, {"passed": 0, "failed": 0, "skipped": 0})
@@ -53,10 +54,12 @@ class VerifyResult:
 
     @property
     def failures(self) -> list[CheckResult]:
+        """The checks that failed."""
         return [c for c in self.checks if c.outcome == "failed"]
 
     @property
     def succeeded(self) -> bool:
+        """pytest exited 0 and no check failed."""
         return self.rc == 0 and not self.failures
 
 

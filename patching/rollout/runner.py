@@ -144,6 +144,7 @@ class _KillPoint:
             self.state, self.n = HostState(state), int(n or 1)
 
     def after(self, state: HostState) -> None:
+        """Called after each persisted transition."""
         if state == self.state:
             self.seen += 1
             if self.seen == self.n:
@@ -159,6 +160,7 @@ class _Wave:
 
     @property
     def index(self) -> int:
+        """The wave's index in the plan."""
         return self.planned.index
 
 
@@ -225,7 +227,7 @@ class Runner:
         skip: dict[str, str] = {}
         current: dict[str, str | None] = {}
         for name in self.inventory.selected:
-            why, release = _untouchable(facts.get(name))
+            why, release = _skip_reason(facts.get(name))
             current[name] = release
             if why:
                 skip[name] = why
@@ -336,7 +338,7 @@ class Runner:
         facts = self.actions.read_hosts(members)
         ready = []
         for name in pending:
-            why, release = _untouchable(facts.get(name))
+            why, release = _skip_reason(facts.get(name))
             if why is None and release == self.bundle.release:
                 why = f"already on {self.bundle.release}"
             if why:
@@ -365,7 +367,7 @@ class Runner:
             return problems
         for name in ready:
             release = facts[name].installed_release
-            assert release is not None  # _untouchable refused hosts without one
+            assert release is not None  # _skip_reason refused hosts without one
             self.run.record_previous_bundle(name, release)
             self.run.record_lb_before(name, facts[name].lb_state)
         return []
@@ -688,7 +690,7 @@ ROLLBACK_STEPS: tuple[Callable[[Runner, _Rollback], None], ...] = (
 )
 
 
-def _untouchable(facts: HostSnapshot | None) -> tuple[str | None, str | None]:
+def _skip_reason(facts: HostSnapshot | None) -> tuple[str | None, str | None]:
     """(why the host must not be touched, or None; the release it runs)."""
     if facts is None or not facts.reachable:
         detail = f": {facts.detail}" if facts and facts.detail else ""
