@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.model.errors import InputError
 from infra.model.fleet import load_stack
 from infra.model.inventory import build_inventory
 from patching.release.bundle import load_bundle
+from patching.release.compat import rule_problems
 from patching.release.pins import host_pins
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,6 +160,57 @@ def test_roles_pin_what_the_bundle_pins(tmp_path, distribution, release):
     assert set(rendered) == set(hostvars)
     for host, result in rendered.items():
         assert result["fleet_test_pins"] == host_pins(bundle, hostvars[host]), host
+
+
+def _ansible_json(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+           "ANSIBLE_STDOUT_CALLBACK": "json"}
+    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def _mismatched_fabric_manager(tmp_path: Path) -> Path:
+    data = _yaml(ROOT / "releases/2026-10.yaml")
+    data["fabric_manager"] = "580.95.05"
+    path = tmp_path / "fm-mismatch.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("bundle", ["fm-mismatch", "missing", "not-a-bundle"])
+def test_site_refuses_a_bad_bundle_with_the_fleet_commands_problems(tmp_path, bundle):
+    """check-bundle.yml applies compat.yaml's rules and the schema through patching/release (one source):
+    the run stops before the first host is touched, with the problems `fleet release check` names."""
+    if bundle == "fm-mismatch":
+        path = _mismatched_fabric_manager(tmp_path)
+        expected = [str(p) for p in rule_problems(load_bundle(path), str(path))]
+        assert expected and all("[fabric-manager-equals-driver]" in e for e in expected)
+    else:
+        path = tmp_path / f"{bundle}.yaml"
+        if bundle == "not-a-bundle":
+            path.write_text("release: 2026-13\n")
+        with pytest.raises(InputError) as refused:
+            load_bundle(path)
+        expected = [str(p) for p in refused.value.problems]
+    proc = _ansible_json("ansible-playbook", "-i", str(_lab_inventory(tmp_path)), "playbooks/site.yml",
+                         "-e", f"bundle_file={path}")
+    assert proc.returncode != 0
+    plays = json.loads(proc.stdout)["plays"]
+    assert [p["play"]["name"] for p in plays] == ["Check the bundle before touching any host"]
+    failed = [r for task in plays[0]["tasks"] for r in task["hosts"].values() if r.get("failed")]
+    assert failed and failed[0]["msg"] == "; ".join(expected)
+
+
+def test_check_bundle_passes_the_releases(tmp_path):
+    playbook = tmp_path / "check.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "Check", "hosts": "all", "gather_facts": False, "tasks": [
+        {"name": "Check", "ansible.builtin.import_tasks": str(PLAYBOOKS / "tasks/check-bundle.yml")}]}]))
+    inventory = str(_lab_inventory(tmp_path))
+    for release in ("2026-10", "2026-11"):
+        proc = _ansible_json("ansible-playbook", "-i", inventory, str(playbook),
+                             "-e", f"@{PLAYBOOKS}/group_vars/all/bundle.yml",
+                             "-e", f"bundle_file={ROOT / 'releases' / f'{release}.yaml'}",
+                             "-e", "fleet_artifacts_url=http://artifacts.example")  # the lab sets its own
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_ansible_lint_production_profile():
