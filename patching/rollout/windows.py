@@ -27,8 +27,9 @@ from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, fi
 from infra.model.errors import InputError, Problem
 from infra.model.strict import StrictModel
 
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+# what `parse_duration` reads, and the pattern the policy's JSON schema gives for a duration
 DURATION_PATTERN = r"^(\d+d)?(\d+h)?(\d+m)?(\d+s)?$"
+_DURATION = re.compile(DURATION_PATTERN)
 # How far ahead `next_opening` looks before it gives up, and at most how many openings it tries.
 HORIZON = dt.timedelta(days=400)
 _MAX_OCCURRENCES = 5000
@@ -47,7 +48,7 @@ def parse_duration(value: Any) -> dt.timedelta:
     match = _DURATION.match(value.strip()) if isinstance(value, str) and value.strip() else None
     if not match:
         raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
-    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    days, hours, minutes, seconds = (int(g[:-1]) if g else 0 for g in match.groups())
     return dt.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
