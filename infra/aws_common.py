@@ -15,8 +15,6 @@ from infra.model.errors import InputError, Problem
 from infra.model.fleet import AmiLookup, AwsSite, Fleet, Host, OutpostSite
 
 USER_DATA_TEMPLATE = Path(__file__).with_name("userdata.j2")
-# Tags every fleet instance carries; the policy pack requires the first three.
-REQUIRED_TAGS = ("fleet:site", "fleet:pool", "fleet:host")
 # Containers on the host (the serving image) sit one network hop further from IMDS than the host.
 IMDS_HOP_LIMIT = 2
 

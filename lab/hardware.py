@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-HW_DIR_IN_HOST = "/var/lib/fleet-lab/hw"
 FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down")
 # EFA devices (one per network card) of the instance types the lab simulates. p4d.24xlarge has four
 # network cards, each with an EFA (AWS EC2 User Guide, "Maximize network bandwidth on EC2 instances

@@ -393,10 +393,6 @@ def efa_device_count(entries: list[FiInfoEntry], ep_type: str = "FI_EP_RDM") -> 
 
 # ---- NUT upsc ------------------------------------------------------------------------------------------
 
-UPS_STATUS_TOKENS = ("OL", "OB", "LB", "HB", "RB", "CHRG", "DISCHRG", "BYPASS", "CAL", "OFF", "OVER", "TRIM",
-                     "BOOST", "FSD", "WAIT", "ALARM")
-
-
 @dataclass(frozen=True)
 class UpsStatus:
     """`upsc UPS@HOST[:PORT]` variables; `error` holds upsc's `Error: ...` (e.g. Data stale) instead."""
@@ -416,10 +412,6 @@ class UpsStatus:
     @property
     def on_battery(self) -> bool:
         return "OB" in self.status
-
-    @property
-    def low_battery(self) -> bool:
-        return "LB" in self.status
 
     def number(self, name: str) -> float | None:
         """A numeric variable (battery.charge, battery.runtime, ups.load), None when absent."""

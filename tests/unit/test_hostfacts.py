@@ -258,7 +258,7 @@ def test_fi_info_quirks():
 def test_upsc_on_line():
     ups = hf.parse_upsc("Init SSL without certificate database\nbattery.charge: 90\nbattery.runtime: 3690\n"
                         "ups.load: 10\nups.status: OL CHRG\ndevice.mfr: Eaton\n")
-    assert ups.status == ("OL", "CHRG") and ups.on_line and not ups.on_battery and not ups.low_battery
+    assert ups.status == ("OL", "CHRG") and ups.on_line and not ups.on_battery
     assert (ups.number("battery.charge"), ups.number("battery.runtime"), ups.number("ups.load")) == (90, 3690, 10)
     assert ups.number("battery.voltage") is None and ups.error is None
     assert ups.variables["device.mfr"] == "Eaton"
@@ -266,7 +266,7 @@ def test_upsc_on_line():
 
 def test_upsc_on_battery_wait_and_errors():
     ups = hf.parse_upsc("battery.charge: 18\nups.status: OB DISCHRG LB\n")
-    assert ups.on_battery and ups.low_battery and not ups.on_line
+    assert ups.on_battery and not ups.on_line
     assert hf.parse_upsc("ups.status: WAIT\n").status == ("WAIT",)
     assert hf.parse_upsc("Error: Data stale\n") == hf.UpsStatus({}, "Data stale")
     assert hf.parse_upsc("Error: Driver not connected\n").error == "Driver not connected"
