@@ -213,6 +213,70 @@ def test_check_bundle_passes_the_releases(tmp_path):
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+def _keys(data) -> set:
+    """Every mapping key anywhere in a YAML document."""
+    if isinstance(data, dict):
+        return set(data) | {k for v in data.values() for k in _keys(v)}
+    return {k for v in data for k in _keys(v)} if isinstance(data, list) else set()
+
+
+def test_patch_leaves_the_reboot_to_the_runner_and_site_does_not():
+    """patch.yml converges with gpu_driver_reboot_deferred (the runner's rebooting state reboots); nothing
+    else sets it, so site.yml (fleet converge) keeps the role's default: it reboots."""
+    imports = [p for p in _yaml(PLAYBOOKS / "patch.yml") if "ansible.builtin.import_playbook" in p]
+    assert [(p["ansible.builtin.import_playbook"], p["vars"]) for p in imports] == [
+        ("site.yml", {"gpu_driver_reboot_deferred": True})]
+    assert _yaml(ROLES / "gpu_driver/defaults/main.yml")["gpu_driver_reboot_deferred"] is False
+    setters = [p.relative_to(PLAYBOOKS) for p in PLAYBOOKS.rglob("*.yml")
+               if "gpu_driver_reboot_deferred" in _keys(_yaml(p)) and ROLES / "gpu_driver" not in p.parents]
+    assert setters == [Path("patch.yml")]
+
+
+@pytest.mark.parametrize(("case", "smi", "knobs", "failed_at", "pending"), [
+    ("patch, driver changed", (18, "Failed to initialize NVML: Driver/library version mismatch"),
+     {"gpu_driver_reboot_deferred": True}, None, True),
+    ("patch, no driver loaded", (9, "NVIDIA-SMI has failed"), {"gpu_driver_reboot_deferred": True}, None, True),
+    ("patch, driver loaded", (0, "580.95.05\n580.95.05"), {"gpu_driver_reboot_deferred": True}, None, False),
+    ("converge, driver changed", (18, "Failed to initialize NVML: Driver/library version mismatch"), {},
+     ("Reboot to load the installed driver", "would reboot the control node"), None),
+    ("converge, driver loaded", (0, "580.95.05"), {}, None, False),
+    ("converge, reboot refused", (18, "Failed to initialize NVML: Driver/library version mismatch"),
+     {"gpu_driver_reboot": False}, ("Stop here when a reboot is needed but not allowed",
+                                    "it takes a reboot, and gpu_driver_reboot is false"), None),
+])
+def test_gpu_driver_reboot_owner(tmp_path, case, smi, knobs, failed_at, pending):
+    """gpu_driver's reboot step on this machine (local connection, where ansible's reboot refuses to reboot
+    the controller: a reboot attempt fails that task) with a stand-in nvidia-smi."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '%s\\n' '{smi[1]}'\nexit {smi[0]}\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    playbook = tmp_path / "reboot.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "Reboot step", "hosts": "localhost", "gather_facts": False,
+                                         "tasks": [
+        {"name": "Reboot", "ansible.builtin.include_role": {"name": "gpu_driver", "tasks_from": "reboot"},
+         "vars": {"gpu_driver_version": "580.95.05", **knobs}},
+        {"name": "Knobs", "ansible.builtin.debug": {"msg": "{{ [gpu_driver_reboot_pending, fabric_manager_start,"
+                                                           " model_serving_start] }}"}},
+    ]}]))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+           "ANSIBLE_STDOUT_CALLBACK": "json", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", str(playbook),
+                           "-e", f"ansible_python_interpreter={sys.executable}",
+                           "-e", f"@{PLAYBOOKS}/group_vars/all/platform.yml"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    tasks = {task["task"]["name"].split(" : ")[-1]: task["hosts"]["localhost"]  # without "gpu_driver : "
+             for task in json.loads(proc.stdout)["plays"][0]["tasks"]}
+    failed = [name for name, result in tasks.items() if result.get("failed")]
+    if failed_at:
+        assert proc.returncode != 0 and failed == [failed_at[0]], case
+        assert failed_at[1] in tasks[failed_at[0]]["msg"], case
+        return
+    assert proc.returncode == 0 and not failed, (case, proc.stdout[-3000:])
+    assert tasks["Reboot to load the installed driver"].get("skipped"), case
+    assert tasks["Knobs"]["msg"] == [pending, not pending, not pending], case
+
+
 def test_ansible_lint_production_profile():
     proc = subprocess.run([str(BIN / "ansible-lint"), "--offline", "playbooks/"], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
