@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import ansible_runner
 import yaml
 
 from patching.hosts import facts as hostfacts
 from patching.hosts import nut, probe
+from patching.hosts.ansible_env import describe_ssh_failure, run_ansible
 from patching.hosts.toolpath import put_our_bin_first
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle
@@ -112,9 +112,9 @@ class FleetActions:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _ansible(self, name: str, hosts: Sequence[InventoryHost], timeout_s: float, **kwargs: Any):
-        return ansible_runner.run(
-            private_data_dir=str(self._private_dir(name)),
+    def _ansible(self, name: str, hosts: Sequence[InventoryHost], timeout_s: float, **kwargs: Any) -> Any:
+        return run_ansible(
+            self._private_dir(name),
             inventory=list(self.inventory.sources),
             limit=",".join(h.name for h in hosts),
             envvars={"ANSIBLE_CONFIG": str(ANSIBLE_CFG), "ANSIBLE_TIMEOUT": str(SSH_TIMEOUT_S),
@@ -164,7 +164,7 @@ class FleetActions:
             if host not in out:
                 continue
             if event["event"] == "runner_on_unreachable":
-                out[host] = (False, None, res.get("msg", "unreachable"))
+                out[host] = (False, None, describe_ssh_failure(str(res.get("msg", "unreachable"))))
             elif event["event"] in ("runner_on_ok", "runner_on_failed"):
                 out[host] = (True, res.get("rc"), res.get("stdout", "") or res.get("msg", ""))
         return out
@@ -352,6 +352,8 @@ def _failures(run: Any) -> dict[str, str]:
                 continue
             host = data.get("host")
             msg = data.get("res", {}).get("msg") or data.get("res", {}).get("stderr") or "failed"
+            if event.get("event") == "runner_on_unreachable":
+                msg = describe_ssh_failure(str(msg))
             out.setdefault(host, f"{data.get('task', '?')}: {str(msg)[:300]}")
     return out
 
