@@ -26,6 +26,7 @@ from rich.table import Table
 
 from infra.model.errors import InputError, Problem, collect
 from patching.cli.output import console, progress, say
+from patching.inventory.hostkeys import ALLOW_FLAG, host_key_problems, unverified_warning
 from patching.inventory.reader import FleetInventory, load_inventory
 from patching.journal.lock import LockHeld, LockKeeper, LockLost, lock_staleness
 from patching.journal.reports import build_report, write_reports
@@ -52,6 +53,8 @@ RunOpt = Annotated[int | None, typer.Option("--run", help="run id (default: the 
 ReportOpt = Annotated[Path | None, typer.Option("--report-dir", help="default: <journal dir>/reports/run-<id>")]
 IgnoreWindowOpt = Annotated[bool, typer.Option("--ignore-window", help="run outside windows and freezes")]
 StealOpt = Annotated[bool, typer.Option("--steal-lock", help="take a stale journal lock (reported first)")]
+UnverifiedOpt = Annotated[bool, typer.Option(
+    ALLOW_FLAG, help="go on with hosts whose inventory turns SSH host-key checking off (said loudly every run)")]
 
 
 def register(app: typer.Typer) -> None:
@@ -82,7 +85,8 @@ class Inputs:
 
 
 def load_inputs(
-    release: Path, inventory: list[str], policy: Path | None, limit: list[str] | None, releases_dir: Path | None
+    release: Path, inventory: list[str], policy: Path | None, limit: list[str] | None, releases_dir: Path | None,
+    allow_unverified_host_keys: bool = False,
 ) -> Inputs:
     """Every input of a run, validated together: one InputError lists all that is wrong."""
     from patching.release.compat import rule_problems
@@ -92,6 +96,8 @@ def load_inputs(
     if bundle is not None:
         problems += rule_problems(bundle, release)
     fleet = collect(problems, load_inventory, inventory, limit)
+    if fleet is not None:
+        problems += host_key_problems(",".join(inventory), _selected_vars(fleet), allow_unverified_host_keys)
     rollout, calendar = collect(problems, load_policy, policy) or (None, None)
     if fleet is not None and rollout is not None:
         collect(problems, check_policy_against, fleet, rollout, str(policy or "<default policy>"))
@@ -101,6 +107,15 @@ def load_inputs(
         raise InputError(problems)
     assert bundle is not None and fleet is not None and rollout is not None and calendar is not None
     return Inputs(bundle, release, fleet, rollout, policy, calendar, releases_dir or release.resolve().parent)
+
+
+def _selected_vars(fleet: FleetInventory) -> dict[str, Mapping[str, Any]]:
+    return {name: fleet.vars.get(name, {}) for name in fleet.selected}
+
+
+def _warn_unverified(fleet: FleetInventory) -> None:
+    if warning := unverified_warning(_selected_vars(fleet)):
+        say(warning, stderr=True)
 
 
 def bundle_resolver(releases_dir: Path, target: Bundle, recorded: Mapping[str, Mapping[str, Any]]
@@ -156,7 +171,8 @@ def plan(
 
     Hosts' current bundles and wave durations come from the journal's history when there is one.
     """
-    inputs = load_inputs(release, inventory, policy, limit, releases_dir)
+    # it connects to no host, so an inventory's host-key settings are the run's business, not the plan's
+    inputs = load_inputs(release, inventory, policy, limit, releases_dir, allow_unverified_host_keys=True)
     _show_plan(_preview(inputs, journal, dt.datetime.now(dt.UTC)), output)
 
 
@@ -182,12 +198,13 @@ def patch_run(
     steal_lock: StealOpt = False,
     report_dir: ReportOpt = None,
     releases_dir: ReleasesOpt = None,
+    allow_unverified_host_keys: UnverifiedOpt = False,
 ) -> None:
     """Roll the bundle out: canary, waves, gates, rollback.
 
     Exit 0 done, 1 failed or rolled back, 2 bad input (nothing touched), 3 refused (window, freeze, lock).
     """
-    inputs = load_inputs(release, inventory, policy, limit, releases_dir)
+    inputs = load_inputs(release, inventory, policy, limit, releases_dir, allow_unverified_host_keys)
     if dry_run:
         _show_plan(_preview(inputs, journal, dt.datetime.now(dt.UTC)), output)
         return
@@ -198,6 +215,7 @@ def patch_run(
             raise typer.Exit(ExitCode.REFUSED)
     db = _open(journal)
     _take_lock(db, steal_lock, inputs.policy)
+    _warn_unverified(inputs.inventory)
     try:
         active = [r for r in db.runs() if r.status in UNFINISHED]
         if active:
@@ -234,6 +252,7 @@ def patch_resume(
     ignore_window: IgnoreWindowOpt = False,
     steal_lock: StealOpt = False,
     report_dir: ReportOpt = None,
+    allow_unverified_host_keys: UnverifiedOpt = False,
 ) -> None:
     """Continue a run: re-read the hosts caught in flight, finish or roll them back, then go on with the waves."""
     db = _open(journal, must_exist=True)
@@ -246,6 +265,9 @@ def patch_resume(
         missing = sorted(n for n in Plan.from_dict(record.plan).hosts if n not in fleet.hosts)
         if missing:
             raise InputError.single("--inventory", "", missing, f"host(s) of run {record.id} are not in the inventory")
+        if problems := host_key_problems(",".join(fleet.sources), _selected_vars(fleet), allow_unverified_host_keys):
+            raise InputError(problems)
+        _warn_unverified(fleet)
         releases = Path(record.releases_dir)
         inputs = Inputs(bundle, Path(record.bundle_path), fleet, rollout, None, calendar, releases)
         _take_lock(db, steal_lock, rollout, run_id=record.id)

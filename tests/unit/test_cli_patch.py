@@ -345,3 +345,14 @@ def test_resume_refuses_when_plan_hosts_left_the_inventory(fleet, spy, tmp_path,
     code, _, err = fleet("patch", "resume", "--journal", tmp_path / "j/journal.db", "-i", smaller)
     assert code == 2 and "are not in the inventory" in err
     assert yaml.safe_load(smaller.read_text())
+
+
+def test_an_inventory_that_turns_host_key_checking_off_is_refused_unless_allowed(fleet, spy, tmp_path, release):
+    hosts = {"a1": host("a", "s1", 0, ansible_ssh_common_args="-o StrictHostKeyChecking=no"), "a2": host("a", "s1")}
+    inventory = write_yaml(tmp_path / "lax.yml", {"all": {"hosts": hosts}})
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--ignore-window"))
+    assert code == 2 and "a1.ansible_ssh_common_args" in err and "turns SSH host-key checking off" in err
+    assert spy[0] == [] and not (tmp_path / "j/journal.db").exists()
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--ignore-window", "--allow-unverified-host-keys"))
+    assert code == 0, err
+    assert "WARNING: SSH host keys are NOT verified for 1 host(s): a1" in err and spy[0]
