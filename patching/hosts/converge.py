@@ -58,8 +58,8 @@ class ConvergeResult:
         return sum(h.changed for h in self.hosts.values())
 
 
-class Recorder:
-    """Turns ansible-runner events into HostRecaps; `on_task` sees each task as it starts."""
+class PlayRecap:
+    """The ansible-runner event handler that builds each host's HostRecap; `on_task` sees each task as it starts."""
 
     def __init__(self, on_task: Callable[[str], None] | None = None,
                  on_failure: Callable[[str, str], None] | None = None):
@@ -115,7 +115,7 @@ def run_converge(bundle_path: Path, inventory: Path, limit: str | None = None, p
     import ansible_runner
 
     put_our_bin_first()
-    recorder = Recorder(on_task, on_failure)
+    recap = PlayRecap(on_task, on_failure)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fleet-converge-") as private:
         runner = ansible_runner.run(
@@ -126,8 +126,8 @@ def run_converge(bundle_path: Path, inventory: Path, limit: str | None = None, p
             extravars={"bundle_file": str(Path(bundle_path).absolute()), **(extravars or {})},
             limit=limit,
             envvars={"ANSIBLE_CONFIG": str(ANSIBLE_CFG), "ANSIBLE_FORCE_COLOR": "0", **(envvars or {})},
-            event_handler=recorder,
+            event_handler=recap,
             quiet=True,
             suppress_env_files=True,
         )
-    return ConvergeResult(runner.status, runner.rc, recorder.hosts, time.monotonic() - started)
+    return ConvergeResult(runner.status, runner.rc, recap.hosts, time.monotonic() - started)

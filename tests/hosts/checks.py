@@ -18,7 +18,7 @@ SMI_FIELDS = ("index", "name", "driver_version", "memory.total", "persistence_mo
 
 
 @dataclass
-class HostFacts:
+class HostReadings:
     """What one host reports, each tool run once per host (a worker keeps the host's checks)."""
 
     host: Any
@@ -96,7 +96,7 @@ def expect(ok: bool, name: str, what: str, expected: object, found: object) -> N
         pytest.fail(f"{name}: {what}: expected {expected}, found {found}", pytrace=False)
 
 
-def gpus_or_fail(facts: HostFacts, name: str, what: str, expected: object) -> list[hostfacts.GpuInfo]:
+def gpus_or_fail(facts: HostReadings, name: str, what: str, expected: object) -> list[hostfacts.GpuInfo]:
     """The host's GPUs; a check whose fact NVML cannot give fails with NVML's own words."""
     gpus = facts.smi
     if isinstance(gpus, hostfacts.NvmlFailure):

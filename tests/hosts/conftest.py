@@ -22,7 +22,7 @@ import pytest
 from infra.model.errors import InputError, load_yaml
 from patching.release.bundle import Bundle, load_bundle
 from patching.release.pins import all_pinned_packages, host_pins
-from tests.hosts.checks import HostFacts
+from tests.hosts.checks import HostReadings
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -125,11 +125,11 @@ def pins(bundle: Bundle, hostvars: dict[str, Any]) -> dict[str, str]:
     return host_pins(bundle, hostvars)
 
 
-_FACTS: dict[str, HostFacts] = {}
+_FACTS: dict[str, HostReadings] = {}
 
 
 @pytest.fixture(scope="module")
-def facts(host, name: str, hostvars: dict[str, Any], bundle: Bundle) -> HostFacts:
+def facts(host, name: str, hostvars: dict[str, Any], bundle: Bundle) -> HostReadings:
     if name not in _FACTS:
-        _FACTS[name] = HostFacts(host, hostvars, all_pinned_packages(bundle))
+        _FACTS[name] = HostReadings(host, hostvars, all_pinned_packages(bundle))
     return _FACTS[name]

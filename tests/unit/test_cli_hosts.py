@@ -10,7 +10,7 @@ import yaml
 
 from infra.model.fleet import load_stack
 from infra.model.inventory import build_inventory
-from patching.hosts.converge import Recorder
+from patching.hosts.converge import PlayRecap
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "releases/2026-10.yaml"
@@ -81,7 +81,7 @@ def test_missing_inventory_and_release_are_reported_together(tmp_path):
 
 def test_recap_counts_changes_and_names_the_first_failure():
     tasks = []
-    recorder = Recorder(on_task=tasks.append)
+    recap = PlayRecap(on_task=tasks.append)
     events = [
         {"event": "playbook_on_task_start", "event_data": {"task": "Install the driver"}},
         {"event": "runner_on_ok", "event_data": {"host": "a", "task": "Install the driver", "res": {"changed": True}}},
@@ -96,8 +96,8 @@ def test_recap_counts_changes_and_names_the_first_failure():
                                                       "failures": {"b": 1}, "dark": {"c": 1}, "skipped": {"a": 2}}},
     ]
     for event in events:
-        recorder(event)
-    a, b, c = (recorder.hosts[n] for n in "abc")
+        recap(event)
+    a, b, c = (recap.hosts[n] for n in "abc")
     assert tasks == ["Install the driver"]
     assert (a.ok, a.changed, a.skipped, a.changed_tasks, a.first_failure) == (5, 1, 2, ["Install the driver"], None)
     assert b.failed == 1 and b.first_failure == "Fetch the weights: The checksum did not match" and not b.succeeded
