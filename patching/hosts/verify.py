@@ -8,7 +8,6 @@ display and the summary; JUnit XML is written for CI.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patching.hosts.ansible_env import controlled_environment, host_key_problem
 from patching.hosts.toolpath import path_with_our_bin
 from patching.inventory.target import ANSIBLE_CFG, HOST_CHECKS, ROOT
 
@@ -81,8 +81,9 @@ def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str,
            "--junitxml", str(junit), "-o", "junit_family=xunit2", "--rootdir", str(ROOT)]
     cmd += ["-n", str(workers), "--dist", "loadgroup"] if workers > 0 else ["-p", "no:xdist"]
     cmd += extra_args or []
-    env = {**os.environ, "FLEET_VERIFY_EVENTS": str(events), "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
-           "PATH": path_with_our_bin()}
+    # host keys checked, no secret of ours handed to the checks (patching/hosts/ansible_env.py)
+    env = controlled_environment({"FLEET_VERIFY_EVENTS": str(events), "ANSIBLE_CONFIG": str(ANSIBLE_CFG),
+                                  "PATH": path_with_our_bin()})
     result = VerifyResult(rc=-1, log=log, junit=junit)
     started = time.monotonic()
     total = 0
@@ -113,5 +114,8 @@ def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str,
 
 def _check(record: dict[str, Any]) -> CheckResult:
     nodeid = record["nodeid"]
+    message = record.get("message", "")
+    if record["outcome"] == "failed" and (problem := host_key_problem(message)):
+        message = problem  # the check never reached the host: say why first
     return CheckResult(record.get("host") or "?", record.get("check") or nodeid.split("::")[-1],
-                       record["outcome"], record.get("message", ""), record.get("seconds", 0))
+                       record["outcome"], message, record.get("seconds", 0))
