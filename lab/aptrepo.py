@@ -92,10 +92,12 @@ class Deb:
 
     @property
     def filename(self) -> str:
+        """The .deb file name, NAME_VERSION_ARCH.deb."""
         return f"{self.name}_{self.version}_{self.arch}.deb"
 
     @property
     def package_json_path(self) -> str:
+        """Where the package installs the package.json its role's simulated tools read."""
         return f"{LIB}/{self.role}/package.json"
 
     def package_json(self) -> dict[str, Any]:
@@ -103,6 +105,7 @@ class Deb:
         return {"package": self.name, "version": self.version, "upstream_version": self.upstream, **self.info}
 
     def add(self, path: str, content: bytes | str, mode: int = 0o644) -> None:
+        """Put a file (text or bytes) with its mode into the package."""
         self.files[path] = (content.encode() if isinstance(content, str) else content, mode)
 
     def add_tool(self, source: str, *links: str) -> None:
@@ -114,6 +117,7 @@ class Deb:
             self.links[link] = os.path.relpath(target, os.path.dirname(link))
 
     def add_maintainer_scripts(self, prefix: str) -> None:
+        """Take postinst/prerm/postrm from the vendor folder's `PREFIX.<script>` files that exist."""
         for kind in ("postinst", "prerm", "postrm"):
             path = VENDOR / f"{prefix}.{kind}"
             if path.exists():

@@ -10,6 +10,7 @@ import hashlib
 
 
 def synthetic_weights(path: str, size: int) -> bytes:
+    """The stand-in weights file at `path`: `size` bytes, the same every time."""
     block = hashlib.sha256(path.encode()).digest()
     out = bytearray()
     while len(out) < size:

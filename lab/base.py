@@ -48,6 +48,7 @@ MASKED_UNITS = [
 
 
 def recipe_hash() -> str:
+    """Short hash of RECIPE; it names the cached base image, so a changed recipe builds a new one."""
     return hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
 
 

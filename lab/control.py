@@ -75,6 +75,7 @@ def _ancestors(pid: int) -> set[int]:
 
 
 def ssh_banner(port: int, timeout: float = 2) -> bool:
+    """Whether sshd answers on a loopback port (it sends its `SSH-` banner)."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
             s.settimeout(timeout)
@@ -96,6 +97,7 @@ class Lab:
     @classmethod
     def open(cls, stack: str = "lab", project_dir: str | Path = ".", state_dir: str | Path | None = None,
              port_base: int | None = None) -> Lab:
+        """The lab of a stack; when it is up, the stack, project directory and ports it was started with."""
         layout = Layout.for_stack(stack, state_dir)
         state = LabState.load(layout)
         if state is not None:
@@ -107,6 +109,7 @@ class Lab:
     # --- queries ---------------------------------------------------------------------------------
 
     def daemon_pid(self) -> int | None:
+        """PID of the running lab daemon, None when none runs."""
         try:
             pid = json.loads((self.layout.root / "daemon.json").read_text())["pid"]
         except (FileNotFoundError, KeyError, json.JSONDecodeError):
@@ -114,23 +117,27 @@ class Lab:
         return pid if _pid_alive(pid) else None
 
     def host_status(self, name: str) -> dict:
+        """A lab host's container state as its supervisor last wrote it (`down` when there is none)."""
         try:
             return json.loads(self.layout.host(name).status.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return {"state": "down"}
 
     def faults(self) -> dict[str, list[str]]:
+        """The faults injected now, by target."""
         try:
             return json.loads((self.layout.root / "faults.json").read_text())
         except FileNotFoundError:
             return {}
 
     def inventory_path(self) -> Path:
+        """The folder of the lab's Ansible inventory."""
         return self.layout.inventory_dir
 
     # --- up ----------------------------------------------------------------------------------------
 
     def up(self, log: Log = print, fresh: bool = False, timeout: float = 180) -> None:
+        """Bring the lab up (root only): base image, repository and artifacts, hosts, daemon; torn down if it fails."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (systemd-nspawn, overlayfs mounts); run `fleet lab up` as root")
         missing = services.require_commands(NEEDED_COMMANDS)
@@ -309,6 +316,7 @@ class Lab:
         self.layout.lock_file.unlink(missing_ok=True)
 
     def leftovers(self) -> list[str]:
+        """What a stopped lab left behind: processes, mounts, ports still in use, its lock file."""
         out = [f"process {pid} ({labhosts.process_name(pid)})" for pid in self._processes()]
         out += [f"mount {self.layout.host(n).merged}" for n in self.fleet.hosts
                 if labhosts.is_mounted(self.layout.host(n).merged)]
@@ -320,6 +328,7 @@ class Lab:
     # --- faults ------------------------------------------------------------------------------------
 
     def fault(self, target: str, kind: str, clear: bool = False, log: Log = print) -> None:
+        """Inject a fault on a UPS or a host (remove it with `clear`) and wait until it shows."""
         ups = [u for _, u in services.ups_units(self.fleet)]
         if kind not in FAULTS:
             raise InputError.single("fleet lab fault", "KIND", kind, f"unknown fault; known: {', '.join(FAULTS)}")

@@ -25,6 +25,8 @@ from lab.redfish import RedfishEmulator
 
 
 class Daemon:
+    """The lab daemon: the lab's services, Redfish emulator and one supervisor per host container."""
+
     def __init__(self, root: Path):
         self.layout = Layout(root, Path("/nonexistent"))
         state = LabState.load(self.layout)
@@ -40,9 +42,11 @@ class Daemon:
         self.log_file = open(self.layout.daemon_log, "a", buffering=1)  # noqa: SIM115 - lives as long as the daemon
 
     def log(self, message: str) -> None:
+        """Append a time-stamped line to the daemon log."""
         self.log_file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
 
     def run(self) -> int:
+        """Take the lab lock, start everything, serve until SIGTERM/SIGINT, shut down; the exit status."""
         lock = open(self.layout.lock_file, "w")  # noqa: SIM115 - held (flock) until shutdown
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -69,6 +73,7 @@ class Daemon:
         return 0
 
     def start(self) -> None:
+        """Start the HTTP, NUT and HAProxy services, the Redfish emulator when a host has a BMC, the hosts."""
         secrets = json.loads((self.layout.root / "secrets.json").read_text())
         self.services = [services.http_service(self.layout, self.ports),
                          *services.nut_services(self.layout, self.fleet, self.ports, secrets["ups_monitor"]),
@@ -89,6 +94,7 @@ class Daemon:
             sup.start()
 
     def shutdown(self) -> None:
+        """Power the containers off, stop the services and the emulator, unmount the overlays."""
         self.log("stopping containers")
         with ThreadPoolExecutor(max_workers=max(1, len(self.hosts))) as pool:
             list(pool.map(lambda sup: sup.stop(), self.hosts.values()))
@@ -113,6 +119,7 @@ class Daemon:
 
 
 def main() -> None:
+    """`python -m lab.daemon STATE_DIR`: run the daemon of the lab in STATE_DIR."""
     sys.exit(Daemon(Path(sys.argv[1])).run())
 
 

@@ -23,12 +23,14 @@ REBOOT_EXIT = 133
 
 
 def is_mounted(path: Path) -> bool:
+    """Whether something is mounted at `path` (per /proc/self/mounts)."""
     target = str(path.resolve())
     with open("/proc/self/mounts") as mounts:
         return any(line.split()[1] == target for line in mounts)
 
 
 def mount_overlay(base: Path, dirs: HostDirs) -> None:
+    """Mount a host's root: its upper dir over the base image, unless it is mounted already."""
     for d in (dirs.upper, dirs.work, dirs.merged, dirs.hw):
         d.mkdir(parents=True, exist_ok=True)
     if is_mounted(dirs.merged):
@@ -38,6 +40,7 @@ def mount_overlay(base: Path, dirs: HostDirs) -> None:
 
 
 def unmount_overlay(dirs: HostDirs) -> None:
+    """Unmount a host's root if it is mounted."""
     if is_mounted(dirs.merged):
         subprocess.run(["umount", str(dirs.merged)], check=True)
 
@@ -73,6 +76,7 @@ def write_host_files(dirs: HostDirs, name: str, ssh_port: int, authorized_key: s
 
 
 def nspawn_command(name: str, dirs: HostDirs) -> list[str]:
+    """The systemd-nspawn command that boots a lab host, its hardware folder bound read-only."""
     return [
         "systemd-nspawn", "-D", str(dirs.merged), "-M", name, "--boot", "--register=no", "--keep-unit",
         "--console=read-only", "--quiet", f"--bind-ro={dirs.hw}:{CONTAINER_HW_DIR}",
@@ -94,6 +98,7 @@ def _pids_with_parent(parent: int) -> list[int]:
 
 
 def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: children, their children, and so on."""
     result, todo = [], [pid]
     while todo:
         children = _pids_with_parent(todo.pop())
@@ -103,6 +108,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def process_name(pid: int) -> str:
+    """A process's command name (/proc/PID/comm); empty when it is gone."""
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
@@ -123,6 +129,7 @@ class HostSupervisor(threading.Thread):
         self.lock = threading.Lock()
 
     def desired(self) -> str:
+        """The state the lab wants the container in, `up` unless its desired file says otherwise."""
         try:
             return self.dirs.desired.read_text().strip() or "up"
         except FileNotFoundError:
@@ -136,6 +143,7 @@ class HostSupervisor(threading.Thread):
         tmp.replace(self.dirs.status)
 
     def run(self) -> None:
+        """Boot the container whenever it should be up, again after each reboot, until stopped."""
         while not self.stopping.is_set():
             if self.desired() != "up":
                 self._write_status("down")
@@ -181,6 +189,7 @@ class HostSupervisor(threading.Thread):
             return proc.wait(timeout=10)
 
     def stop(self) -> None:
+        """Stop supervising: power the container off and wait for the thread to end."""
         self.stopping.set()
         with self.lock:
             self.poweroff()

@@ -18,6 +18,7 @@ from lab.layout import Layout, Ports
 
 
 def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpoint]:
+    """How Ansible reaches each lab host: loopback ports and SSH key, the lab's HAProxy, upsd and Redfish."""
     ssh_args = (f"-o UserKnownHostsFile={layout.known_hosts} -o StrictHostKeyChecking=yes "
                 "-o ControlMaster=auto -o ControlPersist=60s -o ConnectTimeout=10")
     endpoints = {}
@@ -42,6 +43,7 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
 
 
 def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, secrets: dict[str, str]) -> Path:
+    """Write the lab's inventory (hosts.yml, secrets in group_vars/all) and return its folder."""
     inv = build_inventory(fleet, lab_endpoints(fleet, layout, ports))
     inv["all"]["vars"].update({
         "fleet_apt_repo_url": f"http://127.0.0.1:{ports.http}/apt/repo/",

@@ -29,6 +29,7 @@ NUT_DIR = Path("/lib/nut")
 
 
 def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP port accepts a connection within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -40,6 +41,7 @@ def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether something listens on a loopback port."""
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
@@ -56,12 +58,14 @@ class Service:
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        """Start the process in its own session, its output appended to its log."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, **self.env}, start_new_session=True)
 
     def ready(self, timeout: float = 20) -> None:
+        """Wait until it listens on its port; RuntimeError with its log's last lines when it does not."""
         if self.port and not wait_for_port(self.port, timeout):
             rc = self.proc.poll() if self.proc else None
             tail = self.log.read_text(errors="replace").splitlines()[-10:] if self.log.exists() else []
@@ -69,6 +73,7 @@ class Service:
                                + "\n".join(tail))
 
     def stop(self, timeout: float = 10) -> None:
+        """SIGTERM, then SIGKILL when it is still running after `timeout` seconds."""
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -105,6 +110,7 @@ def write_ups_state(nut_dir: Path, ups: str, on_battery: bool) -> None:
 
 
 def nut_services(layout: Layout, fleet: Fleet, ports: Ports, monitor_password: str) -> list[Service]:
+    """NUT's configuration for the fleet's UPS units and its services: a dummy-ups driver per unit, upsd."""
     conf = layout.service_dir("nut")
     state = conf / "state"
     state.mkdir(parents=True, exist_ok=True)
@@ -135,6 +141,7 @@ def nut_services(layout: Layout, fleet: Fleet, ports: Ports, monitor_password: s
 # --- HAProxy -----------------------------------------------------------------------------------
 
 def haproxy_service(layout: Layout, fleet: Fleet, ports: Ports) -> Service:
+    """HAProxy with a frontend and a backend per pool, health-checking the hosts' serving ports."""
     conf = layout.service_dir("haproxy")
     conf.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -181,11 +188,13 @@ def publish_artifacts(layout: Layout, releases_dir: Path) -> int:
 
 
 def http_service(layout: Layout, ports: Ports) -> Service:
+    """Python's HTTP server over www/ (the apt repository and the artifacts)."""
     return Service("http", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
                             str(layout.www), str(ports.http)], layout.root / "logs/http.log", port=ports.http)
 
 
 def new_secret() -> str:
+    """A random password for a lab service (the UPS monitor user, the BMCs)."""
     return secrets.token_urlsafe(18)
 
 

@@ -46,6 +46,7 @@ class InputError(Exception):
 
     @classmethod
     def single(cls, file: str | Path, field: str, value: Any, message: str) -> InputError:
+        """An InputError with one problem: file, field path, the value found and what is wrong with it."""
         return cls([Problem(str(file), field, value, message)])
 
 

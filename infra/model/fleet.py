@@ -96,6 +96,8 @@ class _Site(StrictModel):
 
 
 class AwsSite(_Site):
+    """An AWS site: region and zone, the VPC or existing subnets, the pinned AMI and GPU capacity."""
+
     kind: Literal["aws"]
     region: str
     availability_zone: str
@@ -118,6 +120,8 @@ class AwsSite(_Site):
 
 
 class OutpostSite(_Site):
+    """An AWS Outposts rack: instances in a subnet on the outpost, reached through its local gateway."""
+
     kind: Literal["outpost"]
     region: str
     availability_zone: str
@@ -140,6 +144,8 @@ class OutpostSite(_Site):
 
 
 class OnpremSite(_Site):
+    """A bare-metal site: its UPS units, power and rail rules, and what `pulumi up` may do through BMCs."""
+
     kind: Literal["onprem"]
     ups: list[Ups] = []
     ups_derating: float = Field(0.8, gt=0, le=1)
@@ -155,6 +161,8 @@ Site = Annotated[AwsSite | OutpostSite | OnpremSite, Field(discriminator="kind")
 
 
 class Host(StrictModel):
+    """One server: its pool, SSH and serving endpoint, patch ring, BMC, power supplies and HCA cabling."""
+
     name: Name
     pool: Name
     address: str | None = None
@@ -169,6 +177,8 @@ class Host(StrictModel):
 
 
 class Pool(StrictModel):
+    """Hosts of one site serving one model on one GPU type, with their disruption budget."""
+
     name: Name
     site: Name
     model: str = Field(description="the model id the pool serves, as /v1/models reports it")
@@ -191,6 +201,7 @@ class Pool(StrictModel):
 
     @property
     def nvswitch(self) -> bool:
+        """Whether the pool's boards are 8-GPU NVSwitch systems (they need fabric manager and NSCQ)."""
         return self.gpu_model in NVSWITCH_GPUS and self.gpu_count == 8
 
 
@@ -218,15 +229,19 @@ class Fleet:
         self.hosts = {h.name: h for h in _expand_hosts(config)}
 
     def site_of(self, host: Host) -> AwsSite | OutpostSite | OnpremSite:
+        """The site a host is at, through its pool."""
         return self.sites[self.pools[host.pool].site]
 
     def pool_of(self, host: Host) -> Pool:
+        """The pool a host belongs to."""
         return self.pools[host.pool]
 
     def serving_port(self, host: Host) -> int:
+        """The host's serving port: its own, else its pool's."""
         return host.serving_port or self.pools[host.pool].serving_port
 
     def hosts_in(self, pool: str) -> list[Host]:
+        """Every host of a pool, listed ones and those expanded from its `count`."""
         return [h for h in self.hosts.values() if h.pool == pool]
 
     def field(self, kind: Literal["sites", "pools", "hosts"], name: str, *parts: str | int) -> str:
@@ -307,6 +322,7 @@ def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Prob
 
 
 def stack_file(stack: str, project_dir: str | Path = ".") -> Path:
+    """Path of a stack's Pulumi stack file, `Pulumi.<stack>.yaml` in the project directory."""
     return Path(project_dir) / f"Pulumi.{stack}.yaml"
 
 

@@ -58,6 +58,7 @@ def group_name(prefix: str, name: str) -> str:
 
 
 def host_vars(fleet: Fleet, host: Host, endpoint: Endpoint | None = None) -> dict[str, Any]:
+    """One host's Ansible vars: how to connect, and the `fleet_*` vars the playbooks and the patch pipeline read."""
     pool = fleet.pool_of(host)
     site = fleet.site_of(host)
     address = endpoint.address if endpoint else host.address
@@ -145,5 +146,6 @@ def build_inventory(fleet: Fleet, endpoints: Mapping[str, Endpoint] | None = Non
 
 
 def render_inventory(fleet: Fleet, endpoints: Mapping[str, Endpoint] | None = None) -> str:
+    """The fleet's Ansible inventory as YAML, under a do-not-edit header naming its source."""
     header = f"# Ansible inventory for fleet {fleet.name!r}, rendered from {fleet.source}. Do not edit.\n"
     return header + yaml.safe_dump(build_inventory(fleet, endpoints), sort_keys=False, width=120)

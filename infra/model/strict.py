@@ -13,6 +13,8 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
+    """Base of the config models: frozen, and an unknown key is an error that names the key probably meant."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     @model_validator(mode="before")

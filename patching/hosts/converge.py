@@ -37,6 +37,7 @@ class HostRecap:
 
     @property
     def succeeded(self) -> bool:
+        """No task failed on the host and it stayed reachable."""
         return not self.failed and not self.unreachable
 
 
@@ -51,10 +52,12 @@ class ConvergeResult:
 
     @property
     def succeeded(self) -> bool:
+        """ansible-runner exited 0 and every host succeeded."""
         return self.rc == 0 and all(h.succeeded for h in self.hosts.values())
 
     @property
     def changed(self) -> int:
+        """Changed tasks over all hosts."""
         return sum(h.changed for h in self.hosts.values())
 
 
@@ -68,6 +71,7 @@ class PlayRecap:
         self.on_failure = on_failure
 
     def recap(self, host: str) -> HostRecap:
+        """The host's recap, started on first use."""
         return self.hosts.setdefault(host, HostRecap(host))
 
     def __call__(self, event: Mapping[str, Any]) -> bool:

@@ -84,6 +84,7 @@ class SshSettings:
 
 
 def ssh_settings(name: str, hostvars: Mapping[str, Any]) -> SshSettings:
+    """How to reach a host over SSH, read from its Ansible vars (host, port, user, key, ssh args)."""
     options = _ssh_options(" ".join(str(hostvars.get(k) or "") for k in ("ansible_ssh_common_args",
                                                                            "ansible_ssh_extra_args")))
     key = hostvars.get("ansible_ssh_private_key_file") or hostvars.get("ansible_private_key_file")

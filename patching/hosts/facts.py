@@ -283,6 +283,7 @@ class IbPort:
 
     @property
     def up(self) -> bool:
+        """The port is Active and its physical link is up."""
         return self.state == "Active" and self.physical_state == "LinkUp"
 
     @property
@@ -407,10 +408,12 @@ class UpsStatus:
 
     @property
     def on_line(self) -> bool:
+        """On utility power (OL, not OB)."""
         return "OL" in self.status and "OB" not in self.status
 
     @property
     def on_battery(self) -> bool:
+        """Running on battery (OB)."""
         return "OB" in self.status
 
     def number(self, name: str) -> float | None:

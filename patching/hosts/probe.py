@@ -49,6 +49,8 @@ def chat_request(base_url: str, model: str | None, timeout: float) -> tuple[bool
 
 @dataclass
 class ProbeFigures:
+    """What one SLO probe measured: requests, errors, P50/P99 latency, the first error."""
+
     requests: int
     errors: int
     p50_ms: float
@@ -57,9 +59,11 @@ class ProbeFigures:
 
     @property
     def error_rate(self) -> float:
+        """Failed requests as a fraction of those sent."""
         return self.errors / self.requests if self.requests else 0.0
 
     def as_dict(self) -> dict:
+        """The figures (rounded) as journal and report data."""
         return {"requests": self.requests, "errors": self.errors, "error_rate": round(self.error_rate, 4),
                 "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1)}
 
@@ -104,6 +108,8 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
 
 @dataclass
 class SoakFigures:
+    """What a soak measured: probes, worst P99 and error rate, GPU memory samples and their growth."""
+
     samples: int
     p99_ms: float
     error_rate: float
@@ -111,6 +117,7 @@ class SoakFigures:
     memory_mib: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict:
+        """The figures (rounded) as journal and report data."""
         return {"samples": self.samples, "p99_ms": round(self.p99_ms, 1), "error_rate": round(self.error_rate, 4),
                 "gpu_memory_slope_mib_per_hour": round(self.gpu_memory_slope_mib_per_hour, 1),
                 "gpu_memory_mib": self.memory_mib}
@@ -136,6 +143,8 @@ def soak(base_url: str, model: str | None, duration_s: float, interval_s: float,
 
 @dataclass
 class TrafficFigures:
+    """Live traffic sent through the load balancer during a rollout: counts, latencies, failures."""
+
     sent: int = 0
     failed: int = 0
     latencies_ms: list[float] = field(default_factory=list)
@@ -143,9 +152,11 @@ class TrafficFigures:
 
     @property
     def p99_ms(self) -> float:
+        """P99 latency of the requests sent so far."""
         return percentile(self.latencies_ms, 99)
 
     def as_dict(self) -> dict:
+        """The figures (rounded) as journal and report data."""
         return {"sent": self.sent, "failed": self.failed, "p99_ms": round(self.p99_ms, 1), "failures": self.failures}
 
 
@@ -163,6 +174,7 @@ class TrafficGenerator:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> TrafficGenerator:
+        """Start the clients; they stop by themselves after `max_requests` or `max_seconds`."""
         deadline = time.monotonic() + self.max_seconds
         for i in range(self.concurrency):
             t = threading.Thread(target=self._client, args=(i, deadline), daemon=True)
@@ -187,6 +199,7 @@ class TrafficGenerator:
                     self.figures.failures[detail] = self.figures.failures.get(detail, 0) + 1
 
     def stop(self) -> TrafficFigures:
+        """Stop the clients and return what they measured."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=self.timeout + 5)

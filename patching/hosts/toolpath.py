@@ -17,4 +17,5 @@ def path_with_our_bin(path: str | None = None) -> str:
 
 
 def put_our_bin_first() -> None:
+    """Put this Python's bin directory first on this process's PATH."""
     os.environ["PATH"] = path_with_our_bin()

@@ -18,6 +18,7 @@ _WORKER = False
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Note whether this process is an xdist worker: only the controller writes events."""
     global _WORKER
     _WORKER = hasattr(config, "workerinput")  # xdist workers report through the controller
 
@@ -33,15 +34,18 @@ def _emit(record: dict[str, Any]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
+    """Emit how many checks were collected."""
     _emit({"collected": len(session.items)})
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Under xdist: emit how many checks a worker collected."""
     _emit({"collected": len(ids), "worker": getattr(node, "gateway", None) and node.gateway.id})
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Emit one line per finished check: host, check, outcome, message, seconds."""
     if report.when != "call" and not (report.when == "setup" and not report.passed):
         return
     message = ""

@@ -220,7 +220,7 @@ def _captured_display() -> Iterator[list[str]]:
         lines.append(f"{msg} {exception}".strip())
 
     saved = display.__dict__.get("warning"), display.__dict__.get("error_as_warning")
-    display.warning, display.error_as_warning = warning, error_as_warning  # type: ignore[method-assign]
+    display.warning, display.error_as_warning = warning, error_as_warning
     try:
         yield lines
     finally:

@@ -36,6 +36,7 @@ class Target:
 
     @property
     def hosts(self) -> tuple[str, ...]:
+        """The hosts `--limit` selected (every fleet host without one)."""
         return self.inventory.selected
 
     @property

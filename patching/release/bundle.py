@@ -29,14 +29,19 @@ CONTAINER_TOOLKIT_PACKAGES = (
 
 
 class Driver(StrictModel):
+    """The NVIDIA datacenter driver release a bundle pins."""
+
     version: str = Field(pattern=r"^\d{3}\.\d{2,3}(\.\d{2})?$")
 
     @property
     def branch(self) -> int:
+        """The driver branch, 580 for 580.95.05."""
         return int(self.version.split(".")[0])
 
 
 class Weights(StrictModel):
+    """A model's weights: repository revision, path in the artifact store, sha256 and size."""
+
     revision: str = Field(min_length=7, description="the model repository revision (commit)")
     path: str = Field(pattern=r"^[A-Za-z0-9._/-]+$", description="path under the site's artifacts_url")
     sha256: Sha256
@@ -44,11 +49,15 @@ class Weights(StrictModel):
 
 
 class Model(StrictModel):
+    """A model the bundle serves, with its weights."""
+
     name: str
     weights: Weights
 
 
 class Serving(StrictModel):
+    """The serving engine (vLLM or SGLang): its release and its image, pinned by digest."""
+
     engine: Literal["vllm", "sglang"]
     version: str = Field(pattern=r"^\d+\.\d+\.\d+$", description="serving release (upstream version)")
     image: str = Field(description="the serving image, by digest only")
@@ -71,6 +80,8 @@ def _is_hex(text: str) -> bool:
 
 
 class Advisory(StrictModel):
+    """A security advisory the bundle fixes (CVE, GHSA or NVIDIA bulletin)."""
+
     id: str = Field(pattern=r"^(CVE-\d{4}-\d{4,}|GHSA-[\w-]+|NVIDIA-\d+)$")
     component: Literal["driver", "fabric_manager", "cuda", "nccl", "ofed", "efa", "container_toolkit",
                        "serving", "model"]
@@ -80,6 +91,8 @@ class Advisory(StrictModel):
 
 
 class Bundle(StrictModel):
+    """A release manifest: every version a host runs, from driver to model weights, as one unit."""
+
     release: str = Field(pattern=r"^\d{4}-\d{2}(\.\d+)?(-[a-z0-9-]+)?$")
     published: dt.date
     summary: str
@@ -118,9 +131,11 @@ class Bundle(StrictModel):
 
     @property
     def cuda_minor(self) -> str:
+        """CUDA as major.minor ('12.8' for 12.8.1), the way package names carry it."""
         return ".".join(self.cuda.split(".")[:2])
 
     def model(self, name: str) -> Model | None:
+        """The bundle's model of that name, None when it serves no such model."""
         return next((m for m in self.models if m.name == name), None)
 
     def packages(self, *, nvswitch: bool = True, ib: bool = False) -> dict[str, str]:
@@ -144,6 +159,7 @@ class Bundle(StrictModel):
 
 
 def parse_bundle(data: Any, source: str) -> Bundle:
+    """Validate release-manifest data into a Bundle; any problem is an InputError naming file and field."""
     return validate(Bundle, data, source, "a release manifest")
 
 

@@ -22,6 +22,8 @@ RULES_FILE = Path(__file__).with_name("compat.yaml")
 
 @dataclass(frozen=True)
 class Finding:
+    """A compatibility rule's verdict on a bundle: severity, the field and value, why, and the rule's source."""
+
     rule: str
     severity: Literal["error", "warning"]
     field: str
@@ -35,6 +37,7 @@ class Finding:
 
 @cache
 def rules() -> dict[str, Any]:
+    """The compatibility rules from compat.yaml, read once."""
     return yaml.safe_load(RULES_FILE.read_text())
 
 
@@ -45,16 +48,19 @@ def version_key(version: str) -> tuple[int, ...]:
 
 
 def fabric_manager_package(branch: int) -> str:
+    """The fabric manager's Debian package for a driver branch (no branch suffix from newer branches on)."""
     cut = rules()["fabric_manager"]["unversioned_package_from_branch"]
     return "nvidia-fabricmanager" if branch >= cut else f"nvidia-fabricmanager-{branch}"
 
 
 def nscq_package(branch: int) -> str:
+    """libnvidia-nscq's Debian package for a driver branch (no branch suffix from newer branches on)."""
     cut = rules()["fabric_manager"]["unversioned_package_from_branch"]
     return "libnvidia-nscq" if branch >= cut else f"libnvidia-nscq-{branch}"
 
 
 def check_bundle(bundle: Bundle, today: dt.date | None = None) -> list[Finding]:
+    """Every compatibility rule applied to a bundle, as findings (errors refuse it, warnings are printed)."""
     today = today or dt.date.today()
     findings: list[Finding] = []
     for rule in (_cuda_family, _cuda_toolkit_driver, _fabric_manager, _nscq, _container_toolkit,

@@ -51,6 +51,8 @@ class PoolBudget:
 
 @dataclass(frozen=True)
 class PlannedWave:
+    """One wave of a plan: canary or not, its hosts, predicted duration and when it fits a window."""
+
     index: int
     kind: Literal["canary", "wave"]
     hosts: tuple[str, ...]
@@ -60,6 +62,8 @@ class PlannedWave:
 
 @dataclass(frozen=True)
 class PlannedHost:
+    """A host in a plan: site, pool, ring, the wave that patches it and the bundle it runs now."""
+
     name: str
     pool: str
     site: str
@@ -70,6 +74,8 @@ class PlannedHost:
 
 @dataclass(frozen=True)
 class Plan:
+    """A rollout plan: the waves in order, skipped hosts, pool budgets and what changes per current release."""
+
     release: str
     created_at: str
     waves: tuple[PlannedWave, ...]
@@ -103,6 +109,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Read a plan back from its `to_dict` data (plan.json)."""
         return cls(
             release=data["release"],
             created_at=data["created_at"],
@@ -110,7 +117,7 @@ class Plan:
             hosts={n: PlannedHost(name=n, **h) for n, h in data["hosts"].items()},
             skipped=dict(data["skipped"]),
             pools={n: PoolBudget(**p) for n, p in data["pools"].items()},
-            diffs={k: None if v is None else [tuple(c) for c in v] for k, v in data["diffs"].items()},  # type: ignore[misc]
+            diffs={k: None if v is None else [tuple(c) for c in v] for k, v in data["diffs"].items()},
             notes=tuple(data["notes"]),
         )
 

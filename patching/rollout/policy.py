@@ -68,12 +68,16 @@ class Soak(StrictModel):
 
 
 class Gates(StrictModel):
+    """What a patched host must pass before it serves again: host checks, the SLO probe, the soak."""
+
     testinfra: bool = Field(default=True, description="run the host checks for the bundle on the wave's hosts")
     slo: SloProbe = SloProbe()
     soak: Soak = Soak()
 
 
 class Preflight(StrictModel):
+    """Checks before each wave: the UPS units feeding it and the InfiniBand ports of its hosts."""
+
     ups_min_charge_pct: int = Field(
         default=80, ge=0, le=100, description="every UPS feeding a wave on line power with at least this charge"
     )

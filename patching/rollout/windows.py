@@ -185,6 +185,7 @@ class FreezePeriod:
         return _utc(nxt) if nxt is not None and _utc(nxt) < end else None
 
     def end_of(self, occurrence: dt.datetime) -> dt.datetime:
+        """When the occurrence starting at `occurrence` ends."""
         return occurrence + self.length
 
 
