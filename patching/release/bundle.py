@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 from infra.model.errors import load_yaml
 from infra.model.fleet import GPU_MEMORY_MIB
 from infra.model.strict import StrictModel, validate
+from patching.release.rules import fabric_manager_package, nscq_package
 
 Version = Annotated[str, Field(pattern=r"^\d+(\.\d+)+$")]
 DebVersion = Annotated[str, Field(pattern=r"^\d+(\.\d+)+-\d+[A-Za-z0-9.+~]*$")]
@@ -140,8 +141,6 @@ class Bundle(StrictModel):
 
     def packages(self, *, nvswitch: bool = True, ib: bool = False) -> dict[str, str]:
         """Debian package -> exact version this bundle pins on a host of that kind."""
-        from patching.release.compat import fabric_manager_package, nscq_package
-
         branch = self.driver.branch
         pkgs = {
             f"cuda-drivers-{branch}": f"{self.driver.version}-1",

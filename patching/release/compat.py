@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from infra.model.errors import Problem
 from patching.release.bundle import CONTAINER_TOOLKIT_PACKAGES, Bundle
+from patching.release.rules import RULES_FILE, fabric_manager_package, nscq_package, rules, version_key
 
-RULES_FILE = Path(__file__).with_name("compat.yaml")
+__all__ = ["RULES_FILE", "Finding", "check_bundle", "diff_bundles", "fabric_manager_package", "nscq_package",
+           "rule_problems", "rules", "version_key"]
 
 
 @dataclass(frozen=True)
@@ -33,30 +32,6 @@ class Finding:
 
     def __str__(self) -> str:
         return f"{self.severity}: {self.field}: {self.message} (value: {self.value!r}) [{self.rule}; {self.source}]"
-
-
-@cache
-def rules() -> dict[str, Any]:
-    """The compatibility rules from compat.yaml, read once."""
-    return yaml.safe_load(RULES_FILE.read_text())
-
-
-def version_key(version: str) -> tuple[int, ...]:
-    """'580.95.05' -> (580, 95, 5); debian revisions and +suffixes are ignored."""
-    core = version.split("-")[0].split("+")[0]
-    return tuple(int(p) for p in core.split(".") if p.isdigit())
-
-
-def fabric_manager_package(branch: int) -> str:
-    """The fabric manager's Debian package for a driver branch (no branch suffix from newer branches on)."""
-    cut = rules()["fabric_manager"]["unversioned_package_from_branch"]
-    return "nvidia-fabricmanager" if branch >= cut else f"nvidia-fabricmanager-{branch}"
-
-
-def nscq_package(branch: int) -> str:
-    """libnvidia-nscq's Debian package for a driver branch (no branch suffix from newer branches on)."""
-    cut = rules()["fabric_manager"]["unversioned_package_from_branch"]
-    return "libnvidia-nscq" if branch >= cut else f"libnvidia-nscq-{branch}"
 
 
 def check_bundle(bundle: Bundle, today: dt.date | None = None) -> list[Finding]:
