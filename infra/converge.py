@@ -70,6 +70,8 @@ def converge_script(host: str, bundle_path: str) -> str:
         'd=$(mktemp -d)\ntrap \'rm -rf "$d"\' EXIT\n'
         'printf \'%s\' "$FLEET_INVENTORY" > "$d/inventory.json"\n'
         "pb=.venv/bin/ansible-playbook; [ -x \"$pb\" ] || pb=ansible-playbook\n"
+        # whatever the caller's environment says: a day-0 converge verifies host keys too
+        "export ANSIBLE_HOST_KEY_CHECKING=True\n"
         f'"$pb" -i "$d/inventory.json" {playbook}\n'
     )
 

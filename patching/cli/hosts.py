@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -19,11 +18,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-EXIT_OK, EXIT_FAILED = 0, 1
+from patching.cli.output import say
+from patching.inventory.hostkeys import ALLOW_FLAG
+from patching.states import ExitCode
 
 ReleaseOpt = Annotated[Path, typer.Option("--release", help="the bundle (releases/YYYY-MM.yaml)")]
 InventoryOpt = Annotated[Path, typer.Option("--inventory", help="the Ansible inventory (file or directory)")]
 LimitOpt = Annotated[str | None, typer.Option("--limit", help="Ansible host pattern: hosts or groups, comma-separated")]
+UnverifiedOpt = Annotated[bool, typer.Option(
+    ALLOW_FLAG, help="go on with hosts whose inventory turns SSH host-key checking off (said loudly)")]
 
 out = Console(highlight=False)
 if not out.is_terminal:  # CI logs: wide tables rather than folded cells
@@ -42,6 +45,7 @@ def converge(
     inventory: InventoryOpt,
     limit: LimitOpt = None,
     report: Annotated[Path | None, typer.Option(help="also write the per-host recap here (JSON)")] = None,
+    allow_unverified_host_keys: UnverifiedOpt = False,
 ) -> None:
     """Converge hosts to a bundle: playbooks/site.yml through ansible-runner, then a per-host recap.
 
@@ -50,8 +54,8 @@ def converge(
     from patching.hosts.converge import run_converge
     from patching.inventory.target import load_target
 
-    target = load_target(release, inventory, limit)
-    _say(f"converging {len(target.hosts)} host(s) to {target.bundle.release}: {', '.join(target.hosts)}")
+    target = load_target(release, inventory, limit, allow_unverified_host_keys)
+    say(f"converging {len(target.hosts)} host(s) to {target.bundle.release}: {', '.join(target.hosts)}")
     with Progress(TextColumn("[bold]{task.description}"), TimeElapsedColumn(), console=out,
                   transient=True, disable=not out.is_terminal) as progress:
         task = progress.add_task("starting", total=None)
@@ -60,7 +64,7 @@ def converge(
             if out.is_terminal:
                 progress.update(task, description=name)
             else:  # CI logs: one line per task, so a long run is never silent
-                _say(f"{time.strftime('%H:%M:%S')} {name}")
+                say(f"{time.strftime('%H:%M:%S')} {name}")
 
         result = run_converge(
             target.bundle_path, target.inventory_path, limit, on_task=on_task,
@@ -84,9 +88,9 @@ def converge(
                                       "hosts": {n: vars(h) for n, h in result.hosts.items()}}, indent=2) + "\n")
     missing = [n for n in target.hosts if n not in result.hosts]
     if not result.succeeded or missing:
-        _say(f"converge failed: ansible-runner {result.status} (rc {result.rc})", stderr=True)
-        raise typer.Exit(EXIT_FAILED)
-    _say(f"{len(result.hosts)} host(s) on {target.bundle.release}; {result.changed} change(s)")
+        say(f"converge failed: ansible-runner {result.status} (rc {result.rc})", stderr=True)
+        raise typer.Exit(ExitCode.FAILED)
+    say(f"{len(result.hosts)} host(s) on {target.bundle.release}; {result.changed} change(s)")
 
 
 def verify(
@@ -96,6 +100,7 @@ def verify(
     workers: Annotated[int | None, typer.Option(help="parallel xdist workers (0: host by host in one process; "
                                                        "default: one per host, at most twice the CPUs)")] = None,
     junit: Annotated[Path, typer.Option(help="JUnit XML report")] = Path("reports/verify.xml"),
+    allow_unverified_host_keys: UnverifiedOpt = False,
 ) -> None:
     """Run the host checks (tests/hosts) against a bundle: progress while they run, then a summary.
 
@@ -104,10 +109,10 @@ def verify(
     from patching.hosts.verify import run_verify
     from patching.inventory.target import load_target
 
-    target = load_target(release, inventory, limit)
+    target = load_target(release, inventory, limit, allow_unverified_host_keys)
     if workers is None:
         workers = min(len(target.hosts), 2 * (os.cpu_count() or 1))
-    _say(f"checking {len(target.hosts)} host(s) against {target.bundle.release} ({workers or 'no'} xdist workers)")
+    say(f"checking {len(target.hosts)} host(s) against {target.bundle.release} ({workers or 'no'} xdist workers)")
     with Progress(TextColumn("checks"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=out, transient=True, disable=not out.is_terminal) as progress:
         task = progress.add_task("", total=None)
@@ -132,15 +137,15 @@ def verify(
         for c in sorted(result.failures, key=lambda c: (c.host, c.check)):
             failed.add_row(c.host, Text(c.check), Text(c.message))
         out.print(failed)
-    _say(f"JUnit: {result.junit}")
+    say(f"JUnit: {result.junit}")
     if not result.checks or result.rc not in (0, 1):
         log = result.log.read_text(errors="replace").strip().splitlines()[-15:] if result.log else []
-        _say(f"the host checks did not run (pytest exit {result.rc}):\n" + "\n".join(log), stderr=True)
-        raise typer.Exit(EXIT_FAILED)
+        say(f"the host checks did not run (pytest exit {result.rc}):\n" + "\n".join(log), stderr=True)
+        raise typer.Exit(ExitCode.FAILED)
     if not result.succeeded:
-        _say(f"{len(result.failures)} check(s) failed", stderr=True)
-        raise typer.Exit(EXIT_FAILED)
-    _say(f"all {len(result.checks)} checks passed or did not apply")
+        say(f"{len(result.failures)} check(s) failed", stderr=True)
+        raise typer.Exit(ExitCode.FAILED)
+    say(f"all {len(result.checks)} checks passed or did not apply")
 
 
 def drift(
@@ -148,6 +153,7 @@ def drift(
     inventory: InventoryOpt,
     limit: LimitOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the differences as JSON")] = False,
+    allow_unverified_host_keys: UnverifiedOpt = False,
 ) -> None:
     """Read every host's installed versions, holds and manifest over SSH (Fabric, in parallel) and
     print what differs from the bundle.
@@ -157,7 +163,7 @@ def drift(
     from patching.hosts.drift import drift as find_drift
     from patching.inventory.target import load_target
 
-    target = load_target(release, inventory, limit)
+    target = load_target(release, inventory, limit, allow_unverified_host_keys)
     found = find_drift(target.bundle, target.hostvars)
     if as_json:
         print(json.dumps([vars(d) for d in found], indent=2))
@@ -170,11 +176,7 @@ def drift(
         out.print(table)
     if found:
         hosts = sorted({d.host for d in found})
-        _say(f"{len(hosts)} host(s) drifted from {target.bundle.release}: {', '.join(hosts)}", stderr=True)
-        raise typer.Exit(EXIT_FAILED)
+        say(f"{len(hosts)} host(s) drifted from {target.bundle.release}: {', '.join(hosts)}", stderr=True)
+        raise typer.Exit(ExitCode.FAILED)
     if not as_json:
-        _say(f"no drift: {len(target.hosts)} host(s) match {target.bundle.release}")
-
-
-def _say(text: str, stderr: bool = False) -> None:
-    print(text, file=sys.stderr if stderr else sys.stdout, flush=True)
+        say(f"no drift: {len(target.hosts)} host(s) match {target.bundle.release}")

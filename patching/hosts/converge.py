@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patching.hosts.ansible_env import describe_ssh_failure, run_ansible
 from patching.hosts.toolpath import put_our_bin_first
 from patching.inventory.target import ANSIBLE_CFG, PLAYBOOKS, ROOT
 
@@ -86,6 +87,8 @@ class PlayRecap:
         elif kind in ("runner_on_failed", "runner_on_unreachable") and host and not data.get("ignore_errors"):
             recap = self.recap(host)
             message = _message(data.get("res") or {})
+            if kind == "runner_on_unreachable":
+                message = describe_ssh_failure(str((data.get("res") or {}).get("msg") or message))
             if recap.first_failure is None:
                 recap.first_failure = f"{data.get('task', '?')}: {message}"
             if self.on_failure:
@@ -115,15 +118,14 @@ def run_converge(bundle_path: Path, inventory: Path, limit: str | None = None, p
                  envvars: Mapping[str, str] | None = None, extravars: Mapping[str, Any] | None = None,
                  on_task: Callable[[str], None] | None = None,
                  on_failure: Callable[[str, str], None] | None = None) -> ConvergeResult:
-    """Run a playbook of playbooks/ over the inventory with ansible-runner; inputs must be validated already."""
-    import ansible_runner
-
+    """Run a playbook of playbooks/ over the inventory with ansible-runner (host keys checked, the environment
+    cut: patching/hosts/ansible_env.py); inputs must be validated already."""
     put_our_bin_first()
     recap = PlayRecap(on_task, on_failure)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fleet-converge-") as private:
-        runner = ansible_runner.run(
-            private_data_dir=private,
+        runner = run_ansible(
+            Path(private),
             project_dir=str(ROOT),
             playbook=str(PLAYBOOKS / playbook),
             inventory=str(Path(inventory).absolute()),
@@ -132,6 +134,5 @@ def run_converge(bundle_path: Path, inventory: Path, limit: str | None = None, p
             envvars={"ANSIBLE_CONFIG": str(ANSIBLE_CFG), "ANSIBLE_FORCE_COLOR": "0", **(envvars or {})},
             event_handler=recap,
             quiet=True,
-            suppress_env_files=True,
         )
     return ConvergeResult(runner.status, runner.rc, recap.hosts, time.monotonic() - started)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from patching.hosts.ansible_env import host_key_problem
+from patching.inventory.hostkeys import ssh_options
 from patching.release.bundle import Bundle
 from patching.release.pins import (
     MANIFEST_PATH,
@@ -85,7 +87,7 @@ class SshSettings:
 
 def ssh_settings(name: str, hostvars: Mapping[str, Any]) -> SshSettings:
     """How to reach a host over SSH, read from its Ansible vars (host, port, user, key, ssh args)."""
-    options = _ssh_options(" ".join(str(hostvars.get(k) or "") for k in ("ansible_ssh_common_args",
+    options = ssh_options(" ".join(str(hostvars.get(k) or "") for k in ("ansible_ssh_common_args",
                                                                            "ansible_ssh_extra_args")))
     key = hostvars.get("ansible_ssh_private_key_file") or hostvars.get("ansible_private_key_file")
     return SshSettings(
@@ -97,21 +99,6 @@ def ssh_settings(name: str, hostvars: Mapping[str, Any]) -> SshSettings:
         strict=options.get("stricthostkeychecking", "yes").lower() not in ("no", "off", "accept-new"),
         connect_timeout=int(options.get("connecttimeout", 10)),
     )
-
-
-def _ssh_options(args: str) -> dict[str, str]:
-    """`-o Key=Value` / `-oKey=Value` / `-o Key Value` pairs of an ssh argument string, keys lowercased."""
-    words = shlex.split(args)
-    options: dict[str, str] = {}
-    for i, word in enumerate(words):
-        text = word[2:] if word.startswith("-o") and len(word) > 2 else (words[i + 1] if word == "-o" and
-                                                                           i + 1 < len(words) else None)
-        if text:
-            key, sep, value = text.partition("=")
-            if not sep:
-                key, _, value = text.partition(" ")
-            options.setdefault(key.strip().lower(), value.strip())
-    return options
 
 
 def connection(name: str, hostvars: Mapping[str, Any]) -> Any:
@@ -127,6 +114,7 @@ def connection(name: str, hostvars: Mapping[str, Any]) -> Any:
     conn.client.load_system_host_keys()
     if s.known_hosts:
         conn.client.load_host_keys(str(Path(s.known_hosts).expanduser()))
+    # unknown keys are refused; an inventory that says otherwise got here only with --allow-unverified-host-keys
     conn.client.set_missing_host_key_policy(RejectPolicy() if s.strict else WarningPolicy())
     return conn
 
@@ -169,4 +157,5 @@ def _reason(exc: Exception | None) -> str:
     if exc is None:
         return "no answer"
     text = str(exc).strip() or type(exc).__name__
-    return f"{type(exc).__name__}: {text.splitlines()[0]}"
+    reason = f"{type(exc).__name__}: {text.splitlines()[0]}"
+    return host_key_problem(reason) or reason

@@ -8,12 +8,14 @@ are reported at once as one InputError (exit 2).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from infra.model.errors import InputError, Problem, collect
+from patching.inventory.hostkeys import host_key_problems, unverified_warning
 from patching.inventory.reader import FleetInventory, load_inventory
 from patching.release.bundle import Bundle, load_bundle
 from patching.release.compat import rule_problems
@@ -45,8 +47,12 @@ class Target:
         return {name: self.inventory.vars[name] for name in self.hosts}
 
 
-def load_target(release: Path, inventory: Path, limit: str | None = None) -> Target:
-    """Validate the bundle, the inventory and the limit; InputError (all problems at once) when any is wrong."""
+def load_target(release: Path, inventory: Path, limit: str | None = None,
+                allow_unverified_host_keys: bool = False) -> Target:
+    """Validate the bundle, the inventory and the limit; InputError (all problems at once) when any is wrong.
+
+    An inventory that turns SSH host-key checking off is bad input unless `allow_unverified_host_keys`;
+    then the warning is printed to stderr here, once."""
     problems: list[Problem] = []
     bundle = collect(problems, load_bundle, release)
     if bundle is not None:
@@ -55,9 +61,14 @@ def load_target(release: Path, inventory: Path, limit: str | None = None) -> Tar
     if fleet is not None and bundle is not None:
         for name in fleet.selected:
             problems += _host_problems(str(inventory), name, fleet.vars[name], bundle)
+    if fleet is not None:
+        selected = {name: fleet.vars[name] for name in fleet.selected}
+        problems += host_key_problems(str(inventory), selected, allow_unverified_host_keys)
     if problems:
         raise InputError(problems)
     assert bundle is not None and fleet is not None
+    if warning := unverified_warning({name: fleet.vars[name] for name in fleet.selected}):
+        print(warning, file=sys.stderr, flush=True)
     return Target(bundle, Path(release).absolute(), Path(inventory).absolute(), fleet)
 
 

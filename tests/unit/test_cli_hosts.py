@@ -102,3 +102,16 @@ def test_recap_counts_changes_and_names_the_first_failure():
     assert (a.ok, a.changed, a.skipped, a.changed_tasks, a.first_failure) == (5, 1, 2, ["Install the driver"], None)
     assert b.failed == 1 and b.first_failure == "Fetch the weights: The checksum did not match" and not b.succeeded
     assert c.unreachable == 1 and c.first_failure == "Gathering Facts: ssh: connect to host: timed out"
+
+
+@pytest.mark.parametrize("command", ["converge", "verify", "drift"])
+def test_an_inventory_that_turns_host_key_checking_off_exits_2(command, tmp_path):
+    data = build_inventory(load_stack("lab", ROOT))
+    name = sorted(data["all"]["hosts"])[0]
+    data["all"]["hosts"][name]["ansible_ssh_common_args"] = "-o StrictHostKeyChecking=accept-new"
+    lax = tmp_path / "lax.yml"
+    lax.write_text(yaml.safe_dump(data))
+    r = fleet(command, "--release", RELEASE, "--inventory", lax, "--limit", name)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{name}.ansible_ssh_common_args" in r.stderr and "turns SSH host-key checking off" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -101,3 +101,9 @@ def test_the_script_runs_ansible_on_the_one_host(tmp_path, run):
 
 def test_script_quotes_its_arguments():
     assert "--limit 'h; rm -rf /'" in converge_script("h; rm -rf /", "releases/x.yaml")
+
+
+def test_the_day0_converge_checks_host_keys_whatever_the_environment_says():
+    script = converge_script("h", "releases/x.yaml")
+    assert "export ANSIBLE_HOST_KEY_CHECKING=True\n" in script
+    assert script.index("ANSIBLE_HOST_KEY_CHECKING") < script.index('"$pb" -i')

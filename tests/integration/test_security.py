@@ -1,0 +1,139 @@
+"""Host keys on the lab (issue 11): one host's SSH host key is replaced behind the tool's back; converge,
+verify, drift and patch run must each refuse that host, saying its host key changed, and touch nothing
+on it, while the other host of its pool goes on.
+
+The replacement is what a man-in-the-middle or a silently reinstalled host looks like to the client:
+the same address and port answering with a key that is not the one in the lab's known_hosts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+FLEET = str(Path(sys.executable).parent / "fleet")
+LAB_POLICY = ROOT / "lab/policy.yaml"
+VICTIM, PEER = "dgx-a1", "dgx-a2"
+CHANGED = "host key changed"
+
+
+def fleet(*args, timeout=1500) -> subprocess.CompletedProcess:
+    proc = subprocess.run([FLEET, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=dict(os.environ))
+    print(f"$ fleet {' '.join(map(str, args))} -> exit {proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc
+
+
+def _close_ssh_masters() -> None:
+    """Ansible's (and testinfra's) multiplexed connections outlive a run by 60 s: a master opened before the key
+    changed would carry new sessions without a new handshake. Close them, so each command connects afresh."""
+    for sock in (Path.home() / ".ansible/cp").glob("*"):
+        subprocess.run(["ssh", "-o", f"ControlPath={sock}", "-O", "exit", "x"], capture_output=True, timeout=10)
+
+
+def _footprint(lab, host: str) -> dict[str, str]:
+    """What a converge or a patch changes on a host, read from its overlay (not over SSH)."""
+    root = lab.lab.layout.host(host).merged
+    out = {}
+    for rel in ("etc/fleet/bundle.json", "var/lib/dpkg/status"):
+        path = root / rel
+        out[rel] = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+    return out
+
+
+def _release(lab, host: str) -> str:
+    return json.loads((lab.lab.layout.host(host).merged / "etc/fleet/bundle.json").read_text())["release"]
+
+
+@pytest.fixture(scope="module")
+def replaced_key(lab):
+    """VICTIM answers with a new host key until the module ends; then its old key is back."""
+    for host in (VICTIM, PEER):
+        if not (lab.lab.layout.host(host).merged / "etc/fleet/bundle.json").exists():
+            pytest.fail(f"{host} was never converged: run the module after test_pin_verify/test_rollout")
+    swap = ("cd /etc/ssh && mv ssh_host_ed25519_key ssh_host_ed25519_key.orig && "
+            "mv ssh_host_ed25519_key.pub ssh_host_ed25519_key.pub.orig && "
+            "ssh-keygen -q -t ed25519 -N '' -C impostor -f ssh_host_ed25519_key && systemctl restart ssh")
+    lab.ssh(VICTIM, swap)
+    _close_ssh_masters()
+    probe = subprocess.run([*lab.ssh_argv(VICTIM), "true"], capture_output=True, text=True, timeout=30)
+    assert probe.returncode != 0 and "REMOTE HOST IDENTIFICATION HAS CHANGED" in probe.stderr, probe.stderr
+    yield lab
+    # back to the key the lab's known_hosts holds, through a connection that trusts the new one on purpose
+    new_key = (lab.lab.layout.host(VICTIM).merged / "etc/ssh/ssh_host_ed25519_key.pub").read_text().split()[1]
+    trust = lab.lab.layout.root / "impostor_known_hosts"
+    trust.write_text(f"[127.0.0.1]:{lab.lab.ports.hosts[VICTIM].ssh} ssh-ed25519 {new_key}\n")
+    argv = [f"UserKnownHostsFile={trust}" if a.startswith("UserKnownHostsFile=") else a
+            for a in lab.ssh_argv(VICTIM)]
+    restore = ("cd /etc/ssh && mv ssh_host_ed25519_key.orig ssh_host_ed25519_key && "
+               "mv ssh_host_ed25519_key.pub.orig ssh_host_ed25519_key.pub && systemctl restart ssh")
+    subprocess.run([*argv, restore], capture_output=True, text=True, timeout=60, check=True)
+    trust.unlink()
+    _close_ssh_masters()
+    assert lab.ssh(VICTIM, "true").returncode == 0
+
+
+def test_converge_refuses_the_host_whose_key_changed(replaced_key, tmp_path):
+    lab = replaced_key
+    release = _release(lab, PEER)
+    before = _footprint(lab, VICTIM)
+    run = fleet("converge", "--release", f"releases/{release}.yaml", "-i", lab.inventory, "--limit",
+                f"{VICTIM},{PEER}")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1 and CHANGED in out, out[-3000:]
+    assert _footprint(lab, VICTIM) == before
+    assert f"{PEER}" in out and _release(lab, PEER) == release
+
+
+def test_verify_refuses_the_host_whose_key_changed(replaced_key, tmp_path):
+    lab = replaced_key
+    _close_ssh_masters()
+    run = fleet("verify", "--release", f"releases/{_release(lab, PEER)}.yaml", "-i", lab.inventory, "--limit",
+                f"{VICTIM},{PEER}", "--junit", tmp_path / "junit.xml")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1 and CHANGED in out, out[-3000:]
+    junit = (tmp_path / "junit.xml").read_text()  # pytest's own report: OpenSSH's words
+    assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in junit or CHANGED in junit
+
+
+def test_drift_refuses_the_host_whose_key_changed(replaced_key):
+    lab = replaced_key
+    run = fleet("drift", "--release", f"releases/{_release(lab, PEER)}.yaml", "-i", lab.inventory, "--limit",
+                f"{VICTIM},{PEER}", "--json")
+    assert run.returncode == 1
+    found = json.loads(run.stdout)
+    victim = [d for d in found if d["host"] == VICTIM]
+    assert victim and all(CHANGED in d["found"] for d in victim), found
+    assert not [d for d in found if d["host"] == PEER], "the peer does not drift"
+
+
+def test_patch_run_skips_the_host_whose_key_changed_and_patches_the_other(replaced_key, tmp_path):
+    lab = replaced_key
+    _close_ssh_masters()
+    current = _release(lab, PEER)
+    target = "2026-10" if current == "2026-11" else "2026-11"
+    before = _footprint(lab, VICTIM)
+    run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy", LAB_POLICY,
+                "--limit", f"{VICTIM},{PEER}", "--journal", tmp_path / "journal.db", "--ignore-window",
+                "--report-dir", tmp_path / "reports")
+    out = run.stdout + run.stderr
+    assert f"{VICTIM}: skipped: unreachable at preflight: {CHANGED}" in out, out[-4000:]
+    report = json.loads((tmp_path / "reports/report.json").read_text())
+    assert report["skipped"][VICTIM].startswith(f"unreachable at preflight: {CHANGED}")
+    assert report["hosts"][PEER]["state"] == "done", report["hosts"]
+    assert _footprint(lab, VICTIM) == before and _release(lab, PEER) == target
+    # the run's Ansible was told to check host keys, whatever ansible-runner's default is
+    commands = list((tmp_path / "ansible").rglob("artifacts/*/command"))
+    assert commands
+    for command in commands:
+        env = json.loads(command.read_text())["env"]
+        assert env["ANSIBLE_HOST_KEY_CHECKING"] == "True", command
