@@ -168,9 +168,9 @@ class Lab:
         self._publish(log)
         pubkey = self._ssh_key()
         secrets_file = self.layout.root / "secrets.json"
-        if not secrets_file.exists():
-            secrets_file.write_text(json.dumps({"ups_monitor": services.new_secret(), "bmc": services.new_secret()}))
-            os.chmod(secrets_file, 0o600)
+        if not secrets_file.exists():  # the lab's controller-side secrets: NUT monitor and BMC passwords
+            services.write_private(secrets_file, json.dumps({"ups_monitor": services.new_secret(),
+                                                             "bmc": services.new_secret()}))
         secrets = json.loads(secrets_file.read_text())
         known = []
         for name in sorted(self.fleet.hosts):

@@ -1,13 +1,13 @@
 """The inventory the lab writes: `fleet inventory`'s, with the lab's addresses, ports and SSH settings.
 
 It is a directory (hosts.yml + group_vars/all/), so `ansible -i "$(fleet lab inventory)" all -m ping`
-works as is. The NUT monitor password lives in group_vars/all/secrets.yml (mode 0600), never in
-hosts.yml, logs or reports; so does the BMC password.
+works as is. The NUT monitor password (upsmon on the hosts uses it) lives in group_vars/all/secrets.yml
+(created 0600), never in hosts.yml, logs or reports. The BMC password is not in the inventory at all: the
+controller's lab services read it from the lab's secrets.json.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import yaml
@@ -15,6 +15,7 @@ import yaml
 from infra.model.fleet import Fleet
 from infra.model.inventory import Endpoint, build_inventory, host_vars
 from lab.layout import Layout, Ports
+from lab.services import write_private
 
 
 def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpoint]:
@@ -53,9 +54,9 @@ def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, secrets: dict[st
     (target / "group_vars/all").mkdir(parents=True, exist_ok=True)
     header = f"# The lab's inventory for fleet {fleet.name!r} (written by `fleet lab up`).\n"
     (target / "hosts.yml").write_text(header + yaml.safe_dump(inv, sort_keys=False, width=120))
-    secrets_file = target / "group_vars/all/secrets.yml"
-    secrets_file.write_text(yaml.safe_dump({"fleet_ups_monitor_user": "monitor",
-                                            "fleet_ups_monitor_password": secrets["ups_monitor"],
-                                            "fleet_bmc_password": secrets["bmc"]}))
-    os.chmod(secrets_file, 0o600)
+    # only what the hosts use: upsmon on each host logs in to upsd. The BMC password is the controller's
+    # (the lab's secrets.json; Pulumi's secret config on a real fleet), never a host var.
+    write_private(target / "group_vars/all/secrets.yml",
+                  yaml.safe_dump({"fleet_ups_monitor_user": "monitor",
+                                  "fleet_ups_monitor_password": secrets["ups_monitor"]}))
     return target

@@ -147,8 +147,10 @@ class RedfishEmulator:
         assert self.username is not None and self.password is not None
         digest = bcrypt.hashpw(self.password.encode(), bcrypt.gensalt(rounds=4)).decode()
         path = self.state_dir / "htpasswd"
-        path.write_text(f"{self.username}:{digest}\n")
-        path.chmod(0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(f"{self.username}:{digest}\n")
         return path
 
     def _get(self, path: str) -> dict:

@@ -122,7 +122,7 @@ def nut_services(layout: Layout, fleet: Fleet, ports: Ports, monitor_password: s
     (conf / "ups.conf").write_text("maxretry = 3\n" + "".join(
         f"[{u}]\n  driver = dummy-ups\n  port = {u}.dev\n  desc = \"lab UPS {u}\"\n" for u in units))
     (conf / "upsd.conf").write_text(f"LISTEN 127.0.0.1 {ports.upsd}\nMAXAGE 15\n")
-    (conf / "upsd.users").write_text(f"[monitor]\n  password = {monitor_password}\n  upsmon secondary\n")
+    write_private(conf / "upsd.users", f"[monitor]\n  password = {monitor_password}\n  upsmon secondary\n", 0o640)
     for name in ("ups.conf", "upsd.conf", "upsd.users", "nut.conf"):
         os.chown(conf / name, 0, nut.pw_gid)
         os.chmod(conf / name, 0o640)
@@ -191,6 +191,14 @@ def http_service(layout: Layout, ports: Ports) -> Service:
     """Python's HTTP server over www/ (the apt repository and the artifacts)."""
     return Service("http", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory",
                             str(layout.www), str(ports.http)], layout.root / "logs/http.log", port=ports.http)
+
+
+def write_private(path: Path, text: str, mode: int = 0o600) -> None:
+    """Write a file that holds a secret, created with `mode` (never readable by others, not even for a moment)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), mode)  # an existing file keeps its old mode through O_CREAT
+        out.write(text)
 
 
 def new_secret() -> str:

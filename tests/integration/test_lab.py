@@ -24,6 +24,10 @@ def _secrets(lab) -> dict:
     return yaml.safe_load((lab.inventory / "group_vars/all/secrets.yml").read_text())
 
 
+def _controller_secrets(lab) -> dict:
+    return json.loads((lab.lab.layout.root / "secrets.json").read_text())
+
+
 def _haproxy(lab, command: str) -> str:
     with socket.create_connection(("127.0.0.1", lab.lab.ports.haproxy_api), timeout=5) as s:
         s.sendall(command.encode() + b"\n")
@@ -68,7 +72,8 @@ def test_upsc_reads_each_ups(lab):
 
 def test_redfish_lists_one_system_per_bare_metal_host(lab):
     url = f"http://127.0.0.1:{lab.lab.ports.redfish}/redfish/v1/Systems"
-    auth = b64encode(f"admin:{_secrets(lab)['fleet_bmc_password']}".encode()).decode()
+    assert "fleet_bmc_password" not in _secrets(lab), "the BMC password is the controller's, not a host var"
+    auth = b64encode(f"admin:{_controller_secrets(lab)['bmc']}".encode()).decode()
     req = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
     members = json.load(urllib.request.urlopen(req, timeout=10))["Members"]
     assert sorted(m["@odata.id"].rsplit("/", 1)[1] for m in members) == ["dgx-a1", "dgx-a2"]

@@ -1,9 +1,12 @@
-"""Host keys on the lab (issue 11): one host's SSH host key is replaced behind the tool's back; converge,
-verify, drift and patch run must each refuse that host, saying its host key changed, and touch nothing
-on it, while the other host of its pool goes on.
+"""Host keys and secrets on the lab (issue 11).
 
-The replacement is what a man-in-the-middle or a silently reinstalled host looks like to the client:
-the same address and port answering with a key that is not the one in the lab's known_hosts.
+One host's SSH host key is replaced behind the tool's back; converge, verify, drift and patch run must
+each refuse that host, saying its host key changed, and touch nothing on it, while the other host of
+its pool goes on. The replacement is what a man-in-the-middle or a silently reinstalled host looks like
+to the client: the same address and port answering with a key that is not the one in known_hosts.
+
+The commands run with secrets exported (as a CI job has them) and with the lab's own (the NUT monitor
+and BMC passwords); afterwards no file the tool wrote holds any of them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,11 +28,15 @@ FLEET = str(Path(sys.executable).parent / "fleet")
 LAB_POLICY = ROOT / "lab/policy.yaml"
 VICTIM, PEER = "dgx-a1", "dgx-a2"
 CHANGED = "host key changed"
+# what a CI job exports; none of it may reach a file the tool writes
+EXPORTED = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-fleet-test-secret", "AWS_SESSION_TOKEN": "FQoGZXIv-fleet-test",
+            "GITHUB_TOKEN": "ghp_fleetTestToken0123456789", "ANSIBLE_BECOME_PASS": "become-fleet-test-pass"}
+STARTED = time.time()
 
 
 def fleet(*args, timeout=1500) -> subprocess.CompletedProcess:
     proc = subprocess.run([FLEET, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=timeout,
-                          env=dict(os.environ))
+                          env={**os.environ, **EXPORTED})
     print(f"$ fleet {' '.join(map(str, args))} -> exit {proc.returncode}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     return proc
 
@@ -52,6 +60,12 @@ def _footprint(lab, host: str) -> dict[str, str]:
 
 def _release(lab, host: str) -> str:
     return json.loads((lab.lab.layout.host(host).merged / "etc/fleet/bundle.json").read_text())["release"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Where the module's commands write (journal, Ansible artifacts, reports, JUnit)."""
+    return tmp_path_factory.mktemp("security")
 
 
 @pytest.fixture(scope="module")
@@ -82,32 +96,32 @@ def replaced_key(lab):
     assert lab.ssh(VICTIM, "true").returncode == 0
 
 
-def test_converge_refuses_the_host_whose_key_changed(replaced_key, tmp_path):
+def test_converge_refuses_the_host_whose_key_changed(replaced_key, work):
     lab = replaced_key
     release = _release(lab, PEER)
     before = _footprint(lab, VICTIM)
-    run = fleet("converge", "--release", f"releases/{release}.yaml", "-i", lab.inventory, "--limit",
-                f"{VICTIM},{PEER}")
+    run = fleet("converge", "--release", f"releases/{release}.yaml", "--inventory", lab.inventory, "--limit",
+                f"{VICTIM},{PEER}", "--report", work / "converge.json")
     out = run.stdout + run.stderr
     assert run.returncode == 1 and CHANGED in out, out[-3000:]
     assert _footprint(lab, VICTIM) == before
     assert f"{PEER}" in out and _release(lab, PEER) == release
 
 
-def test_verify_refuses_the_host_whose_key_changed(replaced_key, tmp_path):
+def test_verify_refuses_the_host_whose_key_changed(replaced_key, work):
     lab = replaced_key
     _close_ssh_masters()
-    run = fleet("verify", "--release", f"releases/{_release(lab, PEER)}.yaml", "-i", lab.inventory, "--limit",
-                f"{VICTIM},{PEER}", "--junit", tmp_path / "junit.xml")
+    run = fleet("verify", "--release", f"releases/{_release(lab, PEER)}.yaml", "--inventory", lab.inventory,
+                "--limit", f"{VICTIM},{PEER}", "--junit", work / "junit.xml")
     out = run.stdout + run.stderr
     assert run.returncode == 1 and CHANGED in out, out[-3000:]
-    junit = (tmp_path / "junit.xml").read_text()  # pytest's own report: OpenSSH's words
+    junit = (work / "junit.xml").read_text()  # pytest's own report: OpenSSH's words
     assert "REMOTE HOST IDENTIFICATION HAS CHANGED" in junit or CHANGED in junit
 
 
 def test_drift_refuses_the_host_whose_key_changed(replaced_key):
     lab = replaced_key
-    run = fleet("drift", "--release", f"releases/{_release(lab, PEER)}.yaml", "-i", lab.inventory, "--limit",
+    run = fleet("drift", "--release", f"releases/{_release(lab, PEER)}.yaml", "--inventory", lab.inventory, "--limit",
                 f"{VICTIM},{PEER}", "--json")
     assert run.returncode == 1
     found = json.loads(run.stdout)
@@ -116,24 +130,37 @@ def test_drift_refuses_the_host_whose_key_changed(replaced_key):
     assert not [d for d in found if d["host"] == PEER], "the peer does not drift"
 
 
-def test_patch_run_skips_the_host_whose_key_changed_and_patches_the_other(replaced_key, tmp_path):
+def test_patch_run_skips_the_host_whose_key_changed_and_patches_the_other(replaced_key, work):
     lab = replaced_key
     _close_ssh_masters()
     current = _release(lab, PEER)
     target = "2026-10" if current == "2026-11" else "2026-11"
     before = _footprint(lab, VICTIM)
     run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy", LAB_POLICY,
-                "--limit", f"{VICTIM},{PEER}", "--journal", tmp_path / "journal.db", "--ignore-window",
-                "--report-dir", tmp_path / "reports")
+                "--limit", f"{VICTIM},{PEER}", "--journal", work / "journal.db", "--ignore-window",
+                "--report-dir", work / "reports")
     out = run.stdout + run.stderr
     assert f"{VICTIM}: skipped: unreachable at preflight: {CHANGED}" in out, out[-4000:]
-    report = json.loads((tmp_path / "reports/report.json").read_text())
+    report = json.loads((work / "reports/report.json").read_text())
     assert report["skipped"][VICTIM].startswith(f"unreachable at preflight: {CHANGED}")
     assert report["hosts"][PEER]["state"] == "done", report["hosts"]
     assert _footprint(lab, VICTIM) == before and _release(lab, PEER) == target
     # the run's Ansible was told to check host keys, whatever ansible-runner's default is
-    commands = list((tmp_path / "ansible").rglob("artifacts/*/command"))
+    commands = list((work / "ansible").rglob("artifacts/*/command"))
     assert commands
     for command in commands:
         env = json.loads(command.read_text())["env"]
         assert env["ANSIBLE_HOST_KEY_CHECKING"] == "True", command
+
+
+def test_no_secret_reaches_a_file_the_tool_wrote(replaced_key, work):
+    """Journal, reports, events, Ansible's artifacts, the recap, JUnit and the host checks' logs."""
+    lab = replaced_key
+    lab_secrets = json.loads((lab.lab.layout.root / "secrets.json").read_text())
+    secrets = [*EXPORTED.values(), *lab_secrets.values()]
+    written = [p for p in work.rglob("*") if p.is_file()]
+    written += [p for d in Path("/tmp").glob("fleet-verify-*") if d.stat().st_mtime >= STARTED
+                for p in d.rglob("*") if p.is_file()]
+    assert len(written) > 20 and any(p.name == "command" for p in written) and any(p.suffix == ".db" for p in written)
+    leaks = [(str(p), s[:6]) for p in written for s in secrets if s.encode() in p.read_bytes()]
+    assert leaks == []
