@@ -1,9 +1,9 @@
 """Jinja2 filters that apply the project's own release rules, so the playbooks restate none of them.
 
-The compatibility rules live in patching/release/compat.yaml and are applied by patching/release/compat.py,
-the code `fleet release check` and every fleet command run; these filters call that code. Filters run on
-the controller, where the project is installed (the venv `make venv` builds, whose ansible-playbook the
-fleet commands run).
+The compatibility data lives in patching/release/compat.yaml: patching/release/rules.py reads it (package
+names per driver branch) and patching/release/compat.py applies its rules to a bundle, the code `fleet
+release check` and every fleet command run. These filters call that code. Filters run on the controller,
+where the project is installed (the venv `make venv` builds, whose ansible-playbook the fleet commands run).
 """
 
 from __future__ import annotations
@@ -40,12 +40,12 @@ def fleet_bundle_problems(path: Any) -> list[str]:
 
 def fleet_fabric_manager_package(branch: Any) -> str:
     """The fabric manager's Debian package on a driver branch: nvidia-fabricmanager[-<branch>]."""
-    return _project("patching.release.compat").fabric_manager_package(int(branch))
+    return _project("patching.release.rules").fabric_manager_package(int(branch))
 
 
 def fleet_nscq_package(branch: Any) -> str:
     """libnvidia-nscq's Debian package on a driver branch: libnvidia-nscq[-<branch>]."""
-    return _project("patching.release.compat").nscq_package(int(branch))
+    return _project("patching.release.rules").nscq_package(int(branch))
 
 
 class FilterModule:
