@@ -18,8 +18,10 @@ _PERCENT = re.compile(r"^(\d{1,3})%$")
 
 def _amount(value: Any, minimum: int = 0) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a count cannot be negative")
         if value < minimum:
-            raise ValueError("a count cannot be negative" if minimum == 0 else f"must be at least {minimum}")
+            raise ValueError(f"must be at least {minimum}")
         return value
     if isinstance(value, str):
         match = _PERCENT.match(value.strip())

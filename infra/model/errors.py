@@ -69,8 +69,31 @@ def nearest(word: str, known: Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
+MAX_FILE_BYTES = 1 << 20  # a bundle, policy or stack file is a few KiB; anything near this is not one
+MAX_ALIASES = 100  # YAML aliases a file may use: enough for anchors, too few for an alias bomb
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+    """SafeLoader that refuses duplicate mapping keys, impossible dates and alias bombs."""
+
+    aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                event = self.peek_event()
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases (an alias bomb?)",
+                                                  event.start_mark)
+        return super().compose_node(parent, index)  # type: ignore[misc]
+
+
+def _construct_timestamp(loader: _StrictLoader, node: yaml.ScalarNode) -> Any:
+    try:
+        return yaml.constructor.SafeConstructor.construct_yaml_timestamp(loader, node)
+    except (ValueError, OverflowError) as exc:
+        raise yaml.constructor.ConstructorError(None, None, f"not a valid date or time {node.value!r}: {exc}",
+                                                node.start_mark) from exc
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -89,15 +112,35 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _construct_timestamp)
 
 
-def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file; malformed YAML or a duplicate key becomes an InputError naming the line."""
+def read_text(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """A text file's content; too big, unreadable, binary or not UTF-8 is an InputError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.is_dir():
+            raise InputError.single(path, "", None, "is a directory, not a file")
+        with path.open("rb") as fh:
+            raw = fh.read(max_bytes + 1)
     except OSError as exc:
-        raise InputError.single(path, "", None, f"cannot read file: {exc.strerror}") from exc
+        raise InputError.single(path, "", None, f"cannot read file: {exc.strerror or exc}") from exc
+    if len(raw) > max_bytes:
+        raise InputError.single(path, "", None, f"larger than {max_bytes // 1024} KiB: not a file of this kind")
+    if (nul := raw.find(b"\0")) >= 0:
+        raise InputError.single(path, "", None, f"binary data (a NUL byte at offset {nul}), not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError.single(path, "", None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                                                f"{exc.start})") from exc
+
+
+def load_yaml(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Any:
+    """Read a YAML file; too big, not UTF-8, malformed YAML, a duplicate key, an impossible date or an alias
+    bomb becomes an InputError naming the line."""
+    path = Path(path)
+    text = read_text(path, max_bytes)
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:

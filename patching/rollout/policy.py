@@ -13,11 +13,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from infra.model.amount import Amount
+from infra.model.amount import Amount, NonZeroAmount
 from infra.model.amount import resolve as resolve  # re-exported: patching/rollout/budgets.py imports it from here
 from infra.model.errors import load_yaml
 from infra.model.strict import StrictModel, validate
-from patching.rollout.windows import Duration, Freeze, MaintenanceCalendar, Window, build_calendar
+from patching.rollout.windows import Duration, Freeze, MaintenanceCalendar, PositiveDuration, Window, build_calendar
 
 
 class Canary(StrictModel):
@@ -30,8 +30,9 @@ class Canary(StrictModel):
 class Waves(StrictModel):
     """How the hosts after the canary are cut into waves."""
 
-    size: Amount = Field(default="25%", description="hosts per pool per wave: a count or a percentage of the pool")
-    pools: dict[str, Amount] = Field(default={}, description="per-pool override of `size`")
+    size: NonZeroAmount = Field(default="25%",
+                                description="hosts per pool per wave: a count or a percentage of the pool")
+    pools: dict[str, NonZeroAmount] = Field(default={}, description="per-pool override of `size`")
     site_order: list[str] = Field(default=[], description="sites patched first, in this order; others follow by name")
     estimate: Duration = Field(
         default=dt.timedelta(minutes=30), description="predicted wave duration until the journal has a history"
@@ -54,14 +55,14 @@ class SloProbe(StrictModel):
     requests: int = Field(default=50, ge=1)
     p99_ms: float = Field(default=200.0, gt=0, description="the P99 latency must be below this")
     max_error_rate: float = Field(default=0.0, ge=0, le=1, description="fraction of failed requests tolerated")
-    request_timeout: Duration = Field(default=dt.timedelta(seconds=30))
+    request_timeout: PositiveDuration = Field(default=dt.timedelta(seconds=30))
 
 
 class Soak(StrictModel):
     """After undrain: repeated probes under live traffic and the GPU-memory growth from /metrics."""
 
     duration: Duration = Field(default=dt.timedelta(minutes=10), description="0s turns the soak off")
-    probe_interval: Duration = Field(default=dt.timedelta(minutes=1))
+    probe_interval: PositiveDuration = Field(default=dt.timedelta(minutes=1))
     max_gpu_memory_slope_mib_per_hour: float = Field(
         default=512.0, ge=0, description="GPU memory growth (least-squares slope over the soak) that fails the host"
     )
@@ -87,12 +88,13 @@ class Preflight(StrictModel):
 class Timeouts(StrictModel):
     """Per-step limits handed to the host actions; a host over its limit counts as failed."""
 
-    drain: Duration = Field(default=dt.timedelta(minutes=10), description="until in-flight requests are finished")
-    apply: Duration = Field(default=dt.timedelta(minutes=45))
-    reboot: Duration = Field(default=dt.timedelta(minutes=20))
-    gate: Duration = Field(default=dt.timedelta(minutes=15))
-    undrain: Duration = Field(default=dt.timedelta(minutes=5))
-    lock_stale: Duration = Field(
+    drain: PositiveDuration = Field(default=dt.timedelta(minutes=10),
+                                    description="until in-flight requests are finished")
+    apply: PositiveDuration = Field(default=dt.timedelta(minutes=45))
+    reboot: PositiveDuration = Field(default=dt.timedelta(minutes=20))
+    gate: PositiveDuration = Field(default=dt.timedelta(minutes=15))
+    undrain: PositiveDuration = Field(default=dt.timedelta(minutes=5))
+    lock_stale: PositiveDuration = Field(
         default=dt.timedelta(minutes=2), description="a journal lock without a heartbeat this long is stale"
     )
 

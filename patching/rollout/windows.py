@@ -20,9 +20,17 @@ from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter  # type: ignore[import-untyped]
+from croniter import CroniterBadDateError, croniter  # type: ignore[import-untyped]
 from dateutil.rrule import rruleset, rrulestr  # type: ignore[import-untyped]
-from pydantic import BeforeValidator, Field, PlainSerializer, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from infra.model.errors import InputError, Problem
 from infra.model.strict import StrictModel
@@ -35,21 +43,34 @@ HORIZON = dt.timedelta(days=400)
 _MAX_OCCURRENCES = 5000
 
 
+MAX_DURATION = dt.timedelta(days=366)  # no window, timeout or soak of a patch run lasts longer than a year
+
+
 def parse_duration(value: Any) -> dt.timedelta:
-    """'4h', '30m', '1h30m', '2d', '90s' or a number of seconds -> timedelta; anything else is an error."""
+    """'4h', '30m', '1h30m', '2d', '90s' or a number of seconds -> timedelta; anything else is an error,
+    and so is anything longer than MAX_DURATION."""
     if isinstance(value, dt.timedelta):
-        return value
-    if isinstance(value, bool):
+        duration = value
+    elif isinstance(value, bool):
         raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
-    if isinstance(value, int | float):
-        if value < 0:
+    elif isinstance(value, int | float):
+        if value != value or value < 0:  # NaN, negative
             raise ValueError("a duration cannot be negative")
-        return dt.timedelta(seconds=value)
-    match = _DURATION.match(value.strip()) if isinstance(value, str) and value.strip() else None
-    if not match:
-        raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
-    days, hours, minutes, seconds = (int(g[:-1]) if g else 0 for g in match.groups())
-    return dt.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        if value > MAX_DURATION.total_seconds():
+            raise ValueError(f"longer than {MAX_DURATION.days} days")
+        duration = dt.timedelta(seconds=value)
+    else:
+        match = _DURATION.match(value.strip()) if isinstance(value, str) and value.strip() else None
+        if not match:
+            raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
+        days, hours, minutes, seconds = (int(g[:-1]) if g else 0 for g in match.groups())
+        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        if total > MAX_DURATION.total_seconds():
+            raise ValueError(f"longer than {MAX_DURATION.days} days")
+        duration = dt.timedelta(seconds=total)
+    if duration > MAX_DURATION:
+        raise ValueError(f"longer than {MAX_DURATION.days} days")
+    return duration
 
 
 def format_duration(value: dt.timedelta) -> str:
@@ -69,6 +90,16 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema({"type": "string", "pattern": DURATION_PATTERN, "examples": ["4h", "30m", "1h30m"]}),
 ]
+
+
+def _positive_duration(value: dt.timedelta) -> dt.timedelta:
+    if value <= dt.timedelta(0):
+        raise ValueError("must be longer than 0s")
+    return value
+
+
+# a limit or an interval: 0s would mean "no limit" or "as fast as possible", never what was meant
+PositiveDuration = Annotated[Duration, AfterValidator(_positive_duration)]
 
 
 def zone(name: str) -> ZoneInfo:
@@ -95,6 +126,10 @@ class Window(StrictModel):
     def _cron(cls, value: str) -> str:
         if len(value.split()) != 5 or not croniter.is_valid(value):
             raise ValueError("expected five cron fields: minute hour day-of-month month day-of-week")
+        try:  # a valid expression can still name a day that never comes (0 0 30 2 *)
+            croniter(value, dt.datetime(2026, 1, 1)).get_next(dt.datetime)
+        except (CroniterBadDateError, ValueError, OverflowError):
+            raise ValueError("never fires: no date matches it (e.g. February 30)") from None
         return value
 
     @field_validator("timezone")
@@ -119,6 +154,9 @@ class Window(StrictModel):
         return self
 
 
+MIN_YEAR, MAX_YEAR = 2000, 2999  # a freeze outside these years is a typo, and date arithmetic would overflow
+
+
 class FreezeRange(StrictModel):
     """Whole days (first and last inclusive) in which no wave may run."""
 
@@ -128,6 +166,8 @@ class FreezeRange(StrictModel):
 
     @model_validator(mode="after")
     def _ordered(self) -> FreezeRange:
+        if self.end.year > MAX_YEAR or self.start.year < MIN_YEAR:
+            raise ValueError(f"dates from {MIN_YEAR} to {MAX_YEAR} only")
         if self.end < self.start:
             raise ValueError(f"end {self.end} is before start {self.start}")
         return self
