@@ -9,6 +9,7 @@ This module does not import Pulumi, so the patch pipeline and the lab can read a
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,6 +25,10 @@ NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
 Name = Annotated[str, Field(pattern=NAME)]
 
 # 8-GPU SXM boards whose GPUs talk through NVSwitch: they need fabric manager and libnvidia-nscq.
+MAX_POOL_COUNT = 10_000  # instances a cloud pool may ask for: a typo beyond this would hang the planner
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
+_DOTTED_NUMBERS = re.compile(r"^[\d.]+$")
 NVSWITCH_GPUS = ("A100-SXM4-40GB", "A100-SXM4-80GB", "H100-SXM5-80GB", "H200-SXM5-141GB")
 GPU_MEMORY_MIB = {
     "A100-SXM4-40GB": 40960,
@@ -165,7 +170,7 @@ class Host(StrictModel):
 
     name: Name
     pool: Name
-    address: str | None = None
+    address: str | None = Field(None, description="IP address or DNS name the controller reaches the host at")
     ssh_port: int = Field(22, ge=1, le=65535)
     ssh_user: str = "root"
     serving_port: int | None = Field(None, ge=1, le=65535)
@@ -174,6 +179,22 @@ class Host(StrictModel):
     psus: list[Psu] = []
     max_draw_w: int | None = Field(None, gt=0)
     ib_hcas: list[IbHca] = []
+
+    @field_validator("address")
+    @classmethod
+    def _ip_or_dns_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            pass
+        if _DOTTED_NUMBERS.match(value):  # 999.300.1.12 is a broken IPv4 address, not a name
+            raise ValueError("not a valid IP address")
+        if not _DNS_NAME.match(value):
+            raise ValueError("expected an IP address or a DNS name (letters, digits, '-', '.')")
+        return value
 
 
 class Pool(StrictModel):
@@ -188,7 +209,7 @@ class Pool(StrictModel):
     serving_port: int = Field(8000, ge=1, le=65535)
     max_unavailable: NonZeroAmount = Field(1, description="hosts or percent ('25%') out at once")
     min_serving: int = Field(1, ge=0, description="capacity floor: hosts that must keep serving")
-    count: int | None = Field(None, ge=0, description="cloud pools: number of instances")
+    count: int | None = Field(None, ge=0, le=MAX_POOL_COUNT, description="cloud pools: number of instances")
 
     @field_validator("gpu_model")
     @classmethod
@@ -286,6 +307,15 @@ def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Prob
             if item.name in seen:
                 yield p([f"{kind}s", i, "name"], item.name, f"duplicate {kind} name (first at index {seen[item.name]})")
             seen.setdefault(item.name, i)
+
+    listed_hosts = {h.name: i for i, h in enumerate(config.hosts)}
+    listed_pools = Counter(h.pool for h in config.hosts)
+    for i, pool in enumerate(config.pools):  # names a pool's `count` generates must not shadow a listed host
+        if pool.count and not listed_pools[pool.name]:
+            for n in range(pool.count):
+                if (clash := f"{pool.name}-{n}") in listed_hosts:
+                    yield p(["pools", i, "count"], pool.count,
+                            f"generates host {clash!r}, the name of hosts[{listed_hosts[clash]}]: rename one")
 
     sites = {s.name: s for s in config.sites}
     pools = {pl.name: pl for pl in config.pools}

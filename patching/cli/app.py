@@ -101,10 +101,15 @@ def inventory(
     from infra.model.fleet import load_stack
     from infra.model.inventory import render_inventory
 
+    if output is not None and output.is_dir():
+        raise InputError.single("-o", "", str(output), "is a directory: give the file to write")
     text = render_inventory(load_stack(stack, project_dir))
     if output:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+        except OSError as exc:
+            raise InputError.single("-o", "", str(output), f"cannot write it: {exc.strerror or exc}") from exc
         say(f"wrote {output}", stderr=True)
     else:
         sys.stdout.write(text)

@@ -204,6 +204,9 @@ def patch_run(
 
     Exit 0 done, 1 failed or rolled back, 2 bad input (nothing touched), 3 refused (window, freeze, lock).
     """
+    if output is not None and not dry_run:
+        raise InputError.single("-o", "", str(output), "writes the plan of a --dry-run; without --dry-run it "
+                                "would start a real rollout (use `fleet plan -o` for the plan alone)")
     inputs = load_inputs(release, inventory, policy, limit, releases_dir, allow_unverified_host_keys)
     if dry_run:
         _show_plan(_preview(inputs, journal, dt.datetime.now(dt.UTC)), output)

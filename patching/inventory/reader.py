@@ -16,6 +16,7 @@ others (a bastion, localhost) are ignored unless `--limit` names them.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,21 @@ def _select(
     from ansible.inventory.manager import split_host_pattern
 
     problems = []
+    # Ansible compiles a ~regex only when matching, and its splitting can turn a broken one into '~',
+    # the empty regex that selects every host: '~[' would plan the whole fleet
+    for pattern in {*split_host_pattern(limit), *re.split(r"[,:]", limit)}:
+        regex = pattern.strip().lstrip("!&")
+        if not regex.startswith("~"):
+            continue
+        if regex == "~":
+            problems.append(Problem("--limit", "", limit, "an empty ~regex would select every host"))
+            continue
+        try:
+            re.compile(regex[1:])
+        except re.error as exc:
+            problems.append(Problem("--limit", "", pattern, f"not a valid regular expression: {exc}"))
+    if problems:
+        return [], problems
     with _captured_display():
         for pattern in split_host_pattern(limit):
             bare = pattern.lstrip("!&")

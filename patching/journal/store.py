@@ -99,6 +99,31 @@ CREATE TABLE IF NOT EXISTS lb_changes (
 """ + LOCK_SCHEMA
 
 _APPEND_ONLY = ("host_states", "events", "previous_bundles", "lb_changes")
+APPLICATION_ID = 0x464C5452  # 'FLTR' in the SQLite header: this file is a fleet journal
+_OUR_TABLES = {"runs", "waves", "host_states", "events", "previous_bundles", "lb_changes", "lock"}
+
+
+def _check_is_ours(path: Path) -> None:
+    """Refuse (JournalError) a file that is not a fleet journal, or one SQLite finds damaged; reads only."""
+    if path.is_dir():
+        raise JournalError(f"{path}: is a directory, not a journal")
+    if path.stat().st_size == 0:
+        raise JournalError(f"{path}: an empty file, not a journal of ours (give a new path, or the journal's)")
+    try:
+        db = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=10)
+        try:
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if app_id != APPLICATION_ID and not (app_id == 0 and tables >= _OUR_TABLES):  # older journals: no id
+                raise JournalError(f"{path}: not a journal of ours (an SQLite database of another application)")
+            problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise JournalError(f"{path}: the journal is damaged (SQLite's integrity check: "
+                                   f"{'; '.join(problems)}); keep it for inspection and start a new one")
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise JournalError(f"{path}: not a journal of ours: {exc}") from exc
 
 
 class JournalError(Exception):
@@ -174,7 +199,13 @@ class Journal:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            _check_is_ours(self.path)  # before a byte is written: another file stays as it was
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise JournalError(f"{self.path}: cannot create its directory: {exc.strerror or exc}") from exc
         try:
             # isolation_level=None: autocommit, every statement is durable when it returns
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
@@ -198,6 +229,7 @@ class Journal:
                     f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
                     f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
                 )
+        self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
         self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
