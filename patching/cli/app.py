@@ -20,6 +20,7 @@ from patching.cli.hosts import register as register_host_commands
 from patching.cli.output import say
 from patching.cli.patch import register as register_patch_commands
 from patching.hosts.toolpath import put_our_bin_first
+from patching.journal.store import JournalError
 from patching.states import ExitCode
 
 app = typer.Typer(
@@ -136,6 +137,9 @@ def main() -> None:
     except InputError as exc:
         for problem in exc.problems:
             say(f"error: {problem}", stderr=True)
+        sys.exit(ExitCode.BAD_INPUT)
+    except JournalError as exc:  # a journal found damaged while reading it
+        say(f"error: --journal: {exc}", stderr=True)
         sys.exit(ExitCode.BAD_INPUT)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -124,6 +124,9 @@ def _check_is_ours(path: Path) -> None:
             db.close()
     except sqlite3.DatabaseError as exc:
         raise JournalError(f"{path}: not a journal of ours: {exc}") from exc
+    except UnicodeDecodeError:
+        raise JournalError(f"{path}: the journal is damaged (text that is not UTF-8); keep it for inspection "
+                           "and start a new one") from None
 
 
 class JournalError(Exception):
@@ -209,6 +212,7 @@ class Journal:
         try:
             # isolation_level=None: autocommit, every statement is durable when it returns
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
+            self.db.text_factory = self._text
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -220,6 +224,13 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{self.path}: not a usable journal: {exc}") from exc
         self.lock = JournalLock(self.db)
+
+    def _text(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise JournalError(f"{self.path}: the journal is damaged (text that is not UTF-8); keep it for "
+                               "inspection and start a new one") from None
 
     def _create(self) -> None:
         self.db.executescript(_SCHEMA)
@@ -311,6 +322,12 @@ class Journal:
     def _run_record(self, row: Sequence[Any]) -> RunRecord:
         cols = [d[1] for d in self.db.execute("PRAGMA table_info(runs)").fetchall()]
         r = dict(zip(cols, row, strict=True))
+        try:
+            return self._decode_run(r)
+        except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
+            raise JournalError(f"{self.path}: the journal is damaged (run {r.get('id')}: {exc})") from exc
+
+    def _decode_run(self, r: dict[str, Any]) -> RunRecord:
         return RunRecord(
             id=r["id"], release=r["release"], status=r["status"], message=r["message"],
             stop_reason=r["stop_reason"], stop_wave=r["stop_wave"], abort_requested=bool(r["abort_requested"]),

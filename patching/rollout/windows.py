@@ -364,8 +364,10 @@ def read_ical(path: Path, tz: ZoneInfo, source: str) -> list[FreezePeriod]:
         label = str(event.get("SUMMARY") or f"{path.name} event {index + 1}")
         try:
             periods.append(_event_period(event, label, tz))
-        except (KeyError, ValueError, TypeError) as exc:
-            problems.append(Problem(source, f"{field} ({path.name}: VEVENT {index + 1})", label, str(exc)))
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+            # AttributeError: a property given twice (two RRULE lines) comes back as a list
+            problems.append(Problem(source, f"{field} ({path.name}: VEVENT {index + 1})", label,
+                                    str(exc) or type(exc).__name__))
     if problems:
         raise InputError(problems)
     return periods
