@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,7 +72,7 @@ DPKG_FORMAT = r"${Package}\t${Version}\t${Status}\n"
 
 def dpkg_query_command(packages: list[str] | tuple[str, ...]) -> str:
     """The shell command whose output `parse_dpkg_query` reads (unknown names are not an error)."""
-    names = " ".join(f"'{p}'" for p in packages)
+    names = " ".join(shlex.quote(p) for p in packages)
     return f"dpkg-query -W -f='{DPKG_FORMAT}' {names} 2>/dev/null || true"
 
 

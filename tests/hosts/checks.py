@@ -68,7 +68,8 @@ class HostReadings:
 
     def served_models(self, port: int, address: str) -> dict[str, Any] | str:
         """/v1/models as the host itself reaches its server, or the error."""
-        result = self.run(f"curl -fsS --max-time 10 http://{address}:{port}/v1/models")
+        url = f"http://{address}:{int(port)}/v1/models"
+        result = self.run(f"curl -fsS --max-time 10 {shlex.quote(url)}")
         if result.rc != 0:
             return _error(f"GET http://{address}:{port}/v1/models", result)
         try:

@@ -81,3 +81,14 @@ def test_ssh_settings_come_from_the_inventory_vars():
     assert (s.known_hosts, s.strict, s.connect_timeout) == ("/lab/ssh/known_hosts", True, 7)
     relaxed = ssh_settings("h", {"ansible_ssh_common_args": "-oStrictHostKeyChecking=no"})
     assert (relaxed.host, relaxed.port, relaxed.strict) == ("h", 22, False)
+
+
+def test_package_names_reach_the_shell_quoted():
+    from patching.release.pins import dpkg_query_command
+
+    command = dpkg_query_command(["nvidia-driver-580", "x'; rm -rf / #"])
+    assert " nvidia-driver-580 " in command and "rm -rf" in command
+    import shlex
+
+    words = shlex.split(command.split(" 2>/dev/null")[0])
+    assert words[-1] == "x'; rm -rf / #"  # one argument, not a command
