@@ -310,11 +310,11 @@ def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Prob
 
     listed_hosts = {h.name: i for i, h in enumerate(config.hosts)}
     listed_pools = Counter(h.pool for h in config.hosts)
-    for i, pool in enumerate(config.pools):  # names a pool's `count` generates must not shadow a listed host
-        if pool.count and not listed_pools[pool.name]:
-            for n in range(pool.count):
-                if (clash := f"{pool.name}-{n}") in listed_hosts:
-                    yield p(["pools", i, "count"], pool.count,
+    for i, counted in enumerate(config.pools):  # names a pool's `count` generates must not shadow a listed host
+        if counted.count and not listed_pools[counted.name]:
+            for n in range(counted.count):
+                if (clash := f"{counted.name}-{n}") in listed_hosts:
+                    yield p(["pools", i, "count"], counted.count,
                             f"generates host {clash!r}, the name of hosts[{listed_hosts[clash]}]: rename one")
 
     sites = {s.name: s for s in config.sites}
