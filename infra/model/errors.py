@@ -7,6 +7,7 @@ collected into one `InputError` and reported at once (exit code 2, DESIGN.md sec
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,25 @@ def read_text(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> str:
     except UnicodeDecodeError as exc:
         raise InputError.single(path, "", None, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
                                                 f"{exc.start})") from exc
+
+
+_ALIAS_LIKE = re.compile(r"(?:^|[\s\[,{:-])\*[^\s,\]}]+")
+
+
+def check_yaml_aliases(path: str | Path, max_bytes: int) -> None:
+    """For YAML another parser reads (an Ansible inventory): too big, not UTF-8, or an alias bomb is an
+    InputError. Cheap when the file has few aliases (a scan); composed with the strict loader otherwise."""
+    text = read_text(path, max_bytes)
+    if len(_ALIAS_LIKE.findall(text)) <= MAX_ALIASES:
+        return
+    try:
+        yaml.compose(text, Loader=_StrictLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError.single(path, line, None, f"malformed YAML: {exc.problem or exc.context}") from exc
+    except yaml.YAMLError:
+        return  # the inventory parser will say what is wrong with it
 
 
 def load_yaml(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Any:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from infra.model.amount import Amount
-from infra.model.errors import InputError, Problem, nearest
+from infra.model.errors import InputError, Problem, check_yaml_aliases, collect, nearest
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +108,9 @@ class _HostVars(BaseModel):
 _HOST_KEYS = frozenset(k for k in _HostVars.model_fields if k.startswith("fleet_"))
 
 
+MAX_INVENTORY_FILE_BYTES = 512 << 20  # a rendered 10,000-host inventory is tens of MiB
+
+
 def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | None = None) -> FleetInventory:
     """Parse inventory sources with Ansible and select hosts with `--limit` patterns.
 
@@ -121,6 +124,13 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
         for s in source_list
         if "," not in s and not Path(s).exists()
     ]
+    for source in source_list:  # Ansible's loader expands aliases: a bomb in a var would hang what reads it
+        if "," in source:
+            continue
+        root = Path(source)
+        for path in [root] if root.is_file() else sorted(root.rglob("*")):
+            if path.is_file() and path.suffix in (".yml", ".yaml", ".json"):
+                collect(problems, check_yaml_aliases, path, MAX_INVENTORY_FILE_BYTES)
     if problems:
         raise InputError(problems)
     manager, loader, warnings = _parse(source_list)

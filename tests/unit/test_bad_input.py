@@ -62,6 +62,14 @@ def stack_with(tmp_path: Path, old: str, new: str) -> Path:
     return tmp_path
 
 
+def alias_bomb(tmp_path: Path, inventory: Path) -> Path:
+    """The inventory with a var of 40 nested levels of 4 aliases each (4**40 leaves once expanded)."""
+    levels = [b"    a: &l0 [x, x, x, x]\n"]
+    levels += [b"    b%d: &l%d [*l%d, *l%d, *l%d, *l%d]\n" % (n, n, n - 1, n - 1, n - 1, n - 1) for n in range(1, 40)]
+    text = inventory.read_bytes().replace(b"all:\n", b"all:\n  vars:\n" + b"".join(levels), 1)
+    return raw(tmp_path, "bomb.yml", text)
+
+
 BUNDLE_TEXT = RELEASE.read_bytes()
 
 # (id, build(tmp_path, inventory) -> argv, what the message must name)
@@ -113,6 +121,9 @@ CASES = [
         t, "count: 2,", "count: 20000000,")], "count"),
     ("inventory-output-is-a-directory", lambda t, i: ["inventory", "--stack", "lab", "--project-dir", ROOT,
                                                       "-o", t], "-o"),
+    ("inventory-alias-bomb", lambda t, i: ["plan", "--release", RELEASE, "-i", alias_bomb(t, i)], "alias bomb"),
+    ("journal-parent-is-a-file", lambda t, i: ["patch", "run", "--release", RELEASE, "-i", i, "--ignore-window",
+                                               "--journal", raw(t, "file", b"x") / "journal.db"], "--journal"),
     ("output-without-dry-run", lambda t, i: ["patch", "run", "--release", RELEASE, "-i", i, "-o", t / "plan.json",
                                              "--journal", t / "j/journal.db"], "--dry-run"),
     ("status-of-an-empty-file", lambda t, i: ["patch", "status", "--journal", raw(t, "empty.db", b"")],
