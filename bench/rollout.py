@@ -58,8 +58,8 @@ class TimedActions:
 
 
 def pipeline(inventory: Path, policy: Path, work: Path) -> tuple[float, dict[str, float], list[list[str]]]:
+    from patching.cli import patch as host_actions  # where `fleet patch run` gets its host actions
     from patching.cli.app import app
-    from patching.rollout import actions as host_actions
 
     made: list[TimedActions] = []
     real = host_actions.make_actions
