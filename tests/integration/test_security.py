@@ -26,7 +26,9 @@ pytestmark = pytest.mark.lab
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = str(Path(sys.executable).parent / "fleet")
 LAB_POLICY = ROOT / "lab/policy.yaml"
-VICTIM, PEER = "dgx-a1", "dgx-a2"
+# the victim has a pool of its own: an unreachable host counts as out of service, so a victim in the
+# peer's pool would (rightly) leave the peer no room under max_unavailable 1
+VICTIM, PEER = "r1-outpost-0", "dgx-a2"
 CHANGED = "host key changed"
 # what a CI job exports; none of it may reach a file the tool writes
 EXPORTED = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-fleet-test-secret", "AWS_SESSION_TOKEN": "FQoGZXIv-fleet-test",
