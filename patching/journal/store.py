@@ -123,6 +123,9 @@ def _check_is_ours(path: Path) -> None:
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
+        if "malformed" in str(exc):
+            raise JournalError(f"{path}: the journal is damaged (SQLite: {exc}); keep it for inspection and "
+                               "start a new one") from exc
         raise JournalError(f"{path}: not a journal of ours: {exc}") from exc
     except UnicodeDecodeError:
         raise JournalError(f"{path}: the journal is damaged (text that is not UTF-8); keep it for inspection "

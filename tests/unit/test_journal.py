@@ -9,7 +9,7 @@ import pytest
 
 from patching.journal.lock import LockHeld, LockKeeper, lock_staleness
 from patching.journal.redact import redact
-from patching.journal.store import Journal, JournalError
+from patching.journal.store import Journal, JournalError, RunJournal
 from patching.states import TRANSITIONS, HostState, IllegalTransition
 
 PLAN = {"waves": [{"index": 0, "kind": "canary", "hosts": ["a1"], "predicted_s": 60.0},
@@ -17,7 +17,7 @@ PLAN = {"waves": [{"index": 0, "kind": "canary", "hosts": ["a1"], "predicted_s":
         "skipped": {"a4": "unreachable at preflight"}}
 
 
-def new_run(journal: Journal, release: str = "2026-11", plan: dict = PLAN) -> int:
+def new_run(journal: Journal, release: str = "2026-11", plan: dict = PLAN) -> RunJournal:
     return journal.create_run(release=release, owner="t", bundle_path="b.yaml", bundle={}, releases_dir=".",
                               inventory=["inv"], limit=None, policy_path=None, policy={}, plan=plan)
 
@@ -177,3 +177,20 @@ def test_the_diagram_has_no_dead_ends():
                 reachable.add(nxt)
                 frontier.append(nxt)
     assert reachable == set(HostState)
+
+
+def test_a_damaged_journal_is_refused_with_the_word_and_left_as_it_is(tmp_path):
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    run = new_run(journal)
+    for i in range(200):
+        run.add_event("step", {"n": i, "pad": "x" * 200})
+    journal.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    journal.close()
+    data = bytearray(path.read_bytes())
+    page = 4096
+    data[3 * page + 8: 3 * page + 600] = b"\xa5" * 592  # an interior page's cell pointers and content
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalError, match="damaged"):
+        Journal(path)
+    assert path.read_bytes() == bytes(data)
