@@ -137,6 +137,12 @@ def read_text(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> str:
                                                 f"{exc.start})") from exc
 
 
+def _malformed(path: str | Path, exc: yaml.MarkedYAMLError) -> InputError:
+    mark = exc.problem_mark or exc.context_mark
+    line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return InputError.single(path, line, None, f"malformed YAML: {exc.problem or exc.context}")
+
+
 _ALIAS_LIKE = re.compile(r"(?:^|[\s\[,{:-])\*[^\s,\]}]+")
 
 
@@ -149,9 +155,7 @@ def check_yaml_aliases(path: str | Path, max_bytes: int) -> None:
     try:
         yaml.compose(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InputError.single(path, line, None, f"malformed YAML: {exc.problem or exc.context}") from exc
+        raise _malformed(path, exc) from exc
     except yaml.YAMLError:
         return  # the inventory parser will say what is wrong with it
 
@@ -164,9 +168,7 @@ def load_yaml(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> Any:
     try:
         return yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InputError.single(path, line, None, f"malformed YAML: {exc.problem or exc.context}") from exc
+        raise _malformed(path, exc) from exc
     except yaml.YAMLError as exc:
         raise InputError.single(path, "", None, f"malformed YAML: {exc}") from exc
 

@@ -97,7 +97,7 @@ def load_inputs(
         problems += rule_problems(bundle, release)
     fleet = collect(problems, load_inventory, inventory, limit)
     if fleet is not None:
-        problems += host_key_problems(",".join(inventory), _selected_vars(fleet), allow_unverified_host_keys)
+        problems += host_key_problems(",".join(inventory), fleet.selected_vars(), allow_unverified_host_keys)
     rollout, calendar = collect(problems, load_policy, policy) or (None, None)
     if fleet is not None and rollout is not None:
         collect(problems, check_policy_against, fleet, rollout, str(policy or "<default policy>"))
@@ -109,12 +109,8 @@ def load_inputs(
     return Inputs(bundle, release, fleet, rollout, policy, calendar, releases_dir or release.resolve().parent)
 
 
-def _selected_vars(fleet: FleetInventory) -> dict[str, Mapping[str, Any]]:
-    return {name: fleet.vars.get(name, {}) for name in fleet.selected}
-
-
 def _warn_unverified(fleet: FleetInventory) -> None:
-    if warning := unverified_warning(_selected_vars(fleet)):
+    if warning := unverified_warning(fleet.selected_vars()):
         say(warning, stderr=True)
 
 
@@ -268,7 +264,7 @@ def patch_resume(
         missing = sorted(n for n in Plan.from_dict(record.plan).hosts if n not in fleet.hosts)
         if missing:
             raise InputError.single("--inventory", "", missing, f"host(s) of run {record.id} are not in the inventory")
-        if problems := host_key_problems(",".join(fleet.sources), _selected_vars(fleet), allow_unverified_host_keys):
+        if problems := host_key_problems(",".join(fleet.sources), fleet.selected_vars(), allow_unverified_host_keys):
             raise InputError(problems)
         _warn_unverified(fleet)
         releases = Path(record.releases_dir)

@@ -72,6 +72,10 @@ class FleetInventory:
     # every inventory var of each fleet host as a play sees it (SSH settings, flags, secrets: never printed)
     vars: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
+    def selected_vars(self) -> dict[str, Mapping[str, Any]]:
+        """Every inventory var of each selected host (SSH settings, flags, secrets: never printed)."""
+        return {name: self.vars.get(name, {}) for name in self.selected}
+
     def pool_members(self, pool: str) -> list[InventoryHost]:
         """Every host of a pool, selected or not: disruption budgets are per whole pool."""
         return [h for h in self.hosts.values() if h.pool == pool]

@@ -44,7 +44,7 @@ class Target:
     @property
     def hostvars(self) -> dict[str, Mapping[str, Any]]:
         """Every inventory var of each selected host (SSH settings for drift, flags for the pins)."""
-        return {name: self.inventory.vars[name] for name in self.hosts}
+        return self.inventory.selected_vars()
 
 
 def load_target(release: Path, inventory: Path, limit: str | None = None,
@@ -62,12 +62,11 @@ def load_target(release: Path, inventory: Path, limit: str | None = None,
         for name in fleet.selected:
             problems += _host_problems(str(inventory), name, fleet.vars[name], bundle)
     if fleet is not None:
-        selected = {name: fleet.vars[name] for name in fleet.selected}
-        problems += host_key_problems(str(inventory), selected, allow_unverified_host_keys)
+        problems += host_key_problems(str(inventory), fleet.selected_vars(), allow_unverified_host_keys)
     if problems:
         raise InputError(problems)
     assert bundle is not None and fleet is not None
-    if warning := unverified_warning({name: fleet.vars[name] for name in fleet.selected}):
+    if warning := unverified_warning(fleet.selected_vars()):
         print(warning, file=sys.stderr, flush=True)
     return Target(bundle, Path(release).absolute(), Path(inventory).absolute(), fleet)
 

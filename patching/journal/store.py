@@ -103,6 +103,10 @@ APPLICATION_ID = 0x464C5452  # 'FLTR' in the SQLite header: this file is a fleet
 _OUR_TABLES = {"runs", "waves", "host_states", "events", "previous_bundles", "lb_changes", "lock"}
 
 
+def _damaged(path: Path, why: str) -> JournalError:
+    return JournalError(f"{path}: the journal is damaged ({why}); keep it for inspection and start a new one")
+
+
 def _check_is_ours(path: Path) -> None:
     """Refuse (JournalError) a file that is not a fleet journal, or one SQLite finds damaged; reads only."""
     if path.is_dir():
@@ -118,18 +122,15 @@ def _check_is_ours(path: Path) -> None:
                 raise JournalError(f"{path}: not a journal of ours (an SQLite database of another application)")
             problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
             if problems != ["ok"]:
-                raise JournalError(f"{path}: the journal is damaged (SQLite's integrity check: "
-                                   f"{'; '.join(problems)}); keep it for inspection and start a new one")
+                raise _damaged(path, f"SQLite's integrity check: {'; '.join(problems)}")
         finally:
             db.close()
     except sqlite3.DatabaseError as exc:
         if "malformed" in str(exc):
-            raise JournalError(f"{path}: the journal is damaged (SQLite: {exc}); keep it for inspection and "
-                               "start a new one") from exc
+            raise _damaged(path, f"SQLite: {exc}") from exc
         raise JournalError(f"{path}: not a journal of ours: {exc}") from exc
     except UnicodeDecodeError:
-        raise JournalError(f"{path}: the journal is damaged (text that is not UTF-8); keep it for inspection "
-                           "and start a new one") from None
+        raise _damaged(path, "text that is not UTF-8") from None
 
 
 class JournalError(Exception):
@@ -232,8 +233,7 @@ class Journal:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise JournalError(f"{self.path}: the journal is damaged (text that is not UTF-8); keep it for "
-                               "inspection and start a new one") from None
+            raise _damaged(self.path, "text that is not UTF-8") from None
 
     def _create(self) -> None:
         self.db.executescript(_SCHEMA)
@@ -328,7 +328,7 @@ class Journal:
         try:
             return self._decode_run(r)
         except (ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
-            raise JournalError(f"{self.path}: the journal is damaged (run {r.get('id')}: {exc})") from exc
+            raise _damaged(self.path, f"run {r.get('id')}: {exc}") from exc
 
     def _decode_run(self, r: dict[str, Any]) -> RunRecord:
         return RunRecord(

@@ -50,27 +50,22 @@ def parse_duration(value: Any) -> dt.timedelta:
     """'4h', '30m', '1h30m', '2d', '90s' or a number of seconds -> timedelta; anything else is an error,
     and so is anything longer than MAX_DURATION."""
     if isinstance(value, dt.timedelta):
-        duration = value
+        seconds: float = value.total_seconds()
     elif isinstance(value, bool):
         raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
     elif isinstance(value, int | float):
         if value != value or value < 0:  # NaN, negative
             raise ValueError("a duration cannot be negative")
-        if value > MAX_DURATION.total_seconds():
-            raise ValueError(f"longer than {MAX_DURATION.days} days")
-        duration = dt.timedelta(seconds=value)
+        seconds = value
     else:
         match = _DURATION.match(value.strip()) if isinstance(value, str) and value.strip() else None
         if not match:
             raise ValueError("expected a duration like 4h, 30m, 1h30m or 90s")
-        days, hours, minutes, seconds = (int(g[:-1]) if g else 0 for g in match.groups())
-        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-        if total > MAX_DURATION.total_seconds():
-            raise ValueError(f"longer than {MAX_DURATION.days} days")
-        duration = dt.timedelta(seconds=total)
-    if duration > MAX_DURATION:
+        days, hours, minutes, secs = (int(g[:-1]) if g else 0 for g in match.groups())
+        seconds = ((days * 24 + hours) * 60 + minutes) * 60 + secs
+    if seconds > MAX_DURATION.total_seconds():  # before timedelta(), which overflows on 9999999999d
         raise ValueError(f"longer than {MAX_DURATION.days} days")
-    return duration
+    return dt.timedelta(seconds=seconds)
 
 
 def format_duration(value: dt.timedelta) -> str:
