@@ -74,6 +74,44 @@ def check_transition(host: str, old: HostState, new: HostState) -> None:
         raise IllegalTransition(f"{host}: {old} -> {new} is not an allowed transition")
 
 
+# The detail of a `skipped` state starts with one of these when the reason is one of them.
+ALREADY_ON = "already on "  # + the release: the host runs the bundle already
+UNREACHABLE = "unreachable"  # the host did not answer at preflight
+
+
+class HostOutcome(StrEnum):
+    """How a run ended for one selected host (what SSM calls a target's status); docs/patching.md."""
+
+    PATCHED = "patched"  # this run took it to the bundle
+    ALREADY_ON = "already_on"  # it ran the bundle before the run
+    FAILED = "failed"  # it failed and was not rolled back (yet)
+    ROLLED_BACK = "rolled_back"  # back on its previous bundle
+    ROLLBACK_FAILED = "rollback_failed"  # could not be restored: left drained
+    SKIPPED_UNREACHABLE = "skipped_unreachable"
+    SKIPPED_OTHER = "skipped_other"  # e.g. its installed bundle is unknown
+    NOT_REACHED = "not_reached"  # the run stopped (budget, abort) or paused before its wave
+    IN_FLIGHT = "in_flight"  # the run stopped with the host part way (resume finishes it)
+
+
+ON_BUNDLE = frozenset({HostOutcome.PATCHED, HostOutcome.ALREADY_ON})
+BROKEN = frozenset({HostOutcome.FAILED, HostOutcome.ROLLED_BACK, HostOutcome.ROLLBACK_FAILED})
+
+
+def host_outcome(state: HostState, detail: str = "") -> HostOutcome:
+    """A host's outcome from its latest journaled state (and, for `skipped`, why)."""
+    if state == HostState.SKIPPED:
+        if detail.startswith(ALREADY_ON):
+            return HostOutcome.ALREADY_ON
+        return HostOutcome.SKIPPED_UNREACHABLE if detail.startswith(UNREACHABLE) else HostOutcome.SKIPPED_OTHER
+    return {
+        HostState.DONE: HostOutcome.PATCHED,
+        HostState.PENDING: HostOutcome.NOT_REACHED,
+        HostState.FAILED: HostOutcome.FAILED,
+        HostState.ROLLED_BACK: HostOutcome.ROLLED_BACK,
+        HostState.ROLLBACK_FAILED: HostOutcome.ROLLBACK_FAILED,
+    }.get(state, HostOutcome.IN_FLIGHT)
+
+
 class RunStatus(StrEnum):
     """Where a run stands; the journal's `runs.status`."""
 
@@ -129,9 +167,16 @@ class Phase(StrEnum):
 
 
 class ExitCode(IntEnum):
-    """`fleet`'s exit codes (DESIGN.md section 6)."""
+    """`fleet`'s exit codes (DESIGN.md section 6, docs/patching.md "Exit codes").
 
-    OK = 0  # done: every selected host is on the bundle
-    FAILED = 1  # the rollout failed or was rolled back
+    Ordered by how much a person must do: when several apply, the run reports the first of
+    FAILED, BLOCKED, REFUSED, NOTHING_DONE, PARTLY_DONE.
+    """
+
+    OK = 0  # done: every selected host is on the bundle (or as many as the policy's `require` asks)
+    FAILED = 1  # a host failed, was rolled back or could not be rolled back, or a budget halted the run
     BAD_INPUT = 2  # nothing was touched
-    REFUSED = 3  # locked, outside a window, in a freeze, or refused by preflight
+    REFUSED = 3  # nothing started now: locked, outside a window, in a freeze, or paused before a wave
+    BLOCKED = 4  # preflight refused a wave (UPS, fabric, capacity): a person must look; resume retries it
+    PARTLY_DONE = 5  # finished without a failure, but some selected hosts are not on the bundle
+    NOTHING_DONE = 6  # finished without a failure, and no selected host is on the bundle

@@ -32,6 +32,7 @@ from patching.release.bundle import Bundle
 from patching.release.compat import diff_bundles
 from patching.rollout.policy import Policy
 from patching.rollout.windows import MaintenanceCalendar, format_duration
+from patching.states import ALREADY_ON
 
 PLAN_FORMAT = 1
 
@@ -185,7 +186,7 @@ def build_plan(
 
     selected = [inventory.hosts[n] for n in inventory.selected if n not in skipped]
     on_target = [h.name for h in selected if current.get(h.name) == bundle.release]
-    skipped |= {n: f"already on {bundle.release}" for n in on_target}
+    skipped |= {n: f"{ALREADY_ON}{bundle.release}" for n in on_target}
     budgets = _pool_budgets(inventory, policy, {h.pool for h in selected}, unhealthy)
     candidates: list[InventoryHost] = []
     for host in selected:

@@ -8,12 +8,13 @@ and the SLO probe on, roll back the failed hosts, no window restriction.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
-from infra.model.amount import Amount, NonZeroAmount
+from infra.model.amount import Amount, NonZeroAmount, _amount
 from infra.model.amount import resolve as resolve  # re-exported: patching/rollout/budgets.py imports it from here
 from infra.model.errors import load_yaml
 from infra.model.strict import StrictModel, validate
@@ -99,6 +100,27 @@ class Timeouts(StrictModel):
     )
 
 
+def _require(value: Any) -> Any:
+    if value == "all":
+        return value
+    try:
+        return _amount(value)
+    except ValueError:
+        raise ValueError("expected all, a count (1, 2, ...) or a percentage like '90%'") from None
+
+
+Require = Annotated[Literal["all"] | int | str, BeforeValidator(_require)]
+
+
+def required_hosts(require: int | str, selected: int) -> int:
+    """How many of `selected` hosts must end on the bundle (`require`: all, N, or N% rounded up)."""
+    if require == "all":
+        return selected
+    if isinstance(require, int):
+        return min(require, selected)
+    return min(math.ceil(selected * int(require.rstrip("%")) / 100), selected)
+
+
 class Policy(StrictModel):
     """A rollout policy (docs/policy.md)."""
 
@@ -110,6 +132,11 @@ class Policy(StrictModel):
     rollback: Literal["failed-hosts", "wave", "all"] = Field(
         default="failed-hosts",
         description="what is rolled back when the run halts; failed hosts are always rolled back",
+    )
+    require: Require = Field(
+        default="all",
+        description="how many selected hosts must end on the bundle for exit 0: all (the default), a count, "
+                    "or a percentage (rounded up); the others may be skipped (unreachable, unknown bundle)",
     )
     windows: list[Window] = Field(default=[], description="maintenance windows; empty = no restriction")
     freeze: Freeze = Freeze()

@@ -39,20 +39,26 @@ from patching.rollout import gates
 from patching.rollout.actions import Actions, HostSnapshot, Outcome, Results
 from patching.rollout.budgets import capacity_problems, check_budgets
 from patching.rollout.plan import Plan, PlannedWave, build_plan
-from patching.rollout.policy import Policy
+from patching.rollout.policy import Policy, required_hosts
 from patching.rollout.windows import HORIZON, MaintenanceCalendar, format_duration
 from patching.states import (
+    ALREADY_ON,
+    BROKEN,
     FINISHED,
     IN_FLIGHT,
+    ON_BUNDLE,
     PIPELINE,
     UNFINISHED,
+    UNREACHABLE,
     ExitCode,
     Gate,
+    HostOutcome,
     HostState,
     Phase,
     RunStatus,
     StopReason,
     WaveStatus,
+    host_outcome,
 )
 
 KILL_ENV = "FLEET_KILL_AT"
@@ -62,21 +68,41 @@ __all__ = ["FINISHED", "KILL_ENV", "RunResult", "RunStatus", "Runner", "abort", 
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended (or stopped for now): its status, message and hosts per final state."""
+    """How a run ended (or stopped for now): its status, message, and every selected host's outcome."""
 
     run_id: int
     status: RunStatus
     message: str
     hosts: Mapping[str, int]  # final state -> number of hosts
     rollback_failed: tuple[str, ...] = ()
+    outcomes: Mapping[str, tuple[HostOutcome, str]] = field(default_factory=dict)  # host -> (outcome, why)
+    required: int = 0  # hosts that must end on the bundle (the policy's `require`)
+
+    @property
+    def on_bundle(self) -> list[str]:
+        """The selected hosts that run the bundle now."""
+        return sorted(n for n, (o, _) in self.outcomes.items() if o in ON_BUNDLE)
+
+    @property
+    def not_on_bundle(self) -> dict[str, tuple[HostOutcome, str]]:
+        """Every selected host that does not run the bundle, with its outcome and why."""
+        return {n: v for n, v in sorted(self.outcomes.items()) if v[0] not in ON_BUNDLE}
 
     @property
     def exit_code(self) -> ExitCode:
-        """0 done with every host on the bundle; 3 paused or refused by preflight; 1 anything else."""
-        if self.status in (RunStatus.PAUSED, RunStatus.BLOCKED):
+        """ExitCode's rules, most serious first: failed, blocked, refused (paused), nothing done, partly done."""
+        outcomes = {o for o, _ in self.outcomes.values()}
+        if self.status == RunStatus.FAILED or outcomes & BROKEN:
+            return ExitCode.FAILED
+        if self.status == RunStatus.BLOCKED:
+            return ExitCode.BLOCKED
+        if self.status in (RunStatus.PAUSED, RunStatus.RUNNING):
             return ExitCode.REFUSED
-        rolled = self.hosts.get(HostState.ROLLED_BACK, 0) + self.hosts.get(HostState.ROLLBACK_FAILED, 0)
-        return ExitCode.OK if self.status == RunStatus.DONE and rolled == 0 else ExitCode.FAILED
+        if len(self.on_bundle) >= self.required:
+            return ExitCode.OK
+        if HostOutcome.PATCHED not in outcomes:
+            return ExitCode.NOTHING_DONE
+        return ExitCode.PARTLY_DONE
 
 
 Notify = Callable[[str, str], None]  # (level: info | warn | error, text)
@@ -340,7 +366,7 @@ class Runner:
         for name in pending:
             why, release = _skip_reason(facts.get(name))
             if why is None and release == self.bundle.release:
-                why = f"already on {self.bundle.release}"
+                why = f"{ALREADY_ON}{self.bundle.release}"
             if why:
                 self._enter(name, wave.index, HostState.SKIPPED, why)
                 self.notify("warn", f"{name}: skipped: {why}")
@@ -609,22 +635,36 @@ class Runner:
         elif record.stop_reason == StopReason.ABORTED:
             status, message = RunStatus.ABORTED, f"aborted before wave {record.stop_wave}"
         else:
-            status, message = RunStatus.DONE, f"{counts[HostState.DONE]} host(s) on {self.bundle.release}"
-        if counts[HostState.ROLLED_BACK]:
-            message += f"; {counts[HostState.ROLLED_BACK]} rolled back"
+            status, message = RunStatus.DONE, ""
+        message = "; ".join(m for m in (message, self._on_bundle_text()) if m)
         broken = sorted(n for n, s in states.items() if s == HostState.ROLLBACK_FAILED)
         if broken:
             message += f"; ROLLBACK FAILED on {', '.join(broken)} (left drained)"
         self.run.set_run_status(status, message, finished=True)
+        result = self._result(status, message)
         self._event("run", {"event": "finished", "status": status.value, "message": message,
-                            "hosts": {s.value: n for s, n in counts.items()}})
-        return self._result(status, message)
+                            "hosts": {s.value: n for s, n in counts.items()}, "exit_code": int(result.exit_code),
+                            "outcomes": {n: o.value for n, (o, _) in result.outcomes.items()}})
+        return result
+
+    def _on_bundle_text(self) -> str:
+        """'4 of 5 selected host(s) on 2026-11 (3 patched, 1 already on; 1 required)' and so on."""
+        result = self._result(RunStatus.DONE, "")
+        kinds = Counter(o for o, _ in result.outcomes.values())
+        parts = [f"{kinds[o]} {o.value.replace('_', ' ')}" for o in HostOutcome if kinds[o]]
+        required = "" if result.required == len(result.outcomes) else f"; {result.required} required"
+        return (f"{len(result.on_bundle)} of {len(result.outcomes)} selected host(s) on {self.bundle.release} "
+                f"({', '.join(parts)}{required})")
 
     def _result(self, status: RunStatus, message: str) -> RunResult:
-        states = self.run.latest_states()
-        counts = Counter(s.value for s in states.values())
-        broken = tuple(sorted(n for n, s in states.items() if s == HostState.ROLLBACK_FAILED))
-        return RunResult(self.run.id, status, message, dict(counts), broken)
+        last: dict[str, tuple[HostState, str]] = {}
+        for row in self.run.host_history():
+            last[row.host] = (row.state, row.detail)
+        outcomes = {n: (host_outcome(state, detail), detail) for n, (state, detail) in last.items()}
+        counts = Counter(state.value for state, _ in last.values())
+        broken = tuple(sorted(n for n, (s, _) in last.items() if s == HostState.ROLLBACK_FAILED))
+        return RunResult(self.run.id, status, message, dict(counts), broken, outcomes,
+                         required_hosts(self.policy.require, len(outcomes)))
 
     # ---- plumbing -----------------------------------------------------------------------------------
 
@@ -694,7 +734,7 @@ def _skip_reason(facts: HostSnapshot | None) -> tuple[str | None, str | None]:
     """(why the host must not be touched, or None; the release it runs)."""
     if facts is None or not facts.reachable:
         detail = f": {facts.detail}" if facts and facts.detail else ""
-        return f"unreachable at preflight{detail}", None
+        return f"{UNREACHABLE} at preflight{detail}", None
     if facts.installed_release is None:
         return "its installed bundle is unknown: there would be nothing to roll back to", None
     return None, facts.installed_release  # one already on the target is reported so by the planner

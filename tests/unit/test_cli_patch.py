@@ -221,7 +221,7 @@ def test_run_status_and_reports(fleet, spy, tmp_path, release, inventory):
     assert json.loads(stdout)["run"]["status"] == "done"
     # the second run finds every host on the bundle and has nothing to do
     code, stdout, _ = fleet(*run_args(release, inventory, tmp_path))
-    assert code == 0 and "run 2: done: 0 host(s)" in stdout
+    assert code == 0 and "run 2: done: 5 of 5 selected host(s) on 2026-11 (5 already on)" in stdout
 
 
 def test_previous_bundle_comes_from_releases_dir_or_the_journal(fleet, spy, tmp_path, release, inventory):
@@ -236,12 +236,12 @@ def test_previous_bundle_comes_from_releases_dir_or_the_journal(fleet, spy, tmp_
     # --releases-dir names where 2026-10.yaml is ...
     code, stdout, err = fleet("patch", "run", "--release", lone / release.name, "-i", inventory,
                               "--journal", tmp_path / "k/journal.db", "--releases-dir", release.parent)
-    assert code == 0 and "run 1: done: 5 host(s)" in stdout, err
+    assert code == 0 and "run 1: done: 5 of 5 selected host(s) on 2026-11 (5 patched)" in stdout, err
     # ... or an earlier run of the same journal recorded 2026-10's manifest
     code, _, err = fleet(*run_args(release.parent / "2026-10.yaml", inventory, tmp_path))
     assert code == 0, err
     code, stdout, err = fleet(*run_args(lone / release.name, inventory, tmp_path))
-    assert code == 0 and "run 2: done: 5 host(s)" in stdout, err
+    assert code == 0 and "run 2: done: 5 of 5 selected host(s) on 2026-11 (5 patched)" in stdout, err
 
 
 def test_failed_rollout_exits_1_and_resume_keeps_saying_so(fleet, spy, tmp_path, release, inventory, monkeypatch):

@@ -79,4 +79,4 @@ def test_clean_run_summary(tmp_path):
     h = Harness(tmp_path)
     h.run()
     summary = write_reports(h.journal.of_run(1), tmp_path / "r")["summary.md"].read_text()
-    assert "DONE" in summary and f"7 host(s) on {NEW}" in summary and "Failed gates" not in summary
+    assert "DONE" in summary and f"7 of 7 selected host(s) on {NEW}" in summary and "Failed gates" not in summary

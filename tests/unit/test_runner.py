@@ -22,7 +22,7 @@ from patching.release.bundle import load_bundle
 from patching.rollout.policy import Policy
 from patching.rollout.runner import KILL_ENV, Runner, RunResult, RunStatus
 from patching.rollout.windows import MaintenanceCalendar, Window
-from patching.states import IN_FLIGHT, TRANSITIONS, HostState
+from patching.states import IN_FLIGHT, TRANSITIONS, ExitCode, HostOutcome, HostState
 from tests.conftest import ROOT
 from tests.unit.fakefleet import NEW, OLD, FakeClock, FakeFleet, two_pools
 
@@ -210,8 +210,15 @@ def test_unreachable_hosts_are_skipped_not_counted(tmp_path):
     h.fleet.hosts["a1"]["reachable"] = False
     result = h.run()
     final = assert_consistent(tmp_path / "journal.db", h.fleet)
-    assert result.status == RunStatus.DONE and result.exit_code == 0
+    # the run finished, but not every selected host is on the bundle: partly done, and it names them
+    assert result.status == RunStatus.DONE and result.exit_code == ExitCode.PARTLY_DONE
     assert final["a1"] == final["b3"] == "skipped"
+    # b3 down leaves pool b no room (max_unavailable 1), so its other hosts are planned around
+    assert {n: o for n, (o, _) in result.not_on_bundle.items()} == {
+        "a1": HostOutcome.SKIPPED_UNREACHABLE, "b3": HostOutcome.SKIPPED_UNREACHABLE,
+        "b1": HostOutcome.SKIPPED_OTHER, "b2": HostOutcome.SKIPPED_OTHER}
+    assert "no room" in result.not_on_bundle["b1"][1]
+    assert "3 of 7 selected host(s) on 2026-11 (3 patched, 2 skipped unreachable, 2 skipped other)" in result.message
     detail = {r.host: r.detail for r in h.journal.of_run(1).host_history() if r.state == HostState.SKIPPED}
     assert detail["a1"].startswith("unreachable at preflight")
 
@@ -245,7 +252,7 @@ def test_ups_on_battery_refuses_the_wave_and_resume_retries(tmp_path):
     h = Harness(tmp_path)
     h.fleet.hosts["b2"]["ups_ok"] = False
     result = h.run()
-    assert result.status == RunStatus.BLOCKED and result.exit_code == 3
+    assert result.status == RunStatus.BLOCKED and result.exit_code == ExitCode.BLOCKED
     assert "power: ups-a on battery (OB), charge 64%" in result.message
     assert h.states()["b2"] == "pending" and h.fleet.hosts["b2"]["lb"] == "serving"
     h.fleet.hosts["b2"]["ups_ok"] = True
@@ -316,7 +323,8 @@ def test_abort_stops_after_the_hosts_in_flight(tmp_path):
     h.fleet.on_call = abort_during_wave_1
     result = h.run()
     final = assert_consistent(tmp_path / "journal.db", h.fleet)
-    assert result.status == RunStatus.ABORTED and result.exit_code == 1
+    # an abort is no failure, but the hosts it did not reach are not on the bundle
+    assert result.status == RunStatus.ABORTED and result.exit_code == ExitCode.PARTLY_DONE
     assert final["a2"] == "done"  # in flight when the abort came: finished
     assert {n for n, s in final.items() if s == "pending"} == {"a3", "a4", "b2", "b3"}
 
