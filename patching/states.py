@@ -179,4 +179,15 @@ class ExitCode(IntEnum):
     REFUSED = 3  # nothing started now: locked, outside a window, in a freeze, or paused before a wave
     BLOCKED = 4  # preflight refused a wave (UPS, fabric, capacity): a person must look; resume retries it
     PARTLY_DONE = 5  # finished without a failure, but some selected hosts are not on the bundle
-    NOTHING_DONE = 6  # finished without a failure, and no selected host is on the bundle
+    NOTHING_DONE = 6  # finished without a failure, but it patched no host and not every one is on the bundle
+
+
+EXIT_MEANING = {
+    ExitCode.OK: "done: every selected host is on the bundle",
+    ExitCode.FAILED: "failed: a host failed or was rolled back, or a failure budget halted the run",
+    ExitCode.BAD_INPUT: "bad input: nothing was touched",
+    ExitCode.REFUSED: "refused for now (lock, window or freeze): nothing is wrong, a later window continues",
+    ExitCode.BLOCKED: "blocked by preflight (power, fabric or capacity): a person must look; resume retries",
+    ExitCode.PARTLY_DONE: "partly done: some selected hosts are not on the bundle (listed above)",
+    ExitCode.NOTHING_DONE: "nothing done: no host was patched and not every selected host is on the bundle",
+}

@@ -19,7 +19,7 @@ from typing import Any
 
 from patching.journal.redact import redact
 from patching.journal.store import EventRow, RunJournal
-from patching.states import Gate, HostState, Phase, Verdict
+from patching.states import EXIT_MEANING, ON_BUNDLE, ExitCode, Gate, HostState, Phase, Verdict, host_outcome
 
 
 def build_report(journal: RunJournal) -> dict[str, Any]:
@@ -29,6 +29,7 @@ def build_report(journal: RunJournal) -> dict[str, Any]:
     history = journal.host_history()
     events = journal.events()
     previous = journal.previous_bundles()
+    finished = next((e.data for e in reversed(events) if e.kind == "run" and e.data.get("event") == "finished"), {})
     hosts: dict[str, dict[str, Any]] = {}
     for row in history:
         entry = hosts.setdefault(row.host, {"wave": row.wave, "pool": plan["hosts"].get(row.host, {}).get("pool"),
@@ -39,6 +40,7 @@ def build_report(journal: RunJournal) -> dict[str, Any]:
         entry["history"].append({"state": row.state.value, "at": _iso(row.at), "detail": row.detail})
     for name, entry in hosts.items():
         entry["previous_bundle"] = previous.get(name)
+        entry["outcome"] = host_outcome(HostState(entry["state"]), entry["detail"]).value
     for event in events:
         if event.kind == "gate" and event.host in hosts:
             hosts[event.host]["gates"].append(_gate(event))
@@ -55,6 +57,8 @@ def build_report(journal: RunJournal) -> dict[str, Any]:
                 "bundle": run.bundle_path, "inventory": run.inventory, "limit": run.limit,
                 "policy": run.policy_path, "rollback": run.policy.get("rollback")},
         "counts": dict(Counter(h["state"] for h in hosts.values())),
+        "outcomes": dict(Counter(h["outcome"] for h in hosts.values())),
+        "exit_code": finished.get("exit_code"),
         "waves": waves,
         "hosts": hosts,
         "skipped": plan.get("skipped", {}),
@@ -154,6 +158,9 @@ def summary_md(report: dict[str, Any]) -> str:
     """The run in Markdown for people (and the CI step summary)."""
     run = report["run"]
     lines = [f"# Patch run {run['id']}: release {run['release']} - {run['status'].upper()}", "", run["message"], ""]
+    if report["exit_code"] is not None:
+        code = ExitCode(report["exit_code"])
+        lines += [f"Exit {int(code)}: {EXIT_MEANING[code]}.", ""]
     broken = sorted(n for n, h in report["hosts"].items() if h["state"] == HostState.ROLLBACK_FAILED)
     if broken:
         lines += ["> [!CAUTION]", f"> ROLLBACK FAILED on {len(broken)} host(s), left drained: "
@@ -173,10 +180,11 @@ def summary_md(report: dict[str, Any]) -> str:
                                 if not isinstance(v, dict | list))
             lines.append(f"| {name} | {g['wave']} | {g['phase']} | {g['gate']} | {g['detail']} | {g['verdict']} "
                          f"| {figures} |")
-    skipped = report["skipped"] | {n: h["detail"] for n, h in report["hosts"].items() if h["state"] == "skipped"}
-    if skipped:
-        lines += ["", f"## Skipped ({len(skipped)})", ""]
-        lines += [f"- {name}: {why}" for name, why in sorted(skipped.items())]
+    missing = {n: h for n, h in sorted(report["hosts"].items()) if h["outcome"] not in ON_BUNDLE}
+    if missing:
+        lines += ["", f"## Not on the bundle ({len(missing)} of {len(report['hosts'])})", ""]
+        lines += [f"- {name}: {h['outcome'].replace('_', ' ')}" + (f": {h['detail']}" if h["detail"] else "")
+                  for name, h in missing.items()]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"

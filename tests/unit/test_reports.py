@@ -49,7 +49,7 @@ def test_summary_says_what_failed_and_why(failed_run, tmp_path, monkeypatch):
     assert summary.startswith("# Patch run 1: release 2026-11 - FAILED")
     assert "> [!CAUTION]" in summary and "ROLLBACK FAILED on 1 host(s), left drained: **a1**" in summary
     assert "| a1 | 0 | rollout | slo | p99 480.0 ms >= 200 ms |" in summary and "p99_ms=480.0" in summary
-    assert "| rolled_back | 1 |" in summary and "- a4: unreachable at preflight" in summary
+    assert "| rolled_back | 1 |" in summary and "- a4: skipped unreachable: unreachable at preflight" in summary
     assert step_summary.read_text() == "# earlier step\n" + summary + "\n"
 
 
