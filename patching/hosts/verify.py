@@ -75,8 +75,8 @@ def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str,
     events.touch()
     junit = Path(junit) if junit else workdir / "junit.xml"
     junit.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", str(HOST_CHECKS), "--bundle", str(bundle_path),
-           "--ansible-inventory", str(inventory), "--hosts", ",".join(f"ansible://{h}" for h in hosts),
+    cmd = [sys.executable, "-m", "pytest", str(HOST_CHECKS), "--bundle", str(Path(bundle_path).absolute()),
+           "--ansible-inventory", str(Path(inventory).absolute()), "--hosts", ",".join(f"ansible://{h}" for h in hosts),
            "-p", "patching.hosts.verify_events", "-p", "no:cacheprovider", "-o", "addopts=", "-q",
            "--junitxml", str(junit), "-o", "junit_family=xunit2", "--rootdir", str(ROOT)]
     cmd += ["-n", str(workers), "--dist", "loadgroup"] if workers > 0 else ["-p", "no:xdist"]

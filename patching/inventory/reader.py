@@ -137,6 +137,8 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
                 collect(problems, check_yaml_aliases, path, MAX_INVENTORY_FILE_BYTES)
     if problems:
         raise InputError(problems)
+    # anchored to the caller's working directory now: ansible-runner and the host checks run elsewhere
+    source_list = [s if "," in s else str(Path(s).absolute()) for s in source_list]
     manager, loader, warnings = _parse(source_list)
     failed = [w for w in warnings if w.startswith("Unable to parse")]
     if failed:

@@ -34,6 +34,13 @@ def test_reads_fleet_hosts_and_ignores_the_others(inventory):
     assert [h.name for h in inv.pool_members("v3")] == ["dgx-a1", "dgx-a2"]
 
 
+def test_a_relative_inventory_path_is_anchored_to_the_callers_directory(inventory, monkeypatch):
+    # ansible-runner and the host checks run in directories of their own: they get the absolute path
+    monkeypatch.chdir(inventory.parent)
+    inv = load_inventory(["inventory.yml"])
+    assert inv.sources == (str(inventory),) and inv.selected == ("dgx-a1", "dgx-a2", "g4-0")
+
+
 def test_group_vars_directory_is_merged(tmp_path):
     inventory = tmp_path / "inv" / "hosts.yml"
     inventory.parent.mkdir()
