@@ -8,20 +8,43 @@ No new wave may start unless its predicted duration ends before the window's *cu
 before the end kept free for rollback. A freeze (date ranges, or the VEVENTs of an iCalendar file)
 closes every window it overlaps. With no window configured, the calendar is always open (freezes
 still apply).
+
+Wall times that happen twice or not at all (DST). A window opens at the first instant at which its
+zone's wall clock reaches the cron's time:
+- a time in the hour repeated when the clocks go back (01:30 on 2026-11-01 in America/New_York)
+  opens the window once, at its first occurrence (01:30 EDT, 05:30 UTC), not again an hour later;
+- a time in the gap when the clocks go forward (02:30 on 2026-03-08 there) opens the window at the
+  instant the gap ends (03:00 EDT), when the clock jumps past it; several skipped times (a */15
+  cron) all open at that one instant.
+This is what cron itself does with fixed-time jobs (run once in a repeated hour, at once after a
+skipped one): a nightly window still opens once a night, never before its wall time and as soon as
+possible after it. A cron that fires every hour therefore gives no second opening in a repeated
+hour. `open_window`, `fits` and `next_opening` all read openings through this one rule
+(`_opening`), so whatever `next_opening(t, d)` returns, `fits(that, d)` is true, and
+`next_opening(t, d) == t` whenever `fits(t, d)`.
+
+A wave meets a freeze when their half-open intervals overlap: a wave ending just as a freeze
+begins is allowed, as one ending exactly at the cutoff is. A zero-length wave counts as 1 µs.
+Recurring freezes are expanded once per calendar and kept (sorted UTC starts), so a rule that has
+run since 2015 costs a lookup, not a walk from its DTSTART, on every question.
 """
 
 from __future__ import annotations
 
+import bisect
+import copy
 import datetime as dt
+import functools
+import itertools
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter  # type: ignore[import-untyped]
-from dateutil.rrule import rruleset, rrulestr  # type: ignore[import-untyped]
+from dateutil.rrule import rrule, rruleset, rrulestr  # type: ignore[import-untyped]
 from pydantic import (
     AfterValidator,
     BeforeValidator,
@@ -184,7 +207,10 @@ class Freeze(StrictModel):
 
 @dataclass(frozen=True)
 class OpenWindow:
-    """One occurrence of a window. `end` is None for the always-open calendar (no windows configured)."""
+    """One occurrence of a window, in UTC. `end` is None for the always-open calendar (no windows configured).
+
+    UTC because a local time in a repeated hour never compares equal to one in another zone (PEP 495).
+    """
 
     name: str
     start: dt.datetime
@@ -206,22 +232,58 @@ class FreezePeriod:
     start: dt.datetime  # UTC
     length: dt.timedelta  # elapsed time
     recurrence: rruleset | None = None
+    # the recurrence's occurrences, expanded once and kept (the rruleset must not change afterwards)
+    _expansion: _Expansion | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.recurrence is not None:
+            object.__setattr__(self, "_expansion", _Expansion(self.recurrence))
 
     def overlapping(self, begin: dt.datetime, end: dt.datetime) -> dt.datetime | None:
         """Start (UTC) of an occurrence that overlaps [begin, end), or None."""
         begin, end = _utc(begin), _utc(end)
-        if self.recurrence is None:
+        if self._expansion is None:
             return self.start if self.start < end and begin < self.start + self.length else None
+        starts = self._expansion.through(max(begin, end))
         # the latest occurrence starting at or before `begin` may still be running at `begin`
-        last = self.recurrence.before(begin, inc=True)
-        if last is not None and begin < _utc(last) + self.length:
-            return _utc(last)
-        nxt = self.recurrence.after(begin, inc=True)
-        return _utc(nxt) if nxt is not None and _utc(nxt) < end else None
+        last = bisect.bisect_right(starts, begin)
+        if last and begin < starts[last - 1] + self.length:
+            return starts[last - 1]
+        nxt = bisect.bisect_left(starts, begin)
+        return starts[nxt] if nxt < len(starts) and starts[nxt] < end else None
 
     def end_of(self, occurrence: dt.datetime) -> dt.datetime:
         """When the occurrence starting at `occurrence` ends."""
         return occurrence + self.length
+
+
+# how many occurrences of a recurring freeze `_Expansion` reads at a time, and how far (UTC) an
+# occurrence not read yet may start before the last one read (rruleset orders by local wall time)
+_BATCH = 256
+_ORDER_SLACK = dt.timedelta(days=2)
+
+
+class _Expansion:
+    """A recurring freeze's occurrences as sorted UTC starts, read from the rruleset as far as asked
+    and kept: dateutil walks a rule from its DTSTART on every `before`/`after`, which made each
+    question about a rule running since 2015 cost hundreds of occurrences."""
+
+    def __init__(self, recurrence: rruleset):
+        self._source: Iterator[dt.datetime] = iter(recurrence)
+        self.starts: list[dt.datetime] = []
+        self._complete_before: dt.datetime | None = None  # every occurrence starting earlier is in `starts`
+        self._done = False
+
+    def through(self, at: dt.datetime) -> list[dt.datetime]:
+        """The sorted UTC starts, holding at least every occurrence that starts at or before `at`."""
+        while not self._done and (self._complete_before is None or self._complete_before <= at):
+            batch = list(itertools.islice(self._source, _BATCH))
+            self._done = len(batch) < _BATCH
+            for occurrence in batch:
+                bisect.insort(self.starts, _utc(occurrence))
+            if batch:
+                self._complete_before = _utc(batch[-1]) - _ORDER_SLACK
+        return self.starts
 
 
 class MaintenanceCalendar:
@@ -249,17 +311,18 @@ class MaintenanceCalendar:
         return max(found, key=lambda w: w.cutoff_at or at, default=None)
 
     def fits(self, at: dt.datetime, duration: dt.timedelta) -> bool:
-        """Whether a wave starting at `at` and lasting `duration` ends before the cutoff and meets no freeze."""
+        """Whether a wave starting at `at` and lasting `duration` ends by the cutoff and meets no freeze."""
         at = _utc(at)
         window = self.open_window(at)
         if window is None:
             return False
         if window.cutoff_at is not None and at + duration > window.cutoff_at:
             return False
-        return not any(f.overlapping(at, at + duration) for f in self.freezes)
+        return not self._freezes_met(at, duration)
 
     def next_opening(self, after: dt.datetime, duration: dt.timedelta = dt.timedelta(0)) -> dt.datetime | None:
-        """The earliest instant >= `after` at which a wave of `duration` fits; None if none within HORIZON."""
+        """The earliest instant >= `after` at which a wave of `duration` fits (`fits` is true there, and
+        this is `after` itself when it fits); None if none within HORIZON."""
         after = _utc(after)
         if self.windows and duration > max(w.duration - w.cutoff for w in self.windows):
             return None  # longer than any window can give
@@ -282,11 +345,17 @@ class MaintenanceCalendar:
         for _ in range(_MAX_OCCURRENCES):
             if (cutoff is not None and start + duration > cutoff) or start - origin > HORIZON:
                 return None
-            hits = [(f, o) for f in self.freezes if (o := f.overlapping(start, start + duration + _TICK)) is not None]
+            hits = self._freezes_met(start, duration)
             if not hits:
                 return start
             start = max(f.end_of(o) for f, o in hits)
         return None
+
+    def _freezes_met(self, start: dt.datetime, duration: dt.timedelta) -> list[tuple[FreezePeriod, dt.datetime]]:
+        # the freezes (and their occurrences) a wave [start, start + duration) meets; one `fits` and
+        # `next_opening` share, so they agree. A zero-length wave still meets a freeze starting at `start`.
+        end = start + max(duration, _TICK)
+        return [(f, o) for f in self.freezes if (o := f.overlapping(start, end)) is not None]
 
 
 _TICK = dt.timedelta(microseconds=1)
@@ -299,31 +368,97 @@ def _utc(at: dt.datetime) -> dt.datetime:
 
 
 def _occurrence(window: Window, start: dt.datetime) -> OpenWindow:
-    end = _utc(start) + window.duration  # elapsed time: DST changes do not stretch a window
+    start = _utc(start)
+    end = start + window.duration  # elapsed time: DST changes do not stretch a window
     return OpenWindow(window.name or window.cron, start, end, end - window.cutoff)
 
 
+def _opening(wall: dt.datetime, tz: ZoneInfo) -> dt.datetime:
+    """The instant (UTC) at which a window whose cron fires at the naive local time `wall` opens: the
+    first instant the zone's clock reaches `wall` (see the module docstring)."""
+    instant = wall.replace(tzinfo=tz).astimezone(dt.UTC)  # fold=0: the first of a repeated time
+    if instant.astimezone(tz).replace(tzinfo=None) == wall:
+        return instant
+    # `wall` is skipped. fold=0 read it with the offset before the gap, which lands past the gap's
+    # end; fold=1, with the offset after it, lands before the gap. The gap ends between the two.
+    low = int(wall.replace(tzinfo=tz, fold=1).timestamp())
+    high = int(instant.timestamp())
+    before = _offset(tz, dt.datetime.fromtimestamp(low, dt.UTC))
+    while high - low > 1:  # tz offsets change on whole seconds
+        middle = (low + high) // 2
+        if _offset(tz, dt.datetime.fromtimestamp(middle, dt.UTC)) == before:
+            low = middle
+        else:
+            high = middle
+    return dt.datetime.fromtimestamp(high, dt.UTC)
+
+
+def _offset(tz: ZoneInfo, instant: dt.datetime) -> dt.timedelta:
+    offset = instant.astimezone(tz).utcoffset()
+    assert offset is not None
+    return offset
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_cron(expression: str) -> Any:
+    return croniter(expression, dt.datetime(2000, 1, 1))
+
+
+def _cron(expression: str, wall: dt.datetime) -> Any:
+    """A croniter at the naive local time `wall`: a copy of one parsed once per expression (parsing
+    was half the cost of a `fits`); a croniter's own state is its current time alone."""
+    times = copy.copy(_parsed_cron(expression))
+    times.set_current(wall, force=True)
+    return times
+
+
+def _latest_opening(window: Window, at: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The window's latest opening at or before `at` (UTC), as (naive local cron time, UTC instant)."""
+    return _latest_opening_of(window.cron, window.timezone, at)
+
+
+@functools.lru_cache(maxsize=4096)  # a plan asks `fits` and `next_opening` about the same instants over and over
+def _latest_opening_of(cron: str, timezone: str, at: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    tz = zone(timezone)
+    # A cron time opening at or before `at` reads at most `at` plus the zone's offset then, and
+    # offsets two days either side bound that (no zone has changed by more than a day at once).
+    # croniter runs on naive wall times, so DST is left to `_opening`.
+    slack = max(_offset(tz, at + dt.timedelta(days=days)) for days in (-2, 0, 2))
+    times = _cron(cron, (at + slack).replace(tzinfo=None) + dt.timedelta(seconds=1))
+    for _ in range(_MAX_OCCURRENCES):
+        # walking back, the first cron time whose opening is not after `at` is the latest one:
+        # `_opening` never puts a later wall time at an earlier instant
+        wall = times.get_prev(dt.datetime)
+        start = _opening(wall, tz)
+        if start <= at:
+            return wall, start
+    raise ValueError(f"window {cron!r}: no opening found before {at.isoformat()}")
+
+
 def _containing(window: Window, at: dt.datetime) -> OpenWindow | None:
-    local = at.astimezone(zone(window.timezone))
-    # croniter's get_prev is strict: step one second past `at` so a window opening exactly at `at` counts
-    times = croniter(window.cron, local + dt.timedelta(seconds=1))
-    start = times.get_prev(dt.datetime)
-    if start > at:  # `at` lies within the second before an opening
-        start = times.get_prev(dt.datetime)
-    occurrence = _occurrence(window, start)
+    # the latest opening lasts longest: if it does not contain `at`, no earlier one does
+    occurrence = _occurrence(window, _latest_opening(window, at)[1])
     assert occurrence.end is not None
-    return occurrence if occurrence.start <= at < occurrence.end else None
+    return occurrence if at < occurrence.end else None
 
 
 def _occurrences(window: Window, after: dt.datetime) -> Iterable[OpenWindow]:
-    current = _containing(window, after)
-    if current is not None:
+    """The window's occurrences still open at or after `after`, in order: the one containing it, if
+    any, then each later opening within HORIZON."""
+    tz = zone(window.timezone)
+    wall, last = _latest_opening(window, after)
+    current = _occurrence(window, last)
+    assert current.end is not None
+    if after < current.end:
         yield current
-    times = croniter(window.cron, after.astimezone(zone(window.timezone)))
+    times = _cron(window.cron, wall)
     for _ in range(_MAX_OCCURRENCES):
-        start = times.get_next(dt.datetime)
+        start = _opening(times.get_next(dt.datetime), tz)
+        if start <= last:  # another skipped time opening at the same instant
+            continue
         if start - after > HORIZON:
             return
+        last = start
         yield _occurrence(window, start)
 
 
@@ -385,12 +520,39 @@ def _event_period(event: Any, label: str, tz: ZoneInfo) -> FreezePeriod:
     recurrence = None
     if "RRULE" in event:
         recurrence = rruleset()
-        recurrence.rrule(rrulestr(event["RRULE"].to_ical().decode(), dtstart=start))
+        recurrence.rrule(_rrule(event["RRULE"], start))
         exdates = event.get("EXDATE")
         for group in exdates if isinstance(exdates, list) else [exdates] if exdates else []:
             for item in group.dts:
                 recurrence.exdate(_as_datetime(item.dt, tz))
     return FreezePeriod(label, _utc(start), _utc(end) - _utc(start), recurrence)
+
+
+def _rrule(recur: Any, start: dt.datetime) -> rrule:
+    """An event's RRULE (an icalendar vRecur) as a dateutil rule from `start` (its aware DTSTART).
+
+    RFC 5545 3.3.10: UNTIL takes DTSTART's value type. A DATE (UNTIL=20271231, as all-day events are
+    exported) includes that whole day, in DTSTART's zone (the freeze's zone for an all-day or floating
+    DTSTART); a floating DATE-TIME is read in that zone too. dateutil takes neither with an aware
+    DTSTART, so UNTIL is taken out of the text and put on the parsed rule.
+    """
+    import icalendar
+
+    untils = recur.get("UNTIL")
+    if not untils:
+        return rrulestr(recur.to_ical().decode(), dtstart=start)
+    if len(untils) != 1:
+        raise ValueError("RRULE with more than one UNTIL")
+    until = untils[0]
+    if isinstance(until, dt.datetime):
+        until = until if until.tzinfo else until.replace(tzinfo=start.tzinfo)
+    else:  # a DATE: through the end of that day
+        until = dt.datetime.combine(until, dt.time.max, start.tzinfo)
+    rest = icalendar.vRecur({key: value for key, value in recur.items() if key.upper() != "UNTIL"})
+    rule = rrulestr(rest.to_ical().decode(), dtstart=start)
+    if not isinstance(rule, rrule):
+        raise ValueError("RRULE is not a single rule")
+    return rule.replace(until=until)
 
 
 def _as_datetime(value: dt.date | dt.datetime, tz: ZoneInfo) -> dt.datetime:
