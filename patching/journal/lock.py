@@ -3,11 +3,18 @@
 A second run is refused (`LockHeld`); a lock whose heartbeat is older than the stale limit, or whose
 PID is dead on this machine, is stale and may be stolen on request. The holder heartbeats it from a
 thread (`LockKeeper`) and notices when another process took it (`LockLost`).
+
+Fencing: every acquisition writes a fresh random token into the row, and the `JournalLock` that took it
+remembers it. Once a connection has taken the lock it is fenced: each of its journal writes first checks,
+inside the write's own transaction, that the row still carries its token (`check_ours`), and raises
+`LockLost` writing nothing when it does not (stolen, released, or never taken). `heartbeat`, `set_run`
+and `release` match the token too, so two connections of one process never touch each other's lock.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sqlite3
 import threading
@@ -23,7 +30,8 @@ CREATE TABLE IF NOT EXISTS lock (
     hostname TEXT NOT NULL,
     run_id INTEGER,
     acquired_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
+    heartbeat_at REAL NOT NULL,
+    token TEXT
 );
 """
 
@@ -84,10 +92,17 @@ def lock_staleness(lock: LockInfo, stale_after: float, now: float | None = None)
 
 
 class JournalLock:
-    """The lock row of one journal connection (autocommit: every write is durable when it returns)."""
+    """The lock row of one journal connection (autocommit: every write is durable when it returns).
 
-    def __init__(self, db: sqlite3.Connection):
+    `token` is the token of the lock this connection took (None when it holds none); `fenced` is set once
+    it took the lock (or by `Journal(path, fenced=True)`) and stays set: from then on its writes need
+    the lock to be ours (`check_ours`)."""
+
+    def __init__(self, db: sqlite3.Connection, token: str | None = None):
         self.db = db
+        self.token = token
+        self.fenced = False
+        self.acquired_at: float | None = None
 
     def info(self) -> LockInfo | None:
         """The current holder, or None when the journal is not locked."""
@@ -101,6 +116,7 @@ class JournalLock:
     ) -> LockInfo | None:
         """Take the lock. Returns the stale lock that was stolen, if any; raises LockHeld otherwise."""
         now = time.time()
+        token = secrets.token_hex(16)
         self.db.execute("BEGIN IMMEDIATE")
         try:
             current = self.info()
@@ -111,40 +127,67 @@ class JournalLock:
                     raise LockHeld(current, stale)
                 stolen = current
             self.db.execute(
-                "INSERT OR REPLACE INTO lock (id, owner, pid, hostname, run_id, acquired_at, heartbeat_at)"
-                " VALUES (1, ?, ?, ?, ?, ?, ?)",
-                (owner, os.getpid(), socket.gethostname(), run_id, now, now),
+                "INSERT OR REPLACE INTO lock (id, owner, pid, hostname, run_id, acquired_at, heartbeat_at, token)"
+                " VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                (owner, os.getpid(), socket.gethostname(), run_id, now, now, token),
             )
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+        self.token, self.fenced, self.acquired_at = token, True, now
         return stolen
 
+    def check_ours(self) -> None:
+        """Inside a write transaction: LockLost unless the lock row carries our token. No-op while unfenced."""
+        if not self.fenced:
+            return
+        row = self.db.execute("SELECT token FROM lock WHERE id = 1").fetchone()
+        if self.token is not None and row is not None and row[0] == self.token:
+            return
+        if self.token is None:
+            why = "this journal connection does not hold the journal lock (released or never taken)"
+        elif row is None:
+            why = "the journal lock was released"
+        else:
+            why = f"the journal lock was taken by another process (now {self.info()})"
+        raise LockLost(f"{why}; stopping: nothing more is written to the journal")
+
     def set_run(self, run_id: int) -> None:
-        """Name the run our lock is for (once the run exists)."""
-        self.db.execute("UPDATE lock SET run_id = ? WHERE pid = ? AND hostname = ?",
-                        (run_id, os.getpid(), socket.gethostname()))
+        """Name the run our lock is for (once the run exists); LockLost when the lock is no longer ours."""
+        cur = self.db.execute("UPDATE lock SET run_id = ? WHERE id = 1 AND token = ?", (run_id, self.token))
+        if self.token is None or cur.rowcount != 1:
+            raise LockLost("the journal lock is no longer ours; stopping: nothing more is written to the journal")
 
     def heartbeat(self) -> bool:
-        """Refresh our lock's heartbeat; False when the lock is no longer ours."""
-        cur = self.db.execute(
-            "UPDATE lock SET heartbeat_at = ? WHERE id = 1 AND pid = ? AND hostname = ?",
-            (time.time(), os.getpid(), socket.gethostname()),
-        )
+        """Refresh our lock's heartbeat; False when the lock is no longer ours. Without a token (a keeper
+        told none) the lock is recognised by this process's PID and host name, as before tokens."""
+        if self.token is not None:
+            cur = self.db.execute("UPDATE lock SET heartbeat_at = ? WHERE id = 1 AND token = ?",
+                                  (time.time(), self.token))
+        else:
+            cur = self.db.execute(
+                "UPDATE lock SET heartbeat_at = ? WHERE id = 1 AND pid = ? AND hostname = ?",
+                (time.time(), os.getpid(), socket.gethostname()),
+            )
         return cur.rowcount == 1
 
     def release(self) -> None:
-        """Drop our lock (someone else's stays)."""
-        self.db.execute("DELETE FROM lock WHERE pid = ? AND hostname = ?", (os.getpid(), socket.gethostname()))
+        """Drop our lock (someone else's stays; without a token there is none of ours). Stays fenced."""
+        if self.token is not None:
+            self.db.execute("DELETE FROM lock WHERE id = 1 AND token = ?", (self.token,))
+        self.token = None
 
 
 class LockKeeper:
-    """Heartbeats our lock from a thread (long host actions block the runner) and notices if it is stolen."""
+    """Heartbeats our lock from a thread (long host actions block the runner) and notices if it is stolen.
 
-    def __init__(self, path: Path, interval: float):
+    `token`: the holder's `JournalLock.token`; without it the lock is recognised by PID and host name."""
+
+    def __init__(self, path: Path, interval: float, token: str | None = None):
         self.path = path
         self.interval = interval
+        self.token = token
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="journal-heartbeat", daemon=True)
@@ -166,7 +209,7 @@ class LockKeeper:
         # a connection of its own: sqlite3 connections are not shared across threads
         db = sqlite3.connect(self.path, isolation_level=None, timeout=10)
         try:
-            lock = JournalLock(db)
+            lock = JournalLock(db, token=self.token)
             while not self._stop.wait(self.interval):
                 if not lock.heartbeat():
                     self.lost.set()

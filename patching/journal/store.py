@@ -6,7 +6,14 @@
   `previous_bundles` (what each host ran before the run touched it: rollback re-applies it) and
   `lb_changes` (each host's load-balancer state before the run drained it: resume restores only those).
 - Every write commits at once, so a state is on disk *before* the action it announces starts.
-- `lock` holds one row: owner, PID, host name and a heartbeat (patching/journal/lock.py).
+- `lock` holds one row: owner, PID, host name, a heartbeat and a token (patching/journal/lock.py).
+- Fencing: a Journal that took the lock makes each write in one BEGIN IMMEDIATE transaction that first
+  checks the lock row still carries its token, and raises LockLost writing nothing when it does not
+  (`Journal.write`). A Journal that never took it (tests, status, reports) writes unfenced unless opened
+  with `fenced=True`. `RunJournal.request_abort` stays unfenced: it is `fleet patch abort`'s message to
+  the holder. Reads are never fenced.
+- `waves.downtime_s`: time a resumed wave spent with its runner dead (`RunJournal.wave_resumed`);
+  `wave_history` leaves it out of the durations it gives the planner.
 - `Journal` is the file; `RunJournal` is the view of one run that the runner, the CLI and the reports
   read and write through.
 """
@@ -26,7 +33,7 @@ from patching.journal.lock import LOCK_SCHEMA, JournalLock
 from patching.journal.redact import redact
 from patching.states import HostState, RunStatus, StopReason, WaveStatus, check_transition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: lock.token, waves.downtime_s
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -60,6 +67,7 @@ CREATE TABLE IF NOT EXISTS waves (
     started_at REAL,
     finished_at REAL,
     failures INTEGER NOT NULL DEFAULT 0,
+    downtime_s REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, idx)
 );
 CREATE TABLE IF NOT EXISTS host_states (
@@ -99,6 +107,8 @@ CREATE TABLE IF NOT EXISTS lb_changes (
 """ + LOCK_SCHEMA
 
 _APPEND_ONLY = ("host_states", "events", "previous_bundles", "lb_changes")
+# columns added since schema 1, added to an older journal when it is opened: (table, column, declaration)
+_ADDED_COLUMNS = (("lock", "token", "TEXT"), ("waves", "downtime_s", "REAL NOT NULL DEFAULT 0"))
 APPLICATION_ID = 0x464C5452  # 'FLTR' in the SQLite header: this file is a fleet journal
 _OUR_TABLES = {"runs", "waves", "host_states", "events", "previous_bundles", "lb_changes", "lock"}
 
@@ -120,7 +130,9 @@ def _check_is_ours(path: Path) -> None:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if app_id != APPLICATION_ID and not (app_id == 0 and tables >= _OUR_TABLES):  # older journals: no id
                 raise JournalError(f"{path}: not a journal of ours (an SQLite database of another application)")
-            problems = [r[0] for r in db.execute("PRAGMA quick_check(5)")]
+            # integrity_check, not quick_check: an index that disagrees with its table passes quick_check,
+            # and its first read fails with a bare "malformed" (about 2 ms per MB of journal)
+            problems = [r[0] for r in db.execute("PRAGMA integrity_check(5)")]
             if problems != ["ok"]:
                 raise _damaged(path, f"SQLite's integrity check: {'; '.join(problems)}")
         finally:
@@ -175,6 +187,7 @@ class WaveRecord:
     started_at: float | None
     finished_at: float | None
     failures: int
+    downtime_s: float = 0.0  # time it spent with its runner dead, between a crash and the resume
 
 
 @dataclass(frozen=True)
@@ -202,10 +215,15 @@ class EventRow:
 
 
 class Journal:
-    """One journal file. Not thread-safe: one Journal per thread (the lock keeper opens its own)."""
+    """One journal file. Not thread-safe: one Journal per thread (the lock keeper opens its own).
 
-    def __init__(self, path: str | Path):
+    Fenced once it took the lock (`self.lock.acquire`), or from the start with `fenced=True`: then every
+    write needs the lock to be ours and raises LockLost, writing nothing, when it is not (see `write`)."""
+
+    def __init__(self, path: str | Path, *, fenced: bool = False):
         self.path = Path(path)
+        self.opened_at = time.time()
+        self._resumed: set[tuple[int, int]] = set()  # (run, wave) wave_resumed counted by this connection
         if self.path.exists():
             _check_is_ours(self.path)  # before a byte is written: another file stays as it was
         else:
@@ -228,6 +246,7 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             raise JournalError(f"{self.path}: not a usable journal: {exc}") from exc
         self.lock = JournalLock(self.db)
+        self.lock.fenced = fenced
 
     def _text(self, raw: bytes) -> str:
         try:
@@ -236,15 +255,20 @@ class Journal:
             raise _damaged(self.path, "text that is not UTF-8") from None
 
     def _create(self) -> None:
+        """A new journal's schema, or an older journal's migration to this one (idempotent)."""
         self.db.executescript(_SCHEMA)
-        for table in _APPEND_ONLY:
-            for op in ("UPDATE", "DELETE"):
-                self.db.execute(
-                    f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
-                    f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
-                )
-        self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        with self.transaction():  # two tools opening one older journal at once add each column once
+            for table, column, declaration in _ADDED_COLUMNS:
+                if column not in {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            for table in _APPEND_ONLY:
+                for op in ("UPDATE", "DELETE"):
+                    self.db.execute(
+                        f"CREATE TRIGGER IF NOT EXISTS {table}_no_{op.lower()} BEFORE {op} ON {table} "
+                        f"BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"
+                    )
+            self.db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the connection."""
@@ -260,6 +284,23 @@ class Journal:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        """One runner write: BEGIN IMMEDIATE, the lock checked still ours (fenced Journals: LockLost, and
+        nothing written, when it is not), the write, COMMIT. Inside `transaction()` it only checks."""
+        if self.db.in_transaction:
+            self.lock.check_ours()
+            yield
+            return
+        with self.transaction():
+            self.lock.check_ours()
+            yield
+
+    def took_over_at(self) -> float:
+        """When this connection started writing for its run: it took the lock then (or opened the file).
+        A row of the run stamped earlier was written by a runner before it (one that may have crashed)."""
+        return self.lock.acquired_at if self.lock.acquired_at is not None else self.opened_at
 
     def journal_mode(self) -> str:
         """SQLite's journal mode of the file (WAL)."""
@@ -282,7 +323,7 @@ class Journal:
     ) -> RunJournal:
         """A new run with its waves; every planned host `pending`, every skipped host `pending -> skipped`."""
         now = time.time()
-        with self.transaction():
+        with self.write():
             cur = self.db.execute(
                 "INSERT INTO runs (release, status, owner, created_at, updated_at, bundle_path, bundle_json,"
                 " releases_dir, inventory_json, limit_text, policy_path, policy_json, plan_json)"
@@ -348,9 +389,10 @@ class Journal:
     # ---- history for the planner ----------------------------------------------------------------
 
     def wave_history(self, limit: int = 200) -> list[tuple[int, float]]:
-        """(hosts, seconds) of the latest waves that finished without a failure."""
+        """(hosts, seconds) of the latest waves that finished without a failure; a resumed wave's seconds
+        leave out the time its runner was dead (`RunJournal.wave_resumed`)."""
         rows = self.db.execute(
-            "SELECT hosts, finished_at - started_at FROM waves WHERE status = ? AND failures = 0"
+            "SELECT hosts, MAX(finished_at - started_at - downtime_s, 0) FROM waves WHERE status = ? AND failures = 0"
             " AND started_at IS NOT NULL AND finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?",
             (WaveStatus.DONE.value, limit),
         ).fetchall()
@@ -392,44 +434,78 @@ class RunJournal:
     def set_run_status(self, status: RunStatus, message: str = "", *, finished: bool = False) -> None:
         """Move the run to a status (RunStatus), with the message people read."""
         now = time.time()
-        self.db.execute(
-            "UPDATE runs SET status = ?, message = ?, updated_at = ?, finished_at = ? WHERE id = ?",
-            (status, message, now, now if finished else None, self.id),
-        )
+        with self.journal.write():
+            self.db.execute(
+                "UPDATE runs SET status = ?, message = ?, updated_at = ?, finished_at = ? WHERE id = ?",
+                (status, message, now, now if finished else None, self.id),
+            )
 
     def set_stop(self, reason: StopReason, wave: int | None) -> None:
         """Record why the run stops starting waves (`budget`, `aborted`); the first reason stays."""
-        self.db.execute(
-            "UPDATE runs SET stop_reason = ?, stop_wave = ?, updated_at = ? WHERE id = ? AND stop_reason IS NULL",
-            (reason, wave, time.time(), self.id),
-        )
+        with self.journal.write():
+            self.db.execute(
+                "UPDATE runs SET stop_reason = ?, stop_wave = ?, updated_at = ? WHERE id = ? AND stop_reason IS NULL",
+                (reason, wave, time.time(), self.id),
+            )
 
     def request_abort(self) -> None:
-        """Ask the runner to stop before its next wave (`fleet patch abort`)."""
+        """Ask the runner to stop before its next wave (`fleet patch abort`). Unfenced on purpose: another
+        process writes it without the lock, as a message to the runner that holds it."""
         self.db.execute("UPDATE runs SET abort_requested = 1, updated_at = ? WHERE id = ?", (time.time(), self.id))
 
     def waves(self) -> list[WaveRecord]:
         """The run's waves in order."""
         rows = self.db.execute(
-            "SELECT run_id, idx, kind, hosts, predicted_s, status, started_at, finished_at, failures FROM waves"
-            " WHERE run_id = ? ORDER BY idx",
+            "SELECT run_id, idx, kind, hosts, predicted_s, status, started_at, finished_at, failures, downtime_s"
+            " FROM waves WHERE run_id = ? ORDER BY idx",
             (self.id,),
         ).fetchall()
         return [WaveRecord(*r) for r in rows]
 
     def wave_started(self, index: int) -> None:
         """A wave is under way (its first start time stays across resumes)."""
-        self.db.execute(
-            "UPDATE waves SET status = ?, started_at = COALESCE(started_at, ?) WHERE run_id = ? AND idx = ?",
-            (WaveStatus.RUNNING.value, time.time(), self.id, index),
-        )
+        with self.journal.write():
+            self.db.execute(
+                "UPDATE waves SET status = ?, started_at = COALESCE(started_at, ?) WHERE run_id = ? AND idx = ?",
+                (WaveStatus.RUNNING.value, time.time(), self.id, index),
+            )
+
+    def wave_resumed(self, index: int) -> float:
+        """A wave that is `running` in the journal is resumed: the time its runner was dead, from the run's
+        last host state or event written before this connection took over (not before the wave started)
+        to now, is added to the wave's downtime, which `wave_history` leaves out. Returns those seconds;
+        0 when the wave is not running or this connection already counted its resume."""
+        with self.journal.write():
+            row = self.db.execute(
+                "SELECT status, started_at FROM waves WHERE run_id = ? AND idx = ?", (self.id, index)
+            ).fetchone()
+            if row is None:
+                raise KeyError(index)
+            status, started_at = row
+            if status != WaveStatus.RUNNING.value or started_at is None or (self.id, index) in self.journal._resumed:
+                return 0.0
+            before = self.journal.took_over_at()
+            last = self.db.execute(
+                "SELECT MAX(at) FROM (SELECT MAX(at) AS at FROM host_states WHERE run_id = ? AND at < ?"
+                " UNION ALL SELECT MAX(at) FROM events WHERE run_id = ? AND at < ?)",
+                (self.id, before, self.id, before),
+            ).fetchone()[0]
+            if last is None:  # nothing written before we took over: this connection ran it all along
+                return 0.0
+            gap = max(time.time() - max(float(last), float(started_at)), 0.0)
+            self.db.execute(
+                "UPDATE waves SET downtime_s = downtime_s + ? WHERE run_id = ? AND idx = ?", (gap, self.id, index)
+            )
+        self.journal._resumed.add((self.id, index))
+        return gap
 
     def wave_finished(self, index: int, failures: int) -> None:
         """A wave is finished, with the number of hosts that failed in it."""
-        self.db.execute(
-            "UPDATE waves SET status = ?, finished_at = ?, failures = ? WHERE run_id = ? AND idx = ?",
-            (WaveStatus.DONE.value, time.time(), failures, self.id, index),
-        )
+        with self.journal.write():
+            self.db.execute(
+                "UPDATE waves SET status = ?, finished_at = ?, failures = ? WHERE run_id = ? AND idx = ?",
+                (WaveStatus.DONE.value, time.time(), failures, self.id, index),
+            )
 
     # ---- host states ----------------------------------------------------------------------------
 
@@ -448,10 +524,11 @@ class RunJournal:
         """Append a state change; refuses one the state diagram does not allow (IllegalTransition)."""
         latest = self.latest_states()
         check_transition(host, latest[host], state)
-        self.db.execute(
-            "INSERT INTO host_states (run_id, host, wave, state, at, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (self.id, host, wave, state.value, time.time(), redact(detail)),
-        )
+        with self.journal.write():
+            self.db.execute(
+                "INSERT INTO host_states (run_id, host, wave, state, at, detail) VALUES (?, ?, ?, ?, ?, ?)",
+                (self.id, host, wave, state.value, time.time(), redact(detail)),
+            )
         latest[host] = state
 
     def host_history(self) -> list[StateRow]:
@@ -474,10 +551,11 @@ class RunJournal:
 
     def record_previous_bundle(self, host: str, release: str) -> None:
         """The bundle a host ran before this run touched it; the first record stays (rollback target)."""
-        self.db.execute(
-            "INSERT OR IGNORE INTO previous_bundles (run_id, host, release, at) VALUES (?, ?, ?, ?)",
-            (self.id, host, release, time.time()),
-        )
+        with self.journal.write():
+            self.db.execute(
+                "INSERT OR IGNORE INTO previous_bundles (run_id, host, release, at) VALUES (?, ?, ?, ?)",
+                (self.id, host, release, time.time()),
+            )
 
     def previous_bundles(self) -> dict[str, str]:
         """host -> the release it ran before this run touched it."""
@@ -486,10 +564,11 @@ class RunJournal:
 
     def record_lb_before(self, host: str, state: str) -> None:
         """A host's load-balancer state before this run first drained it; the first record stays."""
-        self.db.execute(
-            "INSERT OR IGNORE INTO lb_changes (run_id, host, before, at) VALUES (?, ?, ?, ?)",
-            (self.id, host, state, time.time()),
-        )
+        with self.journal.write():
+            self.db.execute(
+                "INSERT OR IGNORE INTO lb_changes (run_id, host, before, at) VALUES (?, ?, ?, ?)",
+                (self.id, host, state, time.time()),
+            )
 
     def lb_before(self) -> dict[str, str]:
         """host -> its load-balancer state before this run drained it."""
@@ -502,10 +581,12 @@ class RunJournal:
         self, kind: str, data: Mapping[str, Any], *, wave: int | None = None, host: str | None = None
     ) -> None:
         """Append an event; secrets in `data` are masked before it is stored."""
-        self.db.execute(
-            "INSERT INTO events (run_id, wave, host, kind, at, data) VALUES (?, ?, ?, ?, ?, ?)",
-            (self.id, wave, host, kind, time.time(), json.dumps(redact(data), default=str)),
-        )
+        text = json.dumps(redact(data), default=str)
+        with self.journal.write():
+            self.db.execute(
+                "INSERT INTO events (run_id, wave, host, kind, at, data) VALUES (?, ?, ?, ?, ?, ?)",
+                (self.id, wave, host, kind, time.time(), text),
+            )
 
     def events(self) -> list[EventRow]:
         """Every event of the run, in order."""

@@ -194,3 +194,29 @@ def test_a_damaged_journal_is_refused_with_the_word_and_left_as_it_is(tmp_path):
     with pytest.raises(JournalError, match="damaged"):
         Journal(path)
     assert path.read_bytes() == bytes(data)
+
+
+def test_an_index_that_disagrees_with_its_table_is_refused_as_damaged(tmp_path):
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    run = new_run(journal)
+    for i in range(100):
+        run.add_event("step", {"n": i})
+    journal.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    root = journal.db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'events_by_run'").fetchone()[0]
+    page_size = journal.db.execute("PRAGMA page_size").fetchone()[0]
+    journal.close()
+    data = bytearray(path.read_bytes())
+    page = slice((root - 1) * page_size, root * page_size)
+    entry = bytes([6, 4, 9, 1, 1, 100, 100])  # the index entry (run 1, event 100) -> row 100
+    assert data[page].count(entry) == 1
+    at = (root - 1) * page_size + data[page].find(entry)
+    data[at + 6] = 120  # now points at a row that does not exist; every page stays well formed
+    path.write_bytes(bytes(data))
+    db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    assert db.execute("PRAGMA quick_check").fetchall() == [("ok",)]  # the damage quick_check cannot see
+    assert db.execute("PRAGMA integrity_check").fetchall() != [("ok",)]
+    db.close()
+    with pytest.raises(JournalError, match=r"damaged.*missing from index events_by_run"):
+        Journal(path)
+    assert path.read_bytes() == bytes(data)
