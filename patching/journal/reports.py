@@ -47,7 +47,9 @@ def build_report(journal: RunJournal) -> dict[str, Any]:
     waves = [
         {"index": w.index, "kind": w.kind, "hosts": w.hosts, "status": w.status, "failures": w.failures,
          "predicted_s": w.predicted_s, "started_at": _iso(w.started_at), "finished_at": _iso(w.finished_at),
-         "duration_s": round(w.finished_at - w.started_at, 3) if w.started_at and w.finished_at else None}
+         "duration_s": round(max(w.finished_at - w.started_at - w.downtime_s, 0), 3)
+         if w.started_at and w.finished_at else None,
+         "downtime_s": round(w.downtime_s, 3)}
         for w in journal.waves()
     ]
     return redact({

@@ -40,8 +40,9 @@ class BudgetCheck:
 def check_budgets(
     policy: Policy, *, canary: bool, wave_hosts: int, wave_failed: Sequence[str], run_hosts: int, run_failed: int
 ) -> BudgetCheck:
-    """The canary or per-wave budget over the wave's hosts, the global budget over the run's planned hosts
-    (hosts skipped at preflight are in neither base)."""
+    """The canary or per-wave budget over the wave's planned hosts, the global budget over the run's planned
+    hosts. Both bases are fixed when the run is planned (like SSM's target count): a host skipped later,
+    unreachable or already on the bundle, changes neither; percentages round down."""
     amount = policy.budgets.canary if canary else policy.budgets.per_wave
     return BudgetCheck(len(wave_failed), resolve(amount, wave_hosts), run_failed,
                        resolve(policy.budgets.global_, run_hosts), tuple(sorted(wave_failed)))

@@ -16,6 +16,8 @@ executes exactly the plan it stored in the journal. Rules (DESIGN.md section 5, 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,6 +88,13 @@ class Plan:
     # current release -> pinned values that change (field, old, new); None when its manifest is unknown
     diffs: Mapping[str, list[tuple[str, Any, Any]] | None] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # hosts out of service when planned (they count against their pool's budget), with why
+    unhealthy: Mapping[str, str] = field(default_factory=dict)
+    # what the hosts of the selected pools were when planned (read from them; empty for an offline plan):
+    # host -> {"reachable", "release", "lb_state"}; `fleet patch run --plan` compares it with the fleet now
+    seen: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    bundle_digest: str = ""  # Bundle.digest of the bundle planned
+    policy_digest: str = ""  # policy_digest() of the policy that cut the waves
 
     def pool_counts(self, wave: PlannedWave) -> dict[str, int]:
         """Hosts per pool in a wave."""
@@ -106,6 +115,10 @@ class Plan:
             "pools": {n: asdict(p) for n, p in self.pools.items()},
             "diffs": {k: None if v is None else [list(c) for c in v] for k, v in self.diffs.items()},
             "notes": list(self.notes),
+            "unhealthy": dict(self.unhealthy),
+            "seen": {n: dict(v) for n, v in self.seen.items()},
+            "bundle_digest": self.bundle_digest,
+            "policy_digest": self.policy_digest,
         }
 
     @classmethod
@@ -120,6 +133,10 @@ class Plan:
             pools={n: PoolBudget(**p) for n, p in data["pools"].items()},
             diffs={k: None if v is None else [tuple(c) for c in v] for k, v in data["diffs"].items()},
             notes=tuple(data["notes"]),
+            unhealthy=dict(data.get("unhealthy", {})),  # plans of earlier versions lack the last four
+            seen={n: dict(v) for n, v in data.get("seen", {}).items()},
+            bundle_digest=data.get("bundle_digest", ""),
+            policy_digest=data.get("policy_digest", ""),
         )
 
 
@@ -170,6 +187,7 @@ def build_plan(
     known_bundles: Mapping[str, Bundle] | None = None,
     calendar: MaintenanceCalendar | None = None,
     now: dt.datetime | None = None,
+    seen: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Plan:
     """Cut the selected hosts into waves.
 
@@ -254,7 +272,17 @@ def build_plan(
         pools=budgets,
         diffs=diffs,
         notes=tuple(notes),
+        unhealthy=dict(sorted(unhealthy.items())),
+        seen=dict(sorted((seen or {}).items())),
+        bundle_digest=bundle.digest,
+        policy_digest=policy_digest(policy),
     )
+
+
+def policy_digest(policy: Policy) -> str:
+    """sha256 of the policy's canonical JSON: a plan is run only with the policy that cut it."""
+    text = json.dumps(policy.model_dump(mode="json", by_alias=True), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _pool_budgets(
@@ -348,6 +376,13 @@ def render_plan(plan: Plan, *, max_names: int = 6) -> Group:
         what = "manifest unknown" if diff is None else "; ".join(_change(*c) for c in diff) or "nothing"
         changes.add_row(release or "unknown", plan.release, str(count), what)
     parts.append(changes)
+    if plan.unhealthy:
+        out = Table(title=f"Out of service now: {len(plan.unhealthy)} host(s), counted against their pool's budget")
+        out.add_column("host")
+        out.add_column("why", overflow="fold")
+        for name, why in list(plan.unhealthy.items())[: max_names * 4]:
+            out.add_row(name, why)
+        parts.append(out)
     if plan.skipped:
         skipped = Table(title=f"Not planned: {len(plan.skipped)} host(s)")
         skipped.add_column("host")

@@ -38,8 +38,9 @@ from patching.release.bundle import Bundle
 from patching.rollout import gates
 from patching.rollout.actions import Actions, HostSnapshot, Outcome, Results
 from patching.rollout.budgets import capacity_problems, check_budgets
-from patching.rollout.plan import Plan, PlannedWave, build_plan
+from patching.rollout.plan import Plan, PlannedWave
 from patching.rollout.policy import Policy, required_hosts
+from patching.rollout.survey import PLAN_FIELD, approved_plan_problems, plan_from, skip_reason, survey
 from patching.rollout.windows import HORIZON, MaintenanceCalendar, format_duration
 from patching.states import (
     ALREADY_ON,
@@ -49,7 +50,6 @@ from patching.states import (
     ON_BUNDLE,
     PIPELINE,
     UNFINISHED,
-    UNREACHABLE,
     ExitCode,
     Gate,
     HostOutcome,
@@ -245,25 +245,21 @@ class Runner:
         releases_dir: str,
         policy_path: str | None,
         history: Sequence[tuple[int, float]] = (),
+        approved: Plan | None = None,
+        approved_source: str = PLAN_FIELD,
     ) -> int:
-        """Read the hosts, plan once with what they are, and store the run. Touches nothing."""
-        pools = {self.inventory.hosts[n].pool for n in self.inventory.selected}
-        members = [h for h in self.inventory.hosts.values() if h.pool in pools]
-        facts = self.actions.read_hosts(members)
-        skip: dict[str, str] = {}
-        current: dict[str, str | None] = {}
-        for name in self.inventory.selected:
-            why, release = _skip_reason(facts.get(name))
-            current[name] = release
-            if why:
-                skip[name] = why
-        known = self._rollback_bundles({n: r for n, r in current.items() if r and n not in skip}, releases_dir)
-        unhealthy = {n: _unhealthy_reason(f) for n, f in facts.items() if not f.healthy}
-        plan = build_plan(
-            self.inventory, self.policy, self.bundle, current=current, unhealthy=unhealthy, skip=skip,
-            history=history, known_bundles=known, calendar=None if self.ignore_window else self.calendar,
-            now=self.clock(),
-        )
+        """Read the hosts, plan once with what they are (or take the `approved` plan, if it still holds),
+        and store the run. Touches nothing; InputError when the approved plan may not run now."""
+        found = survey(self.actions, self.inventory)
+        if approved is not None and (problems := approved_plan_problems(
+                approved, found, self.inventory, self.bundle, self.policy, approved_source)):
+            raise InputError(problems)
+        current = dict(found.current)
+        known = self._rollback_bundles({n: r for n, r in current.items() if r and n not in found.skip}, releases_dir)
+        plan = approved or plan_from(found, self.inventory, self.policy, self.bundle, known_bundles=known,
+                                     history=history, calendar=None if self.ignore_window else self.calendar,
+                                     now=self.clock())
+        unhealthy = dict(found.unhealthy)
         self._run = self.journal.create_run(
             release=self.bundle.release, owner=owner, bundle_path=bundle_path,
             bundle=self.bundle.model_dump(mode="json"), releases_dir=releases_dir,
@@ -273,7 +269,7 @@ class Runner:
         self._plan = plan
         self._event("run", {"event": "started", "release": self.bundle.release, "hosts": len(plan.hosts),
                             "waves": len(plan.waves), "skipped": dict(plan.skipped),
-                            "unhealthy": unhealthy})
+                            "unhealthy": unhealthy, "approved_plan": approved is not None})
         for name, why in plan.skipped.items():
             self.notify("warn", f"{name}: skipped: {why}")
         return self.run.id
@@ -309,6 +305,12 @@ class Runner:
             return self._result(RunStatus(record.status), record.message)
         run.set_run_status(RunStatus.RUNNING)
         self._event("run", {"event": "executing", "status_before": record.status})
+        try:
+            return self._execute_waves(run)
+        except _RollbackRefused as refused:
+            return self._stop_here(RunStatus.BLOCKED, str(refused))
+
+    def _execute_waves(self, run: RunJournal) -> RunResult:
         for stored in run.waves():
             if stored.status == WaveStatus.DONE:
                 continue
@@ -329,6 +331,9 @@ class Runner:
                 run.wave_started(stored.index)
                 self.notify("info", f"wave {stored.index} ({planned.kind}): {len(planned.hosts)} host(s) "
                                     f"{self._pools_text(planned)}")
+            elif stored.status == WaveStatus.RUNNING and (gap := run.wave_resumed(stored.index)):
+                # the runner was dead for `gap`: kept out of the wave's duration (window-fit forecasts)
+                self._event("wave", {"event": "resumed", "downtime_s": round(gap, 3)}, wave=stored.index)
             self._run_wave(planned)
             failures = self._check_budgets(planned)
             self._roll_back_what_must()
@@ -364,7 +369,7 @@ class Runner:
         facts = self.actions.read_hosts(members)
         ready = []
         for name in pending:
-            why, release = _skip_reason(facts.get(name))
+            why, release = skip_reason(facts.get(name))
             if why is None and release == self.bundle.release:
                 why = f"{ALREADY_ON}{self.bundle.release}"
             if why:
@@ -393,7 +398,7 @@ class Runner:
             return problems
         for name in ready:
             release = facts[name].installed_release
-            assert release is not None  # _skip_reason refused hosts without one
+            assert release is not None  # skip_reason refused hosts without one
             self.run.record_previous_bundle(name, release)
             self.run.record_lb_before(name, facts[name].lb_state)
         return []
@@ -403,7 +408,8 @@ class Runner:
     def _run_wave(self, planned: PlannedWave) -> None:
         """Walk the wave's hosts through HANDLERS in lockstep; resumed hosts join at their own state."""
         states = self.run.latest_states()
-        hosts = [n for n in planned.hosts if states[n] == HostState.PENDING or states[n] in PIPELINE]
+        halted = self.run.record().stop_reason is not None  # a resumed wave: no host that has not started starts
+        hosts = [n for n in planned.hosts if (states[n] == HostState.PENDING and not halted) or states[n] in PIPELINE]
         resumed = [n for n in hosts if states[n] != HostState.PENDING]
         wave = _Wave(planned)
         if resumed:  # level-triggered: what the resumed hosts are now decides what is redone
@@ -433,6 +439,8 @@ class Runner:
                 self._enter(name, wave.index, HostState.FAILED, gates.why(results.get(name)))
                 self.notify("error", f"{name}: failed at {state}: {gates.why(results.get(name))}")
                 live.remove(name)
+            if failed:
+                self._check_budgets(planned, step=state.value)
         for name in live:
             self._enter(name, wave.index, HostState.DONE)
         if live:
@@ -523,22 +531,25 @@ class Runner:
 
     # ---- budgets and rollback -------------------------------------------------------------------
 
-    def _check_budgets(self, wave: PlannedWave) -> int:
-        """Count the wave's failures; halt the run (stop reason `budget`) when a budget is exceeded."""
-        states = self.run.latest_states()
-        counted = [n for n in self.plan.hosts if states[n] != HostState.SKIPPED]
+    def _check_budgets(self, wave: PlannedWave, *, step: str | None = None) -> int:
+        """Count the failures so far; halt the run (stop reason `budget`) as soon as a budget is exceeded.
+
+        Called after every step of a wave (`step`) and once the wave is finished. The bases are fixed
+        by the plan (docs/policy.md "Failure budgets"): a host skipped later neither shrinks nor grows them.
+        """
         check = check_budgets(
-            self.policy, canary=wave.kind == "canary",
-            wave_hosts=len([n for n in wave.hosts if states[n] != HostState.SKIPPED]),
+            self.policy, canary=wave.kind == "canary", wave_hosts=len(wave.hosts),
             wave_failed=sorted(self.run.hosts_that_failed(wave.index)),
-            run_hosts=len(counted), run_failed=len(self.run.hosts_that_failed()),
+            run_hosts=len(self.plan.hosts), run_failed=len(self.run.hosts_that_failed()),
         )
-        self._event("budget", check.figures(), wave=wave.index)
-        if check.exceeded:
+        if step is None or check.exceeded:
+            self._event("budget", check.figures() | ({"after_step": step} if step else {}), wave=wave.index)
+        if check.exceeded and self.run.record().stop_reason is None:
             self.run.set_stop(StopReason.BUDGET, wave.index)
             self.notify("error", f"wave {wave.index}: failure budget exceeded ({check.wave_failed} failed, "
                                  f"{check.wave_allowed} allowed in the wave; {check.run_failed} failed, "
-                                 f"{check.run_allowed} allowed in the run): halting, rollback: {self.policy.rollback}")
+                                 f"{check.run_allowed} allowed in the run): no new host starts; rollback: "
+                                 f"{self.policy.rollback}")
         return check.wave_failed
 
     def _roll_back_what_must(self) -> None:
@@ -569,6 +580,7 @@ class Runner:
         self.notify("warn", f"rolling back {len(names)} host(s): {', '.join(names)}")
         facts = dict(self.actions.read_hosts(self._hosts(names)))
         rollback = _Rollback(names, wave, self.run.previous_bundles(), facts)
+        self._rollback_preflight(rollback)
         for step in ROLLBACK_STEPS:
             step(self, rollback)
         for name in names:
@@ -580,6 +592,20 @@ class Runner:
             else:
                 self._enter(name, wave, HostState.ROLLED_BACK, f"back on {rollback.previous[name]}")
                 self.notify("warn", f"{name}: rolled back to {rollback.previous[name]}")
+
+    def _rollback_preflight(self, rollback: _Rollback) -> None:
+        """Power before a rollback re-applies a driver (not the fabric: a port down may be what the bundle
+        broke, and the rollback what mends it). Refused: the hosts stay `rolling_back`, the run `blocked`."""
+        live = [n for n in rollback.names if (f := rollback.facts.get(n)) is not None and f.reachable]
+        if not live:
+            return
+        power = self.actions.check_power(self._hosts(live), self.policy.preflight.ups_min_charge_pct)
+        problems = [f"{n}: power: {gates.why(power.get(n))}" for n in live if not _ok(power.get(n))]
+        self._event("preflight", {"phase": Phase.ROLLBACK.value, "hosts": live, "ok": not problems,
+                                  "problems": problems, "measurements": {"power": _outcomes(power)}},
+                    wave=rollback.wave)
+        if problems:
+            raise _RollbackRefused(f"preflight refused the rollback of {', '.join(live)}: " + "; ".join(problems))
 
     def _rollback_check(self, rollback: _Rollback) -> None:
         """Only hosts with a recorded previous bundle that answer can be rolled back."""
@@ -700,6 +726,10 @@ HANDLERS: dict[HostState, Callable[[Runner, list[str], _Wave], dict[str, Outcome
 assert tuple(HANDLERS) == PIPELINE
 
 
+class _RollbackRefused(Exception):
+    """The rollback's preflight refused it: the run stops `blocked`; resume retries the rollback."""
+
+
 @dataclass
 class _Rollback:
     """One batch of hosts in `rolling_back`: what each ran before, what it is now, what broke."""
@@ -730,16 +760,6 @@ ROLLBACK_STEPS: tuple[Callable[[Runner, _Rollback], None], ...] = (
 )
 
 
-def _skip_reason(facts: HostSnapshot | None) -> tuple[str | None, str | None]:
-    """(why the host must not be touched, or None; the release it runs)."""
-    if facts is None or not facts.reachable:
-        detail = f": {facts.detail}" if facts and facts.detail else ""
-        return f"{UNREACHABLE} at preflight{detail}", None
-    if facts.installed_release is None:
-        return "its installed bundle is unknown: there would be nothing to roll back to", None
-    return None, facts.installed_release  # one already on the target is reported so by the planner
-
-
 def _ok(outcome: Outcome | None) -> bool:
     return outcome is not None and outcome.ok
 
@@ -751,7 +771,3 @@ def _outcomes(results: Results) -> dict[str, Any]:
 def _snapshot_dict(facts: HostSnapshot) -> dict[str, Any]:
     return {"reachable": facts.reachable, "installed_release": facts.installed_release,
             "lb_state": facts.lb_state, "detail": facts.detail}
-
-
-def _unhealthy_reason(facts: HostSnapshot) -> str:
-    return "unreachable" if not facts.reachable else f"load balancer: {facts.lb_state}"

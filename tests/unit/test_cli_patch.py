@@ -156,19 +156,104 @@ def test_every_problem_is_reported_at_once(fleet, spy, tmp_path, inventory, bund
 # ---- plan, dry run, schema ----------------------------------------------------------------------
 
 
-def test_plan_prints_and_writes_json(fleet, spy, tmp_path, release, inventory):
+def only_reads(spy) -> bool:
+    return all(action == "read" for fake in spy[1].values() for action, _, _ in fake.calls)
+
+
+def test_plan_reads_the_hosts_and_writes_json(fleet, spy, tmp_path, release, inventory):
     out = tmp_path / "plan.json"
     code, stdout, _ = fleet("plan", "--release", release, "-i", inventory, "-o", out, "--journal",
                             tmp_path / "none.db")
     assert code == 0 and "canary" in stdout and "Plan: release 2026-11" in stdout
     plan = json.loads(out.read_text())
-    assert plan["waves"][0]["hosts"] == ["a1", "b1"] and spy[0] == []
+    assert plan["waves"][0]["hosts"] == ["a1", "b1"] and len(spy[0]) == 1 and only_reads(spy)
+    # what the hosts run, read from them: the real version change, not "unknown"
+    assert {h["current"] for h in plan["hosts"].values()} == {"2026-10"} and plan["diffs"]["2026-10"]
+    assert plan["seen"]["a2"] == {"reachable": True, "release": "2026-10", "lb_state": "serving"}
+    assert "manifest unknown" not in stdout and "2026-10" in stdout
+
+
+def test_plan_shows_the_hosts_it_plans_around(fleet, spy, monkeypatch, tmp_path, release, inventory):
+    original = cli_patch.make_actions
+
+    def with_a3_drained(inv, *, work_dir):
+        fake = original(inv, work_dir=work_dir)
+        fake.hosts["a3"]["lb"] = "drained"
+        return fake
+
+    monkeypatch.setattr(cli_patch, "make_actions", with_a3_drained)
+    code, stdout, _ = fleet("plan", "--release", release, "-i", inventory, "-o", tmp_path / "p.json",
+                            "--journal", tmp_path / "none.db")
+    assert code == 0 and "Out of service now: 1 host(s)" in stdout and "load balancer: drained" in stdout
+    assert json.loads((tmp_path / "p.json").read_text())["unhealthy"] == {"a3": "load balancer: drained"}
+
+
+def test_plan_offline_reads_no_host(fleet, spy, tmp_path, release, inventory):
+    code, stdout, _ = fleet("plan", "--release", release, "-i", inventory, "--offline", "--journal",
+                            tmp_path / "none.db")
+    assert code == 0 and "Plan: release 2026-11" in stdout and spy[0] == []
 
 
 def test_dry_run_prints_the_plan_and_stops(fleet, spy, tmp_path, release, inventory):
     code, stdout, _ = fleet(*run_args(release, inventory, tmp_path, "--dry-run"))
     assert code == 0 and "Plan: release 2026-11" in stdout
-    assert spy[0] == [] and not (tmp_path / "j").exists()
+    assert only_reads(spy) and not (tmp_path / "j/journal.db").exists()
+
+
+# ---- the approved plan --------------------------------------------------------------------------
+
+
+def approve(fleet, tmp_path, release, inventory, *extra):
+    out = tmp_path / "approved.json"
+    code, _, err = fleet("plan", "--release", release, "-i", inventory, "-o", out, "--journal",
+                         tmp_path / "j/journal.db", *extra)
+    assert code == 0, err
+    return out
+
+
+def test_run_with_plan_executes_exactly_the_approved_plan(fleet, spy, tmp_path, release, inventory):
+    approved = approve(fleet, tmp_path, release, inventory)
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--plan", approved))
+    assert code == 0, err
+    record = Journal(tmp_path / "j/journal.db").runs()[0]
+    assert record.plan == json.loads(approved.read_text())
+    started = next(e for e in Journal(tmp_path / "j/journal.db").of_run(record.id).events() if e.kind == "run")
+    assert started.data["approved_plan"] is True
+
+
+def test_run_with_plan_refuses_when_the_fleet_changed_unsafely(fleet, spy, tmp_path, release, inventory):
+    approved = approve(fleet, tmp_path, release, inventory)
+    [fake] = spy[1].values()
+    fake.hosts["a2"]["lb"] = "drained"  # someone took a2 out since: pool a has less room
+    fake.hosts["b2"]["installed"] = "2026-11"  # and b2 was patched by hand
+    fake.calls.clear()
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--plan", approved))
+    assert code == 2
+    assert "a2 was serving when planned and is not now" in err and "seen.a2" in err
+    assert "b2 ran 2026-10 when planned and runs 2026-11 now" in err
+    assert only_reads(spy) and Journal(tmp_path / "j/journal.db").runs() == []
+
+
+def test_run_with_plan_refuses_another_policy_or_bundle(fleet, spy, tmp_path, release, inventory):
+    approved = approve(fleet, tmp_path, release, inventory)
+    policy = write_yaml(tmp_path / "p.yaml", {"waves": {"size": 1}})
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--plan", approved, "--policy", policy))
+    assert code == 2 and "policy_digest" in err and "not the one that cut the plan's waves" in err
+    data = json.loads(approved.read_text())
+    data["bundle_digest"] = "0" * 64
+    approved.write_text(json.dumps(data))
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--plan", approved))
+    assert code == 2 and "bundle_digest" in err and Journal(tmp_path / "j/journal.db").runs() == []
+
+
+def test_run_with_an_offline_or_unreadable_plan_is_bad_input(fleet, spy, tmp_path, release, inventory):
+    offline = approve(fleet, tmp_path, release, inventory, "--offline")
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--plan", offline))
+    assert code == 2 and "without reading the hosts (--offline)" in err
+    junk = tmp_path / "junk.json"
+    junk.write_text("[1, 2")
+    code, _, err = fleet(*run_args(release, inventory, tmp_path, "--plan", junk))
+    assert code == 2 and "junk.json" in err and "not JSON" in err
 
 
 def test_policy_schema(fleet):

@@ -417,3 +417,27 @@ def test_crash_at_every_kill_point_then_resume(tmp_path, record_property):
     record_property("kill_points_survived", survived)
     print(f"\ncrash safety: {tried} kill points tried, {survived} survived")
     assert tried == survived and tried >= 70
+
+
+# ---- rollback: its own preflight ------------------------------------------------------------------
+
+
+def test_a_rollback_on_battery_power_waits_blocked_and_resume_finishes_it(tmp_path):
+    h = Harness(tmp_path, {"budgets": {"canary": 1, "global": 1}})
+    h.fleet.faults[("a1", "testinfra", NEW)] = "nvidia-smi: Driver/library version mismatch"
+
+    def mains_lost(action: str, names: list[str]) -> None:
+        if action == "testinfra" and "a1" in names:
+            h.fleet.hosts["a1"]["ups_ok"] = False
+
+    h.fleet.on_call = mains_lost
+    result = h.run()
+    assert result.status == RunStatus.BLOCKED and result.exit_code == ExitCode.BLOCKED
+    assert "preflight refused the rollback of a1: a1: power: ups-a on battery" in result.message
+    assert h.states()["a1"] == "rolling_back" and h.fleet.hosts["a1"]["installed"] == NEW
+    assert not [c for c in h.fleet.calls if c[0] == "apply" and c[2] == OLD], "nothing re-applied on battery"
+    h.fleet.on_call = None
+    h.fleet.hosts["a1"]["ups_ok"] = True
+    result = h.resume()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert final["a1"] == "rolled_back" and result.status == RunStatus.DONE and result.exit_code == ExitCode.FAILED
