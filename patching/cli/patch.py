@@ -36,8 +36,9 @@ from patching.rollout.actions import Actions, ActionsUnavailable
 from patching.rollout.plan import Plan, build_plan, check_policy_against, render_plan
 from patching.rollout.policy import Policy, load_policy, parse_policy, schema
 from patching.rollout.runner import Runner, RunResult, abort, window_refusal
+from patching.rollout.survey import approved_plan_problems, plan_from, read_plan, survey
 from patching.rollout.windows import MaintenanceCalendar, build_calendar
-from patching.states import FINISHED, UNFINISHED, ExitCode, HostState, WaveStatus
+from patching.states import EXIT_MEANING, FINISHED, UNFINISHED, ExitCode, HostState, WaveStatus
 
 DEFAULT_JOURNAL = Path(".fleet/journal.db")
 
@@ -69,6 +70,8 @@ def register(app: typer.Typer) -> None:
     app.add_typer(patch_app, name="patch")
     policy_app = typer.Typer(help="The rollout policy file.", no_args_is_help=True)
     policy_app.command("schema")(policy_schema)
+    from patching.cli.schedule import check_schedule  # its own module: the schedule against the policy's windows
+    policy_app.command("check-schedule")(check_schedule)
     app.add_typer(policy_app, name="policy")
 
 
@@ -162,14 +165,33 @@ def plan(
     output: Annotated[Path | None, typer.Option("-o", "--output", help="write the plan as JSON here")] = None,
     journal: JournalOpt = DEFAULT_JOURNAL,
     releases_dir: ReleasesOpt = None,
+    offline: Annotated[bool, typer.Option(
+        "--offline", help="read no host: current bundles from the journal's history, every host assumed "
+                          "serving (such a plan cannot be run with `patch run --plan`)")] = False,
+    allow_unverified_host_keys: UnverifiedOpt = False,
 ) -> None:
-    """Print the waves a run would take (and write plan.json), without touching any host.
+    """Print the waves a run would take (and write plan.json). Changes nothing.
 
-    Hosts' current bundles and wave durations come from the journal's history when there is one.
+    Reads every host of the selected pools first (installed bundle, load balancer, reachability), as a
+    run would, and shows the real version change and the hosts it plans around; `fleet patch run
+    --plan plan.json` then runs exactly this plan, or refuses if the fleet changed since.
     """
-    # it connects to no host, so an inventory's host-key settings are the run's business, not the plan's
-    inputs = load_inputs(release, inventory, policy, limit, releases_dir, allow_unverified_host_keys=True)
-    _show_plan(_preview(inputs, journal, dt.datetime.now(dt.UTC)), output)
+    # --offline connects to no host, so the inventory's host-key settings are the run's business then
+    inputs = load_inputs(release, inventory, policy, limit, releases_dir, offline or allow_unverified_host_keys)
+    now = dt.datetime.now(dt.UTC)
+    _show_plan(_preview(inputs, journal, now) if offline else _survey_plan(inputs, journal, now), output)
+
+
+def _survey_plan(inputs: Inputs, journal_path: Path, now: dt.datetime) -> Plan:
+    """The plan from what the hosts are now (survey), with the journal's wave history."""
+    history, _, recorded = _history(journal_path)
+    resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, recorded)
+    _warn_unverified(inputs.inventory)
+    found = survey(_make_actions(inputs, journal_path), inputs.inventory)
+    releases = {r for r in found.current.values() if r and r != inputs.bundle.release}
+    bundles = {r: b for r in releases if (b := resolve(r)) is not None}
+    return plan_from(found, inputs.inventory, inputs.policy, inputs.bundle, known_bundles=bundles, history=history,
+                     calendar=inputs.calendar, now=now, policy_source=str(inputs.policy_path or "<default policy>"))
 
 
 def _show_plan(the_plan: Plan, output: Path | None) -> None:
@@ -195,17 +217,31 @@ def patch_run(
     report_dir: ReportOpt = None,
     releases_dir: ReleasesOpt = None,
     allow_unverified_host_keys: UnverifiedOpt = False,
+    approved: Annotated[Path | None, typer.Option(
+        "--plan", help="run exactly this plan (`fleet plan -o plan.json`): refused with exit 2, naming what "
+                       "changed, when the bundle, policy or selection differ or the fleet changed unsafely")] = None,
 ) -> None:
     """Roll the bundle out: canary, waves, gates, rollback.
 
-    Exit 0 done, 1 failed or rolled back, 2 bad input (nothing touched), 3 refused (window, freeze, lock).
+    Exit 0 every selected host on the bundle, 1 failed or rolled back, 2 bad input (nothing touched),
+    3 refused for now (window, freeze, lock), 4 blocked by preflight, 5 partly done, 6 nothing done.
     """
     if output is not None and not dry_run:
         raise InputError.single("-o", "", str(output), "writes the plan of a --dry-run; without --dry-run it "
                                 "would start a real rollout (use `fleet plan -o` for the plan alone)")
     inputs = load_inputs(release, inventory, policy, limit, releases_dir, allow_unverified_host_keys)
+    the_plan = read_plan(approved) if approved else None
     if dry_run:
-        _show_plan(_preview(inputs, journal, dt.datetime.now(dt.UTC)), output)
+        now = dt.datetime.now(dt.UTC)
+        if the_plan is None:
+            _show_plan(_survey_plan(inputs, journal, now), output)
+            return
+        found = survey(_make_actions(inputs, journal), inputs.inventory)
+        if problems := approved_plan_problems(the_plan, found, inputs.inventory, inputs.bundle, inputs.policy,
+                                              str(approved)):
+            raise InputError(problems)
+        _show_plan(the_plan, output)
+        say(f"{approved}: the plan still holds", stderr=True)
         return
     if not ignore_window:
         refused = window_refusal(inputs.calendar, dt.datetime.now(dt.UTC), dt.timedelta(0), "the run")
@@ -224,18 +260,21 @@ def patch_run(
             raise typer.Exit(ExitCode.REFUSED)
         resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, db.recorded_bundles())
         actions = _make_actions(inputs, journal)
-        with LockKeeper(journal, _beat(inputs.policy)) as keeper:
+        with LockKeeper(journal, _beat(inputs.policy), token=db.lock.token) as keeper:
             runner = Runner(db, actions, inputs.inventory, inputs.bundle, inputs.policy, inputs.calendar, resolve,
                             ignore_window=ignore_window, notify=progress, lock=keeper)
             try:
                 run_id = runner.start(owner=_owner(), bundle_path=str(inputs.bundle_path.resolve()),
                                       releases_dir=str(inputs.releases_dir.resolve()),
                                       policy_path=str(inputs.policy_path.resolve()) if inputs.policy_path else None,
-                                      history=db.wave_history())
+                                      history=db.wave_history(), approved=the_plan, approved_source=str(approved))
+                db.lock.set_run(run_id)
             except ActionsUnavailable as exc:
                 say(f"error: {exc}; no run was started", stderr=True)
                 raise typer.Exit(ExitCode.FAILED) from None
-            db.lock.set_run(run_id)
+            except LockLost as exc:
+                say(f"refused: {exc}", stderr=True)
+                raise typer.Exit(ExitCode.REFUSED) from None
             say(f"run {run_id}: release {inputs.bundle.release}, journal {journal}")
             result = _execute(runner, run_id)
         _finish(db.of_run(run_id), result, journal, report_dir)
@@ -272,7 +311,7 @@ def patch_resume(
         _take_lock(db, steal_lock, rollout, run_id=record.id)
         try:
             actions = _make_actions(inputs, journal)
-            with LockKeeper(journal, _beat(rollout)) as keeper:
+            with LockKeeper(journal, _beat(rollout), token=db.lock.token) as keeper:
                 resolve = bundle_resolver(releases, bundle, db.recorded_bundles())
                 runner = Runner(db, actions, fleet, bundle, rollout, calendar, resolve,
                                 ignore_window=ignore_window, notify=progress, lock=keeper)
@@ -293,8 +332,37 @@ def patch_status(
         "--paused", help="answer by exit code: 0 if the latest run can be resumed (paused, blocked or "
                          "interrupted), 1 if not (no journal, no run, or it finished)")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print nothing")] = False,
+    brief: Annotated[bool, typer.Option(
+        "--brief", help="for scripts (ci/patch-window.sh): one line of key=value, always these keys: "
+                        "`run=<id|none> status=<running|paused|blocked|done|failed|aborted|none> "
+                        "release=<name|none> lock=<free|held|stale>`, about the latest run (or --run); no "
+                        "journal is `run=none status=none release=none lock=free`. `lock=stale`: its PID is dead "
+                        "on this machine or its heartbeat is older than timeouts.lock_stale (--steal-lock takes "
+                        "it). Exit 0; 2 if the journal cannot be read. Other output options are ignored")] = False,
 ) -> None:
     """Show the latest runs, the lock, and the hosts of one run that are not done."""
+    if brief:
+        fields = {"run": "none", "status": "none", "release": "none", "lock": "free"}
+        if journal.exists() or run is not None:
+            db = _open(journal, must_exist=True)
+            try:
+                latest = _pick_run(db, run) if run is not None or db.runs(1) else None
+                if latest is not None:
+                    fields |= {"run": str(latest.id), "status": str(latest.status), "release": latest.release}
+                lock = db.lock.info()
+                if lock is not None:
+                    # judged by the policy of the run the lock is for (the latest run's, else the default)
+                    try:
+                        holder = latest if lock.run_id is None else db.run(lock.run_id)
+                    except KeyError:
+                        holder = latest
+                    stale_after = (_stale_after(holder) if holder is not None
+                                   else Policy().timeouts.lock_stale.total_seconds())
+                    fields["lock"] = "stale" if lock_staleness(lock, stale_after) else "held"
+            finally:
+                db.close()
+        say(" ".join(f"{key}={value}" for key, value in fields.items()))
+        return
     if paused:
         latest = _latest_run(journal)
         resumable = latest is not None and latest.status in UNFINISHED
@@ -451,9 +519,16 @@ def _finish(run: RunJournal, result: RunResult, journal: Path, report_dir: Path 
     counts = ", ".join(f"{k} {v}" for k, v in sorted(result.hosts.items()))
     say(f"run {result.run_id}: {result.status}: {result.message} [{counts}]",
         stderr=result.exit_code != ExitCode.OK)
+    missing = result.not_on_bundle
+    if missing and result.status in FINISHED:
+        say(f"not on the bundle: {len(missing)} host(s)", stderr=True)
+        for name, (outcome, why) in missing.items():
+            say(f"  {name}: {outcome.value.replace('_', ' ')}" + (f": {why}" if why else ""), stderr=True)
     if result.rollback_failed:
         say(f"ROLLBACK FAILED, hosts left drained: {', '.join(result.rollback_failed)}", stderr=True)
     say(f"reports in {out}")
+    if result.exit_code != ExitCode.OK:
+        say(f"exit {int(result.exit_code)}: {EXIT_MEANING[result.exit_code]}", stderr=True)
     if result.status not in FINISHED:
         say("`fleet patch resume` continues this run", stderr=True)
     raise typer.Exit(result.exit_code)
