@@ -33,7 +33,7 @@ from infra.model.errors import InputError, Problem, collect, load_yaml
 from patching.cli.output import say
 from patching.rollout.policy import Policy, load_policy
 from patching.rollout.windows import MaintenanceCalendar, OpenWindow, Window, format_duration, zone
-from patching.rollout.windows import _occurrences as window_occurrences  # the calendar's rule for openings
+from patching.rollout.windows import occurrences as window_occurrences  # the calendar's rule for openings
 from patching.states import ExitCode
 
 DEFAULT_WORKFLOW = Path(".github/workflows/patch-window.yml")

@@ -330,7 +330,7 @@ class MaintenanceCalendar:
         if not self.windows:
             candidates.append(self._first_unfrozen(after, None, duration))
         for window in self.windows:
-            for occurrence in _occurrences(window, after):
+            for occurrence in occurrences(window, after):
                 start = self._first_unfrozen(max(after, occurrence.start), occurrence.cutoff_at, duration)
                 if start is not None:
                     candidates.append(start)
@@ -442,7 +442,7 @@ def _containing(window: Window, at: dt.datetime) -> OpenWindow | None:
     return occurrence if at < occurrence.end else None
 
 
-def _occurrences(window: Window, after: dt.datetime) -> Iterable[OpenWindow]:
+def occurrences(window: Window, after: dt.datetime) -> Iterable[OpenWindow]:
     """The window's occurrences still open at or after `after`, in order: the one containing it, if
     any, then each later opening within HORIZON."""
     tz = zone(window.timezone)
