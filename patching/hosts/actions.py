@@ -8,7 +8,7 @@ the serving gates are plain HTTP straight to each host. Nothing here decides: th
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import socket
 import threading
@@ -26,7 +26,8 @@ from patching.hosts import nut, probe
 from patching.hosts.ansible_env import describe_ssh_failure, run_ansible
 from patching.hosts.toolpath import put_our_bin_first
 from patching.inventory.reader import FleetInventory, InventoryHost
-from patching.release.bundle import Bundle
+from patching.release.bundle import Bundle, is_digest
+from patching.release.pins import parse_manifest
 from patching.rollout.actions import Actions, ActionsUnavailable, HostSnapshot, LbState, Outcome, Results
 from patching.rollout.policy import SloProbe, Soak
 
@@ -47,23 +48,54 @@ def _parallel(hosts: Sequence[InventoryHost], work: Callable[[InventoryHost], Ou
         return dict(zip([h.name for h in hosts], pool.map(work, hosts), strict=True))
 
 
+class LbUnreachable(Exception):
+    """A load balancer's API could not be asked (refused, no such socket, no AWS credentials, ...)."""
+
+
 def haproxy_command(api: str, command: str, timeout: float = 5) -> str:
-    """One HAProxy runtime API command over TCP (host:port), its answer."""
-    host, _, port = api.rpartition(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(command.encode() + b"\n")
-        chunks = []
-        while data := sock.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks).decode()
+    """One HAProxy runtime API command, its answer.
+
+    `api` is a UNIX stream socket when it starts with `/` or `unix:` (`stats socket
+    /run/haproxy/admin.sock level admin`, the usual setup), otherwise `host:port`. Raises
+    LbUnreachable "HAProxy API <api>: <error>" when it cannot be asked.
+    """
+    try:
+        if api.startswith(("/", "unix:")):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(timeout)
+                sock.connect(api.removeprefix("unix:"))
+            except OSError:
+                sock.close()
+                raise
+        else:
+            host, sep, port = api.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise LbUnreachable(f"HAProxy API {api}: not a UNIX socket path or host:port")
+            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        with sock:
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while data := sock.recv(65536):
+                chunks.append(data)
+    except OSError as exc:
+        raise LbUnreachable(f"HAProxy API {api}: {exc}") from exc
+    return b"".join(chunks).decode(errors="replace")
 
 
 def haproxy_states(api: str, backend: str) -> dict[str, LbState]:
-    """server -> serving | drained | down, from `show servers state BACKEND`."""
+    """server -> serving | drained | down, from `show servers state BACKEND`.
+
+    Raises LbUnreachable when the API cannot be asked or answers without a state table (no such backend).
+    """
+    answer = haproxy_command(api, f"show servers state {backend}")
+    if not any(line.startswith("# be_id") for line in answer.splitlines()):
+        raise LbUnreachable(f"HAProxy API {api}: show servers state {backend}: "
+                            f"{answer.strip()[:200] or 'empty answer'}")
     states: dict[str, LbState] = {}
-    for line in haproxy_command(api, f"show servers state {backend}").splitlines():
+    for line in answer.splitlines():
         fields = line.split()
-        if len(fields) < 7 or not fields[0].isdigit():
+        if len(fields) < 7 or not fields[0].isdigit() or not (fields[5].isdigit() and fields[6].isdigit()):
             continue  # version line, header comment, blank
         op_state, admin_state = int(fields[5]), int(fields[6])
         if admin_state & _HAPROXY_OUT_OF_SERVICE:
@@ -172,80 +204,120 @@ class FleetActions:
     # --- reads -----------------------------------------------------------------------------------
 
     def read_hosts(self, hosts: Sequence[InventoryHost]) -> Mapping[str, HostSnapshot]:
-        """The bundle manifest each host wrote (/etc/fleet/bundle.json) and its load-balancer state."""
+        """The bundle manifest each host wrote (/etc/fleet/bundle.json) and its load-balancer state.
+
+        The manifest gives the release, the content digest stamped beside it (None on a host converged
+        before digests, or a value that is not a sha256) and, as read, the components' records. A manifest
+        that is absent or not a JSON object gives none of them.
+        """
         answers = self._command(hosts, f"cat {MANIFEST}", timeout_s=60)
-        lb = self._lb_states(hosts)
+        lb, lb_unknown = self._lb_states(hosts)
         facts = {}
         for h in hosts:
             reachable, rc, stdout = answers[h.name]
-            release = None
-            if reachable and rc == 0:
-                try:
-                    release = json.loads(stdout).get("release")
-                except json.JSONDecodeError:
-                    release = None
+            manifest = parse_manifest(stdout) if reachable and rc == 0 else None
+            release = digest = None
+            if manifest is not None:
+                release = manifest.get("release") if isinstance(manifest.get("release"), str) else None
+                digest = manifest.get("digest") if is_digest(manifest.get("digest")) else None
             detail = "" if reachable else stdout
-            facts[h.name] = HostSnapshot(reachable, release, lb.get(h.name, "unknown"), detail)
+            if h.name in lb_unknown:  # why its load-balancer state is unknown
+                detail = "; ".join(filter(None, [detail, f"load balancer: {lb_unknown[h.name]}"]))
+            facts[h.name] = HostSnapshot(reachable, release, lb.get(h.name, "unknown"), detail,
+                                         installed_digest=digest, installed_manifest=manifest)
         return facts
 
-    def _lb_states(self, hosts: Sequence[InventoryHost]) -> dict[str, LbState]:
+    def _lb_states(self, hosts: Sequence[InventoryHost]) -> tuple[dict[str, LbState], dict[str, str]]:
+        """Each host's load-balancer state, and for the hosts whose load balancer could not be asked,
+        why (their state is "unknown")."""
         states: dict[str, LbState] = {}
+        why: dict[str, str] = {}
         backends: dict[tuple[str, str], list[InventoryHost]] = {}
         for h in hosts:
             if h.lb.get("kind") == "haproxy" and h.lb.get("api"):
-                backends.setdefault((h.lb["api"], h.lb["backend"]), []).append(h)
+                backends.setdefault((str(h.lb["api"]), str(h.lb.get("backend", h.pool))), []).append(h)
             elif h.lb.get("kind") == "nlb":
-                states[h.name] = _nlb_state(h)
+                try:
+                    states[h.name] = _nlb_state(h)
+                except LbUnreachable as exc:
+                    states[h.name], why[h.name] = "unknown", str(exc)
         for (api, backend), members in backends.items():
             try:
                 known = haproxy_states(api, backend)
-            except OSError:
-                known = {}
+            except LbUnreachable as exc:
+                states |= {h.name: "unknown" for h in members}
+                why |= {h.name: str(exc) for h in members}
+                continue
             for h in members:
-                states[h.name] = known.get(h.lb.get("server", h.name), "unknown")
-        return states
+                server = str(h.lb.get("server", h.name))
+                states[h.name] = known.get(server, "unknown")
+                if server not in known:
+                    why[h.name] = f"HAProxy API {api}: no server {server!r} in backend {backend!r}"
+        return states, why
 
     def check_power(self, hosts: Sequence[InventoryHost], min_charge_pct: int) -> Results:
-        """Each UPS feeding the host, read from upsd (NUT's network protocol)."""
+        """Each UPS feeding the host, read from upsd (NUT's network protocol).
+
+        A UPS that cannot be read (upsd unreachable or answering ERR, `ups.status` missing or still
+        WAIT, `battery.charge` missing or `n/a`) is a problem naming it and what was missing; the
+        outcome is then measured=False, unless another UPS measurably fails.
+        """
         def one(h: InventoryHost) -> Outcome:
-            units, problems = [], []
+            units: list[dict[str, Any]] = []
+            failures: list[str] = []
+            unread: list[str] = []
             for ups in h.ups:
+                name = ups.get("name", "?")
                 try:
-                    variables = nut.ups_variables(ups["name"], ups["host"], int(ups.get("port", 3493)))
-                except nut.NutError as exc:
-                    problems.append(str(exc))
+                    upsd = str(ups["host"]), int(ups.get("port", 3493))
+                    variables = nut.ups_variables(str(name), *upsd)
+                except (KeyError, TypeError, ValueError):
+                    unread.append(f"UPS {name}: fleet_ups gives no upsd host and port for it")
                     continue
-                status = variables.get("ups.status", "").split()
-                charge = float(variables.get("battery.charge", "0"))
-                units.append({"name": ups["name"], "status": " ".join(status), "charge_pct": charge})
-                if "OL" not in status or "OB" in status or "LB" in status:
-                    problems.append(f"UPS {ups['name']} is not on line power (ups.status {' '.join(status)})")
+                except nut.NutError as exc:
+                    unread.append(f"UPS {name}: {exc}")
+                    continue
+                raw_status, raw_charge = variables.get("ups.status"), variables.get("battery.charge")
+                status, charge = (raw_status or "").split(), _figure(raw_charge)
+                units.append({"name": name, "status": " ".join(status), "charge_pct": charge})
+                if not status or status == ["WAIT"]:
+                    unread.append(f"UPS {name}: ups.status is {raw_status or 'missing'}"
+                                  + (" (upsd has no data from the driver yet)" if status else ""))
+                elif "OL" not in status or "OB" in status or "LB" in status:
+                    failures.append(f"UPS {name} is not on line power (ups.status {' '.join(status)})")
+                elif charge is None:
+                    unread.append(f"UPS {name}: battery.charge is {raw_charge or 'missing'}")
                 elif charge < min_charge_pct:
-                    problems.append(f"UPS {ups['name']} charge {charge:.0f}% < {min_charge_pct}%")
-            return Outcome(not problems, "; ".join(problems) or "UPS on line power", measurements={"ups": units})
+                    failures.append(f"UPS {name} charge {charge:.0f}% < {min_charge_pct}%")
+            problems = failures + unread
+            return Outcome(not problems, "; ".join(problems) or "UPS on line power", measurements={"ups": units},
+                           measured=bool(failures) or not unread)
 
         return _parallel(hosts, one)
 
     def check_fabric(self, hosts: Sequence[InventoryHost]) -> Results:
-        """Every port `ibstat` lists, Active/LinkUp."""
-        ib = [h for h in hosts if h.ib_hcas]
+        """`ibstat` on each host with `fleet_ib_hcas`, judged against them (fabric_outcome)."""
+        ib = {h.name: h for h in hosts if h.ib_hcas}
         out: dict[str, Outcome] = {h.name: Outcome(True, "no InfiniBand") for h in hosts if not h.ib_hcas}
-        for name, (reachable, rc, stdout) in self._command(ib, "ibstat").items():
+        for name, (reachable, rc, stdout) in self._command(list(ib.values()), "ibstat").items():
             if not reachable or rc != 0:
-                out[name] = Outcome(False, f"ibstat failed: {stdout[:200]}")
-                continue
-            down = [f"{ca.name} port {p.number}: {p.state}/{p.physical_state}"
-                    for ca in hostfacts.parse_ibstat(stdout) for p in ca.ports
-                    if (p.state, p.physical_state) != ("Active", "LinkUp")]
-            out[name] = Outcome(not down, "; ".join(down) or "all IB ports Active/LinkUp")
+                out[name] = Outcome(False, f"ibstat failed: {stdout[:200]}", measured=False)
+            else:
+                out[name] = fabric_outcome(ib[name].ib_hcas, stdout)
         return out
 
     # --- changes -----------------------------------------------------------------------------------
 
+    def _lb_unaskable(self, hosts: Sequence[InventoryHost]) -> dict[str, Outcome]:
+        """The hosts whose load balancer cannot be asked, failed with why (their playbook would fail too)."""
+        return {name: Outcome(False, why) for name, why in self._lb_states(hosts)[1].items()}
+
     def drain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
-        """drain.yml, then wait until the serving endpoint runs no request."""
+        """drain.yml, then wait until the serving endpoint runs no request; a host whose load balancer
+        cannot be asked fails, saying why, and is not touched."""
         started = time.monotonic()
-        out = self._playbook("drain.yml", hosts, timeout_s)
+        out = self._lb_unaskable(hosts)
+        out |= self._playbook("drain.yml", [h for h in hosts if h.name not in out], timeout_s)
         drained = [h for h in hosts if out[h.name].ok]
         # the LB sends no new requests; wait until the ones in flight have finished
         for h, outcome in _parallel(drained, lambda h: _wait_idle(h, timeout_s - (time.monotonic() - started))).items():
@@ -278,18 +350,24 @@ class FleetActions:
         return out
 
     def gate_testinfra(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
-        """The host checks (tests/hosts) for the bundle, the same suite `fleet verify` runs."""
+        """The host checks (tests/hosts) for the bundle, the same suite `fleet verify` runs; past
+        `timeout_s` pytest and all it started are killed, and every host is timed out."""
         from patching.hosts.verify import run_verify
 
         if not hosts:
             return {}
         junit = self._private_dir("testinfra") / "junit.xml"
         result = run_verify(self._write_bundle(bundle), Path(self.inventory.sources[0]), [h.name for h in hosts],
-                            workers=min(8, len(hosts)), junit=junit)
+                            workers=min(8, len(hosts)), junit=junit, timeout_s=timeout_s)
         out = {}
         for h in hosts:
             checks = [c for c in result.checks if c.host == h.name]
             failed = [c for c in checks if c.outcome == "failed"]
+            if result.timed_out:
+                out[h.name] = Outcome(False, f"host checks ran past {timeout_s:g}s and were stopped "
+                                             f"({len(checks)} finished, {len(failed)} failed; log {result.log})",
+                                      timed_out=True, measurements={"checks": len(checks), "failed": len(failed)})
+                continue
             if not checks:
                 out[h.name] = Outcome(False, f"no host check ran for this host (pytest exit {result.rc}; "
                                              f"log {result.log})", measured=False)
@@ -300,26 +378,36 @@ class FleetActions:
         return out
 
     def probe_slo(self, hosts: Sequence[InventoryHost], slo: SloProbe, timeout_s: float) -> Results:
-        """The SLO probe's figures, straight at each host's serving port."""
+        """The SLO probe's figures, straight at each host's serving port, each host's probe within `timeout_s`."""
         def one(h: InventoryHost) -> Outcome:
             figures = probe.slo_probe(f"http://{h.serving_address}", h.model, slo.warmup_requests, slo.requests,
-                                      slo.request_timeout.total_seconds())
+                                      slo.request_timeout.total_seconds(), deadline=time.monotonic() + timeout_s)
+            if figures.timed_out:
+                return Outcome(False, f"SLO probe ran past {timeout_s:g}s ({figures.requests} of {slo.requests} "
+                                      "requests measured)", timed_out=True, measurements=figures.as_dict())
             return Outcome(True, figures.first_error, measurements=figures.as_dict())
 
         return _parallel(hosts, one)
 
     def undrain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
-        """undrain.yml (it waits for the LB's health check)."""
-        return self._playbook("undrain.yml", hosts, timeout_s)
+        """undrain.yml (it waits for the LB's health check); as for drain, a host whose load balancer
+        cannot be asked fails, saying why."""
+        out = self._lb_unaskable(hosts)
+        return out | self._playbook("undrain.yml", [h for h in hosts if h.name not in out], timeout_s)
 
-    def soak(self, hosts: Sequence[InventoryHost], soak: Soak) -> Results:
-        """The soak's figures; could not measure when the host stops answering."""
+    def soak(self, hosts: Sequence[InventoryHost], soak: Soak, timeout_s: float) -> Results:
+        """The soak's figures, each host's soak within `timeout_s`; could not measure when the host stops
+        answering."""
         def one(h: InventoryHost) -> Outcome:
             try:
                 figures = probe.soak(f"http://{h.serving_address}", h.model, soak.duration.total_seconds(),
-                                     soak.probe_interval.total_seconds(), requests_per_probe=5, timeout=30)
+                                     soak.probe_interval.total_seconds(), requests_per_probe=5, timeout=30,
+                                     limit_s=timeout_s)
             except (OSError, ValueError) as exc:
                 return Outcome(False, f"could not measure: {exc}", measured=False)
+            if figures.timed_out:
+                return Outcome(False, f"soak ran past {timeout_s:g}s ({figures.samples} sample(s) taken)",
+                               timed_out=True, measurements=figures.as_dict())
             return Outcome(True, "", measurements=figures.as_dict())
 
         return _parallel(hosts, one)
@@ -342,6 +430,47 @@ def _wait_idle(h: InventoryHost, timeout_s: float) -> Outcome:
         time.sleep(0.2)
 
 
+def fabric_outcome(hcas: Sequence[Mapping[str, Any]], ibstat: str) -> Outcome:
+    """The inventory's HCAs (`fleet_ib_hcas`) against a host's `ibstat`: every port of each one Active/LinkUp.
+
+    HCAs are matched by device name (`mlx5_0`); the inventory's `switch`/`port` say where the HCA is
+    cabled (the leaf's port, not the HCA's) and only name it in messages. An inventory HCA ibstat does
+    not list is a problem naming it. Devices the inventory does not list (an unused Ethernet port, a
+    spare card) are not judged, only listed under `ignored`. Output that is not ibstat's: not measured.
+    """
+    try:
+        cas = {ca.name: ca for ca in hostfacts.parse_ibstat(ibstat)}
+    except hostfacts.ParseError as exc:
+        return Outcome(False, f"could not read ibstat: {exc}", measured=False)
+
+    def port(ca: str, p: hostfacts.IbPort) -> dict[str, Any]:
+        return {"name": ca, "port": p.number, "state": p.state, "physical_state": p.physical_state,
+                "rate": p.rate, "link_layer": p.link_layer}
+
+    wanted = [str(h.get("name")) for h in hcas]
+    cabled = {str(h.get("name")): f" (cabled to {h['switch']} port {h.get('port', '?')})" if h.get("switch") else ""
+              for h in hcas}
+    judged = [port(name, p) for name in wanted if name in cas for p in cas[name].ports]
+    missing = [name for name in wanted if name not in cas or not cas[name].ports]
+    ignored = [port(name, p) for name, ca in cas.items() if name not in wanted for p in ca.ports]
+    problems = [f"{name}{cabled[name]} missing from ibstat" for name in missing]
+    problems += [f"{p['name']} port {p['port']}{cabled[p['name']]}: {p['state']}/{p['physical_state']}"
+                 for p in judged if (p["state"], p["physical_state"]) != ("Active", "LinkUp")]
+    detail = "; ".join(problems) or f"{len(judged)} IB port(s) of {', '.join(wanted)} Active/LinkUp"
+    if ignored:
+        detail += f" (not in the inventory, not judged: {', '.join(sorted({p['name'] for p in ignored}))})"
+    return Outcome(not problems, detail, measurements={"hcas": judged, "missing": missing, "ignored": ignored})
+
+
+def _figure(raw: str | None) -> float | None:
+    """A NUT variable as a number; None when missing or not one (`n/a`, `nan`)."""
+    try:
+        value = float(raw) if raw is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _failures(run: Any) -> dict[str, str]:
     """host -> 'task: message' of its first failed or unreachable task."""
     out: dict[str, str] = {}
@@ -359,16 +488,24 @@ def _failures(run: Any) -> dict[str, str]:
 
 
 def _nlb_state(h: InventoryHost) -> LbState:
-    """An AWS target's health in its NLB target group (boto3, credentials from the environment)."""
+    """An AWS target's health in its NLB target group (boto3, credentials from the environment).
+
+    "unknown" when the target group is not known yet (no ARN) or boto3 is missing; raises
+    LbUnreachable when AWS cannot be asked (no credentials, no region, access denied, ...).
+    """
     try:
         import boto3  # type: ignore[import-untyped]
+        from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
     except ImportError:
         return "unknown"
     tg, target = h.lb.get("target_group"), h.lb.get("target_id")
     if not tg or not str(tg).startswith("arn:") or not target:
         return "unknown"
-    client = boto3.client("elbv2", region_name=h.lb.get("region"))
-    found = client.describe_target_health(TargetGroupArn=tg, Targets=[{"Id": target}])["TargetHealthDescriptions"]
+    try:
+        client = boto3.client("elbv2", region_name=h.lb.get("region"))
+        found = client.describe_target_health(TargetGroupArn=tg, Targets=[{"Id": target}])["TargetHealthDescriptions"]
+    except (BotoCoreError, ClientError) as exc:
+        raise LbUnreachable(f"AWS target group {tg}: {type(exc).__name__}: {exc}") from exc
     state = found[0]["TargetHealth"]["State"] if found else "unused"
     known: dict[str, LbState] = {"healthy": "serving", "draining": "drained", "unused": "drained"}
     return known.get(state, "down")

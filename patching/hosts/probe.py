@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from patching.hosts.facts import parse_prometheus
 
@@ -29,16 +30,40 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[int(rank) - 1]
 
 
-def chat_request(base_url: str, model: str | None, timeout: float) -> tuple[bool, float, str]:
-    """One small completion: (ok, latency in ms, detail on failure)."""
+def time_left(deadline: float | None, timeout: float) -> float:
+    """`timeout`, cut to what is left before `deadline` (a time.monotonic() value; None: no deadline)."""
+    if deadline is None:
+        return timeout
+    return max(min(timeout, deadline - time.monotonic()), 0.001)
+
+
+def past(deadline: float | None) -> bool:
+    """Whether `deadline` (a time.monotonic() value, None: none) has passed."""
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _read(resp: Any, deadline: float | None) -> bytes:
+    # read1 returns after one receive, so a server that dribbles its answer is stopped at the deadline
+    chunks = []
+    while chunk := resp.read1(65536):
+        chunks.append(chunk)
+        if past(deadline):
+            raise TimeoutError("the answer was still arriving at the time limit")
+    return b"".join(chunks)
+
+
+def chat_request(base_url: str, model: str | None, timeout: float,
+                 deadline: float | None = None) -> tuple[bool, float, str]:
+    """One small completion: (ok, latency in ms, detail on failure). Its timeout is cut to what is left
+    before `deadline`, and reading the answer stops there."""
     body = json.dumps({"model": model or "default", "max_tokens": 8,
                        "messages": [{"role": "user", "content": "ping"}]}).encode()
     req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     started = time.monotonic()
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            resp.read()
+        with urllib.request.urlopen(req, timeout=time_left(deadline, timeout)) as resp:
+            _read(resp, deadline)
             ok, detail = resp.status == 200, "" if resp.status == 200 else f"HTTP {resp.status}"
     except urllib.error.HTTPError as exc:
         ok, detail = False, f"HTTP {exc.code}"
@@ -56,6 +81,7 @@ class ProbeFigures:
     p50_ms: float
     p99_ms: float
     first_error: str = ""
+    timed_out: bool = False  # stopped at its deadline: `requests` counts those measured before it
 
     @property
     def error_rate(self) -> float:
@@ -68,28 +94,52 @@ class ProbeFigures:
                 "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1)}
 
 
-def slo_probe(base_url: str, model: str | None, warmup: int, requests: int, timeout: float) -> ProbeFigures:
-    """Warm-up requests (not measured), then `requests` sequential ones, measured."""
+def slo_probe(base_url: str, model: str | None, warmup: int, requests: int, timeout: float,
+              deadline: float | None = None) -> ProbeFigures:
+    """Warm-up requests (not measured), then `requests` sequential ones, measured.
+
+    `deadline` (a time.monotonic() value) bounds the whole probe: no request starts after it, each
+    request's timeout is cut to what is left, and a probe stopped by it says `timed_out`. A request
+    that failed because the deadline cut it short is not counted: it measured the limit, not the host.
+    """
     for _ in range(warmup):
-        chat_request(base_url, model, timeout)
-    latencies, errors, first_error = [], 0, ""
+        if past(deadline):
+            return ProbeFigures(0, 0, 0.0, 0.0, timed_out=True)
+        chat_request(base_url, model, timeout, deadline)
+    latencies, errors, first_error, timed_out = [], 0, "", False
     for _ in range(requests):
-        ok, ms, detail = chat_request(base_url, model, timeout)
+        if past(deadline):
+            timed_out = True
+            break
+        ok, ms, detail = chat_request(base_url, model, timeout, deadline)
+        if not ok and past(deadline):
+            timed_out = True
+            break
         latencies.append(ms)
         if not ok:
             errors += 1
             first_error = first_error or detail
-    return ProbeFigures(requests, errors, percentile(latencies, 50), percentile(latencies, 99), first_error)
+    return ProbeFigures(len(latencies), errors, percentile(latencies, 50), percentile(latencies, 99), first_error,
+                        timed_out)
 
 
-def gpu_memory_mib(base_url: str, timeout: float = 10) -> float:
-    """The most GPU memory any one GPU of the host uses, from the serving endpoint's /metrics."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:
-        metrics = parse_prometheus(resp.read().decode())
+def gpu_memory_by_gpu(base_url: str, timeout: float = 10, deadline: float | None = None) -> dict[str, float]:
+    """MiB used on each GPU of the host, from the serving endpoint's /metrics (DCGM's metric).
+
+    Keyed by the exporter's `gpu` label (the index), else its `UUID`, else the sample's position;
+    samples with the same key (the MIG instances of one GPU) are added up. Raises ValueError when the
+    scrape has no GPU memory at all.
+    """
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=time_left(deadline, timeout)) as resp:
+        metrics = parse_prometheus(_read(resp, deadline).decode(errors="replace"))
     samples = metrics.find(GPU_MEMORY_METRIC)
     if not samples:
         raise ValueError(f"{base_url}/metrics has no {GPU_MEMORY_METRIC}")
-    return max(s.value for s in samples)
+    used: dict[str, float] = {}
+    for i, s in enumerate(samples):
+        gpu = s.labels.get("gpu") or s.labels.get("UUID") or f"#{i}"
+        used[gpu] = used.get(gpu, 0.0) + s.value
+    return used
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
@@ -106,39 +156,89 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
     return cov / var * 3600
 
 
+def _gpu_order(gpu: str) -> tuple[bool, int, str]:
+    return (not gpu.isdigit(), int(gpu) if gpu.isdigit() else 0, gpu)
+
+
 @dataclass
 class SoakFigures:
-    """What a soak measured: probes, worst P99 and error rate, GPU memory samples and their growth."""
+    """What a soak measured: probes, worst P99 and error rate, each GPU's memory readings and their growth.
+
+    Every GPU gets its own least-squares slope, and the soak is judged on the worst: a leak on a small
+    GPU must not hide behind a larger, flat one. A GPU missing from some scrapes is fitted over the
+    scrapes it appears in (least squares needs no regular spacing); one seen in fewer than two has no
+    slope and is `unmeasured`: its growth is unknown, and a GPU that dropped out of the exporter may
+    be the one that leaked, so the soak could not measure it (patching/rollout/gates.py).
+    """
 
     samples: int
     p99_ms: float
     error_rate: float
-    gpu_memory_slope_mib_per_hour: float
-    memory_mib: list[float] = field(default_factory=list)
+    memory_mib: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # GPU -> (monotonic s, MiB)
+    timed_out: bool = False  # stopped at its limit: the figures are those measured before it
+
+    @property
+    def gpu_memory_slopes(self) -> dict[str, float]:
+        """GPU -> slope of its used memory in MiB/h, for every GPU seen in two scrapes or more."""
+        return {gpu: slope_per_hour(self.memory_mib[gpu]) for gpu in sorted(self.memory_mib, key=_gpu_order)
+                if len(self.memory_mib[gpu]) >= 2}
+
+    @property
+    def unmeasured(self) -> list[str]:
+        """The GPUs seen in fewer than two scrapes: no slope."""
+        return sorted((gpu for gpu, points in self.memory_mib.items() if len(points) < 2), key=_gpu_order)
+
+    @property
+    def gpu_memory_slope_mib_per_hour(self) -> float | None:
+        """The worst GPU's slope, the one judged; None when no GPU has one."""
+        return max(self.gpu_memory_slopes.values(), default=None)
 
     def as_dict(self) -> dict:
         """The figures (rounded) as journal and report data."""
+        worst = self.gpu_memory_slope_mib_per_hour
         return {"samples": self.samples, "p99_ms": round(self.p99_ms, 1), "error_rate": round(self.error_rate, 4),
-                "gpu_memory_slope_mib_per_hour": round(self.gpu_memory_slope_mib_per_hour, 1),
-                "gpu_memory_mib": self.memory_mib}
+                "gpu_memory_slope_mib_per_hour": None if worst is None else round(worst, 1),
+                "gpu_memory_slopes": {gpu: round(slope, 1) for gpu, slope in self.gpu_memory_slopes.items()},
+                "gpu_memory_unmeasured": self.unmeasured,
+                "gpu_memory_mib": {gpu: [m for _, m in self.memory_mib[gpu]]
+                                   for gpu in sorted(self.memory_mib, key=_gpu_order)}}
 
 
 def soak(base_url: str, model: str | None, duration_s: float, interval_s: float, requests_per_probe: int,
-         timeout: float, stop: Callable[[], bool] = lambda: False) -> SoakFigures:
-    """Probe every `interval_s` for `duration_s` and sample GPU memory each time (at least twice)."""
+         timeout: float, stop: Callable[[], bool] = lambda: False, limit_s: float | None = None) -> SoakFigures:
+    """Probe every `interval_s` for `duration_s` and read each GPU's memory each time (at least twice).
+
+    `limit_s` bounds the whole soak: past it no request starts, each one's timeout is cut to what is
+    left, and the figures measured so far come back `timed_out`.
+    """
     started = time.monotonic()
-    points: list[tuple[float, float]] = []
-    worst_p99, worst_rate = 0.0, 0.0
+    deadline = None if limit_s is None else started + limit_s
+    readings: dict[str, list[tuple[float, float]]] = {}
+    samples, worst_p99, worst_rate, timed_out = 0, 0.0, 0.0, False
     while True:
-        figures = slo_probe(base_url, model, 0, requests_per_probe, timeout)
-        worst_p99, worst_rate = max(worst_p99, figures.p99_ms), max(worst_rate, figures.error_rate)
-        points.append((time.monotonic(), gpu_memory_mib(base_url, timeout)))
-        elapsed = time.monotonic() - started
-        if stop() or (elapsed >= duration_s and len(points) >= 2):
+        figures = slo_probe(base_url, model, 0, requests_per_probe, timeout, deadline)
+        if figures.requests:
+            worst_p99, worst_rate = max(worst_p99, figures.p99_ms), max(worst_rate, figures.error_rate)
+        if figures.timed_out:
+            timed_out = True
+            break
+        try:
+            memory = gpu_memory_by_gpu(base_url, timeout, deadline)
+        except OSError:
+            if not past(deadline):
+                raise
+            timed_out = True  # the read was cut short by the limit
+            break
+        now = time.monotonic()
+        samples += 1
+        for gpu, mib in memory.items():
+            readings.setdefault(gpu, []).append((now, mib))
+        elapsed = now - started
+        if stop() or (elapsed >= duration_s and samples >= 2):
             break
         if elapsed < duration_s:
-            time.sleep(min(interval_s, duration_s - elapsed))
-    return SoakFigures(len(points), worst_p99, worst_rate, slope_per_hour(points), [m for _, m in points])
+            time.sleep(min(interval_s, duration_s - elapsed, time_left(deadline, interval_s)))
+    return SoakFigures(samples, worst_p99, worst_rate, readings, timed_out)
 
 
 @dataclass

@@ -7,8 +7,11 @@ display and the summary; JUnit XML is written for CI.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,7 @@ class VerifyResult:
     seconds: float = 0.0
     log: Path | None = None
     junit: Path | None = None
+    timed_out: bool = False  # stopped at `timeout_s`: pytest and everything it started were killed
 
     def by_host(self) -> dict[str, dict[str, int]]:
         """host -> passed/failed/skipped counts."""
@@ -65,10 +69,12 @@ class VerifyResult:
 
 def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str, ...], workers: int,
                junit: Path | None = None, on_check: Callable[[CheckResult, int], None] | None = None,
-               extra_args: list[str] | None = None) -> VerifyResult:
+               extra_args: list[str] | None = None, timeout_s: float | None = None) -> VerifyResult:
     """Run the host checks for `hosts`; `on_check(result, total)` is called as each check finishes.
 
-    workers 0 runs the checks host by host in one process (no xdist).
+    workers 0 runs the checks host by host in one process (no xdist). With `timeout_s`, pytest runs in
+    a process group of its own, killed whole (xdist workers, SSH sessions) when the time is up; the
+    result is then `timed_out`, with the checks that had finished.
     """
     workdir = Path(tempfile.mkdtemp(prefix="fleet-verify-"))
     events, log = workdir / "events.jsonl", workdir / "pytest.log"
@@ -88,21 +94,31 @@ def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str,
     started = time.monotonic()
     total = 0
     with open(log, "w") as out, open(events) as feed:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        while True:
-            done = proc.poll() is not None
-            for line in feed:
-                record = json.loads(line)
-                if "collected" in record:
-                    total = max(total, record["collected"])
-                    continue
-                check = _check(record)
-                result.checks.append(check)
-                if on_check:
-                    on_check(check, total)
-            if done:
-                break
-            time.sleep(0.1)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=timeout_s is not None)
+        try:
+            while True:
+                done = proc.poll() is not None
+                for line in feed:
+                    record = json.loads(line)
+                    if "collected" in record:
+                        total = max(total, record["collected"])
+                        continue
+                    check = _check(record)
+                    result.checks.append(check)
+                    if on_check:
+                        on_check(check, total)
+                if done:
+                    break
+                if timeout_s is not None and time.monotonic() - started > timeout_s:
+                    _kill_group(proc)
+                    result.timed_out = True
+                    continue  # read what the checks reported before they were stopped
+                time.sleep(0.1)
+        except BaseException:
+            if timeout_s is not None:  # in a session of its own, pytest would not see our Ctrl-C
+                _kill_group(proc)
+            raise
     result.rc = proc.returncode
     result.seconds = time.monotonic() - started
     events.unlink()
@@ -110,6 +126,13 @@ def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str,
         shutil.rmtree(workdir)  # nothing to look at; a failed run keeps its pytest log
         result.log = None
     return result
+
+
+def _kill_group(proc: subprocess.Popen[Any]) -> None:
+    """Kill the process group we started (pytest leads it: its xdist workers, their SSH sessions)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _check(record: dict[str, Any]) -> CheckResult:

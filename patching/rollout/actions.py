@@ -35,6 +35,11 @@ class HostSnapshot:
     installed_release: str | None = None  # release of the bundle manifest the playbooks wrote on the host
     lb_state: LbState = "unknown"  # the host's membership in its load balancer
     detail: str = ""
+    # the content digest stamped beside the release (Bundle.digest); None on a host converged before digests
+    installed_digest: str | None = None
+    # the host's bundle manifest as read (/etc/fleet/bundle.json: release, digest, each component's recorded
+    # packages and facts), None when absent or unreadable; what identity.py names differing fields from
+    installed_manifest: Mapping[str, Any] | None = field(default=None, compare=False)
 
     @property
     def healthy(self) -> bool:
@@ -66,16 +71,27 @@ class Actions(Protocol):
     def check_power(self, hosts: Sequence[InventoryHost], min_charge_pct: int) -> Results:
         """Every UPS feeding the host (its `fleet_ups`) on line power with charge >= min_charge_pct.
 
-        measurements: {"ups": [{"name", "status", "charge_pct"}]}. Hosts without UPS feeds: ok.
+        measurements: {"ups": [{"name", "status", "charge_pct"}]}. Hosts without UPS feeds: ok. A UPS
+        that cannot be read (upsd unreachable or answering ERR, a variable missing or `n/a`) is not ok,
+        `measured=False`, the detail naming the UPS and what was missing.
         """
         ...
 
     def check_fabric(self, hosts: Sequence[InventoryHost]) -> Results:
-        """Every InfiniBand port of the host (its `fleet_ib_hcas`) up. Hosts without IB: ok."""
+        """Every port of each HCA the inventory lists for the host (its `fleet_ib_hcas`) up. Hosts without IB: ok.
+
+        An inventory HCA the host does not show is a problem naming it; devices the inventory does not
+        list (an unused Ethernet port) are not judged, only listed: measurements {"hcas": [...],
+        "missing": [...], "ignored": [...]}.
+        """
         ...
 
     def drain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
-        """Take the hosts out of their load balancer and wait until their in-flight requests finished."""
+        """Take the hosts out of their load balancer and wait until their in-flight requests finished.
+
+        A host whose load balancer cannot be asked (its API unreachable, no AWS credentials) is not
+        touched: it fails, the detail saying why.
+        """
         ...
 
     def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
@@ -98,14 +114,18 @@ class Actions(Protocol):
         ...
 
     def undrain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> Results:
-        """Put the hosts back into their load balancer, once they answer its health check."""
+        """Put the hosts back into their load balancer, once they answer its health check (as `drain`, a host
+        whose load balancer cannot be asked fails, saying why)."""
         ...
 
-    def soak(self, hosts: Sequence[InventoryHost], soak: Soak) -> Results:
+    def soak(self, hosts: Sequence[InventoryHost], soak: Soak, timeout_s: float) -> Results:
         """Probe every `soak.probe_interval` for `soak.duration` under live traffic and sample GPU memory.
 
-        measurements: {"p99_ms": worst P99, "error_rate": worst error rate,
-        "gpu_memory_slope_mib_per_hour": least-squares slope of used GPU memory, "samples": int}.
+        `timeout_s` (the runner gives the duration plus the gate timeout) bounds the whole soak.
+        measurements: {"p99_ms": worst P99, "error_rate": worst error rate, "samples": int,
+        "gpu_memory_slopes": {GPU: least-squares slope of its used memory, MiB/h},
+        "gpu_memory_slope_mib_per_hour": the worst of them, "gpu_memory_unmeasured": [GPUs seen in
+        fewer than two samples]}.
         """
         ...
 

@@ -3,7 +3,9 @@
 Actions only measure (patching/rollout/actions.py): an `Outcome` with `measured=False` (or a probe's
 `ok=False`) says the figures are missing (host gone, probe refused, no check ran); the verdict is then
 `could_not_measure`, kept apart from `failed` in the journal, the reports and JUnit. Either one
-stops the host: a gate that could not see is not a pass.
+stops the host: a gate that could not see is not a pass. An outcome that ran over its time limit
+(`timed_out`) is `failed`, marked timed out, whatever it had measured by then: the host did not
+answer within what the policy allows.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ def judge(gate: Gate, outcome: Outcome | None, policy: Policy) -> Decision:
     limits = thresholds(gate, policy)
     if outcome is None:
         return Decision(gate, Verdict.COULD_NOT_MEASURE, "no result from the action", thresholds=limits)
+    if outcome.timed_out:  # over its time limit: the host failed the gate, whatever was measured by then
+        return Decision(gate, Verdict.FAILED, why(outcome), outcome.measurements, limits, timed_out=True)
     probe = gate in (Gate.SLO, Gate.SOAK)
     if not outcome.measured or (probe and not outcome.ok):  # a probe's ok=False means it got no figures
         prefix = "probe failed: " if probe else ""
@@ -102,21 +106,42 @@ def _judge_slo(outcome: Outcome, policy: Policy, limits: dict[str, Any]) -> Deci
 
 
 def _judge_soak(outcome: Outcome, policy: Policy, limits: dict[str, Any]) -> Decision:
-    """Latency and errors as for the SLO probe, and GPU memory growth under the slope limit."""
+    """Latency and errors as for the SLO probe, and every GPU's memory growth under the slope limit.
+
+    `gpu_memory_slopes` ({GPU: MiB/h}) is judged GPU by GPU; without it, the single
+    `gpu_memory_slope_mib_per_hour`. A GPU the soak could not fit (`gpu_memory_unmeasured`) makes
+    the verdict could_not_measure unless something measured already failed.
+    """
     m = outcome.measurements
-    slope = m.get("gpu_memory_slope_mib_per_hour")
     if m.get("p99_ms") is None or m.get("error_rate") is None:
         return Decision(Gate.SOAK, Verdict.COULD_NOT_MEASURE, "probe returned no p99_ms/error_rate", m, limits)
-    if slope is None:
+    slopes: Mapping[str, float] = m.get("gpu_memory_slopes") or {}
+    if not slopes and m.get("gpu_memory_slope_mib_per_hour") is not None:
+        slopes = {"": m["gpu_memory_slope_mib_per_hour"]}
+    unmeasured = [str(gpu) for gpu in m.get("gpu_memory_unmeasured") or []]
+    if not slopes and not unmeasured:
         return Decision(Gate.SOAK, Verdict.COULD_NOT_MEASURE, "soak returned no gpu_memory_slope_mib_per_hour",
                         m, limits)
     problems, figures = _latency_problems(m, policy.gates.slo.p99_ms, policy.gates.slo.max_error_rate)
     max_slope = policy.gates.soak.max_gpu_memory_slope_mib_per_hour
-    if slope > max_slope:
-        problems.append(f"GPU memory grows {slope:.0f} MiB/h > {max_slope:g} MiB/h")
+    growing = sorted((gpu for gpu, slope in slopes.items() if slope > max_slope), key=lambda g: -slopes[g])
+    if growing:
+        worst = growing[0]
+        problems.append(f"GPU memory grows {slopes[worst]:.0f} MiB/h > {max_slope:g} MiB/h{_on_gpu(worst)}"
+                        + (f" (and on GPU {', '.join(growing[1:])})" if growing[1:] else ""))
+    not_seen = f"GPU memory not measured on GPU {', '.join(unmeasured)} (seen in fewer than 2 scrapes)"
     if problems:
-        return Decision(Gate.SOAK, Verdict.FAILED, "; ".join(problems), m, limits)
-    return Decision(Gate.SOAK, Verdict.PASSED, f"{figures}, GPU memory {slope:+.0f} MiB/h", m, limits)
+        return Decision(Gate.SOAK, Verdict.FAILED, "; ".join(problems + ([not_seen] if unmeasured else [])),
+                        m, limits)
+    if unmeasured:
+        return Decision(Gate.SOAK, Verdict.COULD_NOT_MEASURE, not_seen, m, limits)
+    worst = max(slopes, key=lambda g: slopes[g])
+    return Decision(Gate.SOAK, Verdict.PASSED, f"{figures}, GPU memory {slopes[worst]:+.0f} MiB/h{_on_gpu(worst)}",
+                    m, limits)
+
+
+def _on_gpu(gpu: str) -> str:
+    return f" on GPU {gpu}" if gpu else ""
 
 
 _JUDGES: dict[Gate, Callable[[Outcome, Policy, dict[str, Any]], Decision]] = {

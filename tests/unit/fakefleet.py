@@ -70,6 +70,7 @@ class FakeFleet:
     clock: FakeClock | None = None
     calls: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
     on_call: Any = None  # callback(action, names) for tests that act mid-run (abort)
+    limits: dict[str, float] = field(default_factory=dict)  # action -> the timeout_s it was last given
 
     @classmethod
     def fresh(cls, inventory: FleetInventory, release: str = OLD, **kw: Any) -> FakeFleet:
@@ -123,8 +124,9 @@ class FakeFleet:
         out = {}
         for n in names:
             h = self.hosts[n]
-            out[n] = (HostSnapshot(True, h["installed"], h["lb"]) if h["reachable"]
-                      else HostSnapshot(False, detail="ssh: connection refused"))
+            # a host given a bundle by apply reports its digest; one only set up on a release has none
+            out[n] = (HostSnapshot(True, h["installed"], h["lb"], installed_digest=h.get("digest"))
+                      if h["reachable"] else HostSnapshot(False, detail="ssh: connection refused"))
         self.save()
         return out
 
@@ -151,7 +153,8 @@ class FakeFleet:
         return self._mutate("undrain", hosts, "", lambda h: h.update(lb="serving"))
 
     def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> dict[str, Outcome]:
-        return self._mutate("apply", hosts, bundle.release, lambda h: h.update(installed=bundle.release))
+        return self._mutate("apply", hosts, bundle.release,
+                            lambda h: h.update(installed=bundle.release, digest=bundle.digest))
 
     def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> dict[str, Outcome]:
         return self._mutate("reboot", hosts, bundle.release, lambda h: h.update(loaded_driver=h["installed"]))
@@ -192,14 +195,16 @@ class FakeFleet:
         self.save()
         return out
 
-    def soak(self, hosts: Sequence[InventoryHost], soak: Soak) -> dict[str, Outcome]:
+    def soak(self, hosts: Sequence[InventoryHost], soak: Soak, timeout_s: float) -> dict[str, Outcome]:
         names = self._begin("soak", hosts)
+        self.limits["soak"] = timeout_s
         out = {}
         for n in names:
             release = self.hosts[n]["installed"]
             fault = self._fault(n, "soak", release)
             slope = self.leaky.get((n, release), 12.0)
             out[n] = fault or Outcome(True, measurements={
-                "p99_ms": 51.0, "error_rate": 0.0, "gpu_memory_slope_mib_per_hour": slope, "samples": 10})
+                "p99_ms": 51.0, "error_rate": 0.0, "gpu_memory_slope_mib_per_hour": slope,
+                "gpu_memory_slopes": {"0": 0.0, "1": slope}, "gpu_memory_unmeasured": [], "samples": 10})
         self.save()
         return out
