@@ -7,6 +7,8 @@ and model weights only with their sha256, so what was tested is exactly what run
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -131,6 +133,21 @@ class Bundle(StrictModel):
         return value
 
     @property
+    def digest(self) -> str:
+        """The bundle's identity by content: sha256 (64 hex digits) of its canonical JSON.
+
+        Canonical: the validated model as JSON values (`model_dump(mode="json")`), keys sorted, no
+        whitespace, so YAML formatting, key order, quoting and comments do not change it and any changed
+        value does. Fields left at their default are omitted (`exclude_defaults`): a field added to the
+        schema later with a default keeps the digests hosts already recorded. The converge stamps it beside
+        the release in the host manifest (playbooks/filter_plugins `fleet_bundle_digest` calls this), and a
+        release name already on hosts with another digest is another bundle (patching/rollout/identity.py).
+        """
+        canonical = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True,
+                               separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
     def cuda_minor(self) -> str:
         """CUDA as major.minor ('12.8' for 12.8.1), the way package names carry it."""
         return ".".join(self.cuda.split(".")[:2])
@@ -155,6 +172,11 @@ class Bundle(StrictModel):
         if ib:
             pkgs["mlnx-ofed-basic"] = self.ofed
         return pkgs
+
+
+def is_digest(value: Any) -> bool:
+    """Whether `value` has the shape of a `Bundle.digest`: 64 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 64 and _is_hex(value)
 
 
 def parse_bundle(data: Any, source: str) -> Bundle:

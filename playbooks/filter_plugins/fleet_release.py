@@ -38,6 +38,20 @@ def fleet_bundle_problems(path: Any) -> list[str]:
     return [str(p) for p in _project("patching.release.compat").rule_problems(bundle, str(path))]
 
 
+def fleet_bundle_digest(path: Any) -> str:
+    """The content digest of the bundle file at `path` (sha256 hex), `Bundle.digest`: the one definition.
+
+    The converge stamps it beside the release in the host manifest; the fleet commands compare it with the
+    digest of the bundle they were given. A file that is not a valid bundle fails with its problems.
+    """
+    errors = _project("infra.model.errors")
+    try:
+        bundle = _project("patching.release.bundle").load_bundle(str(path))
+    except errors.InputError as exc:
+        raise AnsibleFilterError("; ".join(str(p) for p in exc.problems)) from exc
+    return str(bundle.digest)
+
+
 def fleet_fabric_manager_package(branch: Any) -> str:
     """The fabric manager's Debian package on a driver branch: nvidia-fabricmanager[-<branch>]."""
     return _project("patching.release.rules").fabric_manager_package(int(branch))
@@ -52,6 +66,7 @@ class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {
             "fleet_bundle_problems": fleet_bundle_problems,
+            "fleet_bundle_digest": fleet_bundle_digest,
             "fleet_fabric_manager_package": fleet_fabric_manager_package,
             "fleet_nscq_package": fleet_nscq_package,
         }

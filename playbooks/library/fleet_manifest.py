@@ -9,7 +9,7 @@ module: fleet_manifest
 short_description: Record what a role installed in the host's bundle manifest
 description:
   - Keeps C(/etc/fleet/bundle.json), the host's record of the bundle it runs. Each role records its
-    component after installing it; the converge ends by stamping the release.
+    component after installing it; the converge ends by stamping the release and its content digest.
   - The version and hold state of each named package are read from dpkg, so the manifest says what is
     installed, not what was asked for.
   - The file is rewritten only when its content changes, so a converged host reports no change.
@@ -33,6 +33,13 @@ options:
   release:
     description: Stamp the release (bundle) the host converged to.
     type: str
+  digest:
+    description:
+      - With I(release), the bundle's content digest (sha256, 64 lowercase hex digits; the C(fleet_bundle_digest)
+        filter, C(Bundle.digest) in patching/release/bundle.py), stamped beside the release so the host's
+        release is known by its content, not only its name.
+      - Stamping a release without it drops any digest recorded before (it belonged to an earlier stamp).
+    type: str
   components:
     description: With I(release), the components the host has; records of any other are dropped.
     type: list
@@ -52,6 +59,7 @@ EXAMPLES = r"""
 - name: Stamp the release
   fleet_manifest:
     release: "2026-10"
+    digest: "{{ 'releases/2026-10.yaml' | fleet_bundle_digest }}"
     components: [gpu_driver, cuda_toolkit]
 """
 
@@ -64,11 +72,13 @@ manifest:
 
 import json  # noqa: E402 - Ansible modules start with their documentation
 import os  # noqa: E402
+import re  # noqa: E402
 import tempfile  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
 
 FORMAT = 1
+DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 
 def dpkg_state(module: AnsibleModule, packages: list[str]) -> dict[str, dict]:
@@ -95,14 +105,17 @@ def main() -> None:
             "packages": {"type": "list", "elements": "str", "default": []},
             "data": {"type": "dict", "default": {}},
             "release": {"type": "str"},
+            "digest": {"type": "str"},
             "components": {"type": "list", "elements": "str"},
         },
         required_one_of=[("component", "release")],
-        required_by={"components": "release"},
+        required_by={"components": "release", "digest": "release"},
         supports_check_mode=True,
     )
     p = module.params
     path = p["path"]
+    if p["digest"] is not None and not DIGEST.match(p["digest"]):
+        module.fail_json(msg=f"digest must be a sha256: 64 lowercase hex digits, got {p['digest']!r}")
     try:
         with open(path) as f:
             before = json.load(f)
@@ -121,6 +134,10 @@ def main() -> None:
         components[p["component"]] = {**p["data"], "packages": dpkg_state(module, p["packages"])}
     if p["release"]:
         after["release"] = p["release"]
+        if p["digest"] is not None:
+            after["digest"] = p["digest"]
+        else:
+            after.pop("digest", None)
         if p["components"] is not None:
             after["components"] = {k: v for k, v in components.items() if k in p["components"]}
 

@@ -93,6 +93,31 @@ def test_haproxy_state_is_read_from_the_admin_bits(haproxy, module):
         module.command("127.0.0.1:1", "show stat", timeout=1)
 
 
+class UnixHaproxy(socketserver.ThreadingUnixStreamServer):
+    """The same runtime API on a UNIX socket (`stats socket /run/haproxy/admin.sock level admin`)."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path), FakeHaproxy.Handler)
+        self.admin = {"dgx-a1": 0, "dgx-a2": 0}
+        self.sessions = {"dgx-a1": 0, "dgx-a2": 0}
+        self.commands: list[str] = []
+
+
+@pytest.mark.parametrize("prefix", ["", "unix:"])
+def test_haproxy_module_speaks_to_a_unix_socket(tmp_path, prefix):
+    sock = tmp_path / "admin.sock"
+    server = UnixHaproxy(sock)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        args = {"api": f"{prefix}{sock}", "backend": "v3-hall", "server": "dgx-a2", "state": "drain", "timeout": 5}
+        result = _run_module(HAPROXY_MODULE, "haproxy_server", args)
+        assert result["changed"] and result["previous"] == "ready", result
+        assert "set server v3-hall/dgx-a2 state drain" in server.commands
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _run_module(module_path: Path, name: str, args: dict) -> dict:
     """Run an Ansible module file as Ansible does (JSON args on stdin) and return its JSON result."""
     proc = subprocess.run([sys.executable, str(module_path)], input=json.dumps({"ANSIBLE_MODULE_ARGS": args}),
@@ -143,3 +168,35 @@ def test_fleet_manifest_records_dpkg_state_and_changes_only_when_it_differs(tmp_
     assert set(json.loads(path.read_text())["components"]) == {"base"}
     missing = run(f"path={path} component=x packages=no-such-package-here")
     assert missing["failed"] and "no-such-package-here" in missing["msg"]
+
+
+def test_fleet_manifest_stamps_the_digest_beside_the_release(tmp_path):
+    """The converge's last task: release and content digest together; a second stamp with the same ones is
+    no change, another digest is, and a release stamped without one drops the old digest."""
+    path = tmp_path / "bundle.json"
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+           "ANSIBLE_STDOUT_CALLBACK": "json"}
+
+    def run(args: str) -> dict:
+        proc = subprocess.run([str(BIN / "ansible"), "localhost", "-c", "local", "-m", "fleet_manifest", "-a", args,
+                               "-e", f"ansible_python_interpreter={sys.executable}"],
+                              capture_output=True, text=True, env=env, cwd=ROOT)
+        return json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+
+    one, two = "a" * 64, "0123456789abcdef" * 4
+    first = run(f"path={path} release=2026-11 digest={one} components=[]")
+    assert first["changed"], first
+    assert json.loads(path.read_text()) == {"format": 1, "release": "2026-11", "digest": one, "components": {}}
+    written = path.stat().st_mtime_ns
+    again = run(f"path={path} release=2026-11 digest={one} components=[]")
+    assert not again["changed"] and path.stat().st_mtime_ns == written
+    other = run(f"path={path} release=2026-11 digest={two}")
+    assert other["changed"] and json.loads(path.read_text())["digest"] == two
+    assert "digest" in other["diff"]["before"] and two in other["diff"]["after"]
+    undigested = run(f"path={path} release=2026-10")
+    assert undigested["changed"] and "digest" not in json.loads(path.read_text())
+    bad = run(f"path={path} release=2026-11 digest=sha256:{one}")
+    assert bad["failed"] and "64 lowercase hex digits" in bad["msg"]
+    alone = run(f"path={path} component=x digest={one}")
+    assert alone["failed"] and "release" in alone["msg"]
+    assert json.loads(path.read_text())["release"] == "2026-10"  # a refused call writes nothing

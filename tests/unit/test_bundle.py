@@ -1,9 +1,13 @@
 """Bundles: the shipped manifests load; bad manifests are refused naming file, field and value."""
 
+import hashlib
+import json
+
 import pytest
+import yaml
 
 from infra.model.errors import InputError
-from patching.release.bundle import load_bundle
+from patching.release.bundle import Bundle, is_digest, load_bundle, parse_bundle
 from tests.conftest import write_yaml
 
 
@@ -57,3 +61,47 @@ def test_malformed_yaml(tmp_path):
     path.write_text("release: '2026-12'\ndriver: {version: 580.95.05\n")
     with pytest.raises(InputError, match=r"bad.yaml: line \d+, column \d+: malformed YAML"):
         load_bundle(path)
+
+
+def _reformatted(data: dict) -> str:
+    """The same bundle written differently: keys reversed at every level, flow style, a comment."""
+    def reverse(value):
+        if isinstance(value, dict):
+            return {k: reverse(value[k]) for k in reversed(list(value))}
+        return [reverse(v) for v in value] if isinstance(value, list) else value
+    return "# the same bundle, written another way\n" + yaml.safe_dump(reverse(data), sort_keys=False,
+                                                                        default_flow_style=True, width=60)
+
+
+def test_digest_is_the_content_not_the_formatting(tmp_path, root, bundle_data):
+    original = load_bundle(root / "releases/2026-11.yaml")
+    assert is_digest(original.digest) and not is_digest(original.digest.upper())
+    assert original.digest == hashlib.sha256(json.dumps(
+        original.model_dump(mode="json", exclude_defaults=True), sort_keys=True, separators=(",", ":"),
+        ensure_ascii=False).encode()).hexdigest()
+    reformatted = tmp_path / "reformatted.yaml"
+    reformatted.write_text(_reformatted(bundle_data))
+    assert reformatted.read_text() != (root / "releases/2026-11.yaml").read_text()
+    assert load_bundle(reformatted).digest == original.digest
+    # the copies the pipeline keeps: the file handed to the playbooks (-e bundle_file) and the journal's JSON
+    written = yaml.safe_dump(original.model_dump(mode="json", by_alias=True), sort_keys=False)
+    assert parse_bundle(yaml.safe_load(written), "written").digest == original.digest
+    journaled = json.loads(json.dumps(original.model_dump(mode="json")))
+    assert Bundle.model_validate(journaled).digest == original.digest
+    # a default spelled out is the same content
+    without = {k: v for k, v in bundle_data.items() if k != "advisories"}
+    assert parse_bundle(without, "a").digest == parse_bundle({**without, "advisories": []}, "b").digest
+
+
+@pytest.mark.parametrize("change", [
+    lambda b: b["driver"].update(version="580.82.07"),
+    lambda b: b.update(nscq="580.82.07"),
+    lambda b: b["container_toolkit"].update({"libnvidia-container1": "1.17.8-1"}),
+    lambda b: b["models"][1]["weights"].update(sha256="0" * 64),
+    lambda b: b.update(summary=b["summary"] + " (reissued)"),
+    lambda b: b.update(release="2026-11.1"),
+], ids=["driver", "nscq", "toolkit-package", "weights", "summary", "release"])
+def test_digest_changes_with_any_value(bundle_data, change):
+    before = parse_bundle(bundle_data, "before").digest
+    change(bundle_data)
+    assert parse_bundle(bundle_data, "after").digest != before

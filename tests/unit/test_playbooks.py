@@ -277,6 +277,29 @@ def test_gpu_driver_reboot_owner(tmp_path, case, smi, knobs, failed_at, pending)
     assert tasks["Knobs"]["msg"] == [pending, not pending, not pending], case
 
 
+def test_converge_stamps_the_digest_patching_computes(tmp_path, bundle_data):
+    """The release stamp carries the bundle's content digest, and the playbooks get it from Bundle.digest
+    (the fleet_bundle_digest filter), so hosts and the fleet commands compare one definition."""
+    stamp = [t for t in _yaml(PLAYBOOKS / "tasks/converge.yml") if "fleet_manifest" in t][-1]["fleet_manifest"]
+    assert stamp["release"] == "{{ fleet_bundle_release }}" and stamp["digest"] == "{{ fleet_bundle_digest }}"
+    reformatted = tmp_path / "reformatted.yaml"
+    reformatted.write_text(yaml.safe_dump(bundle_data, sort_keys=True, default_flow_style=True))
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**bundle_data, "nscq": "580.82.07"}))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("release: 2026-13\n")
+    digests = {}
+    for path in (ROOT / "releases/2026-11.yaml", reformatted, other, bad):
+        proc = _ansible_json("ansible", "localhost", "-c", "local", "-m", "ansible.builtin.debug",
+                             "-a", "msg={{ fleet_bundle_digest }}", "-e", f"@{PLAYBOOKS}/group_vars/all/bundle.yml",
+                             "-e", f"bundle_file={path}")
+        digests[path.name] = json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    nov = load_bundle(ROOT / "releases/2026-11.yaml").digest
+    assert digests["2026-11.yaml"]["msg"] == digests["reformatted.yaml"]["msg"] == nov, digests
+    assert digests["other.yaml"]["msg"] == load_bundle(other).digest != nov
+    assert digests["bad.yaml"]["failed"] and "release" in digests["bad.yaml"]["msg"]
+
+
 def test_ansible_lint_production_profile():
     proc = subprocess.run([str(BIN / "ansible-lint"), "--offline", "playbooks/"], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})

@@ -16,7 +16,7 @@ description:
     I(wait_up) until its health check reports it UP.
 options:
   api:
-    description: The runtime API, C(HOST:PORT) or the path of a UNIX socket.
+    description: The runtime API, C(HOST:PORT) or a UNIX socket (C(/path) or C(unix:/path)).
     type: str
     required: true
   backend:
@@ -91,10 +91,10 @@ class RuntimeApiError(Exception):
 def command(api: str, line: str, timeout: float = 10) -> str:
     """Send one command to the runtime API and return its whole answer."""
     try:
-        if api.startswith("/"):
+        if api.startswith(("/", "unix:")):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
-            sock.connect(api)
+            sock.connect(api.removeprefix("unix:"))
         else:
             host, _, port = api.rpartition(":")
             sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
