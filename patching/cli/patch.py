@@ -33,6 +33,7 @@ from patching.journal.reports import build_report, write_reports
 from patching.journal.store import Journal, JournalError, RunJournal, RunRecord
 from patching.release.bundle import Bundle, load_bundle
 from patching.rollout.actions import Actions, ActionsUnavailable
+from patching.rollout.identity import same_name_other_content
 from patching.rollout.plan import Plan, build_plan, check_policy_against, render_plan
 from patching.rollout.policy import Policy, load_policy, parse_policy, schema
 from patching.rollout.runner import Runner, RunResult, abort, window_refusal
@@ -188,6 +189,9 @@ def _survey_plan(inputs: Inputs, journal_path: Path, now: dt.datetime) -> Plan:
     resolve = bundle_resolver(inputs.releases_dir, inputs.bundle, recorded)
     _warn_unverified(inputs.inventory)
     found = survey(_make_actions(inputs, journal_path), inputs.inventory)
+    if problems := same_name_other_content(inputs.bundle, str(inputs.bundle_path), found.of_selected(inputs.inventory),
+                                           recorded.values()):
+        raise InputError(problems)
     releases = {r for r in found.current.values() if r and r != inputs.bundle.release}
     bundles = {r: b for r in releases if (b := resolve(r)) is not None}
     return plan_from(found, inputs.inventory, inputs.policy, inputs.bundle, known_bundles=bundles, history=history,
@@ -407,22 +411,41 @@ def patch_status(
         db.close()
 
 
-def patch_abort(journal: JournalOpt = DEFAULT_JOURNAL, run: RunOpt = None) -> None:
-    """Stop a run after the hosts in flight finish; a paused or refused run is closed at once."""
+def patch_abort(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    run: RunOpt = None,
+    rollback: Annotated[bool, typer.Option(
+        "--rollback", help="also return the hosts this run patched to their previous bundle, through the "
+                           "same gates (with no runner alive, this command does it now)")] = False,
+    inventory: Annotated[list[str] | None, typer.Option(
+        "--inventory", "-i", help="with --rollback: default the run's")] = None,
+    report_dir: ReportOpt = None,
+    allow_unverified_host_keys: UnverifiedOpt = False,
+) -> None:
+    """Stop a run after the hosts in flight finish; a paused or refused run is closed at once.
+
+    With --rollback the hosts the run patched go back to the bundle each ran before (Argo Rollouts'
+    abort): the runner does it before it stops, or, when no runner holds the journal, this command
+    does it now, as `fleet patch resume` would. Exits as a run does.
+    """
     db = _open(journal, must_exist=True)
     try:
         record = _pick_run(db, run)
         try:
             db.lock.acquire(_owner() + " (abort)", run_id=record.id, stale_after=_stale_after(record))
         except LockHeld as held:  # a runner has it (or had it): it reads the request before its next wave
-            say(abort(db.of_run(record.id), held=held))
+            say(abort(db.of_run(record.id), held=held, rollback=rollback))
             return
         try:
-            say(abort(db.of_run(record.id), held=None))
+            say(abort(db.of_run(record.id), held=None, rollback=rollback))
         finally:
             db.lock.release()
+        closed = db.run(record.id).status not in UNFINISHED
     finally:
         db.close()
+    if rollback and not closed:  # no runner alive: roll back now, the way resume finishes a run
+        patch_resume(journal=journal, run=record.id, inventory=inventory, ignore_window=True, steal_lock=False,
+                     report_dir=report_dir, allow_unverified_host_keys=allow_unverified_host_keys)
 
 
 def policy_schema() -> None:

@@ -172,6 +172,7 @@ class RunRecord:
     policy_path: str | None
     policy: dict[str, Any]
     plan: dict[str, Any]
+    abort_rollback: bool = False  # the abort asked for the hosts this run patched to be rolled back
 
 
 @dataclass(frozen=True)
@@ -375,6 +376,7 @@ class Journal:
         return RunRecord(
             id=r["id"], release=r["release"], status=r["status"], message=r["message"],
             stop_reason=r["stop_reason"], stop_wave=r["stop_wave"], abort_requested=bool(r["abort_requested"]),
+            abort_rollback=r["abort_requested"] == 2,
             owner=r["owner"], created_at=r["created_at"], updated_at=r["updated_at"], finished_at=r["finished_at"],
             bundle_path=r["bundle_path"], bundle=json.loads(r["bundle_json"]), releases_dir=r["releases_dir"],
             inventory=json.loads(r["inventory_json"]), limit=r["limit_text"], policy_path=r["policy_path"],
@@ -448,10 +450,12 @@ class RunJournal:
                 (reason, wave, time.time(), self.id),
             )
 
-    def request_abort(self) -> None:
-        """Ask the runner to stop before its next wave (`fleet patch abort`). Unfenced on purpose: another
-        process writes it without the lock, as a message to the runner that holds it."""
-        self.db.execute("UPDATE runs SET abort_requested = 1, updated_at = ? WHERE id = ?", (time.time(), self.id))
+    def request_abort(self, *, rollback: bool = False) -> None:
+        """Ask the runner to stop before its next wave (`fleet patch abort`); with `rollback`, also to return
+        the hosts this run patched to their previous bundle (`abort_requested` 2; a request only grows).
+        Unfenced on purpose: another process writes it without the lock, as a message to the runner."""
+        self.db.execute("UPDATE runs SET abort_requested = MAX(abort_requested, ?), updated_at = ? WHERE id = ?",
+                        (2 if rollback else 1, time.time(), self.id))
 
     def waves(self) -> list[WaveRecord]:
         """The run's waves in order."""

@@ -38,6 +38,7 @@ from patching.release.bundle import Bundle
 from patching.rollout import gates
 from patching.rollout.actions import Actions, HostSnapshot, Outcome, Results
 from patching.rollout.budgets import capacity_problems, check_budgets
+from patching.rollout.identity import same_name_other_content
 from patching.rollout.plan import Plan, PlannedWave
 from patching.rollout.policy import Policy, required_hosts
 from patching.rollout.survey import PLAN_FIELD, approved_plan_problems, plan_from, skip_reason, survey
@@ -138,24 +139,30 @@ def window_refusal(calendar: MaintenanceCalendar, now: dt.datetime, predicted: d
     return why + later, figures
 
 
-def abort(run: RunJournal, *, held: LockHeld | None) -> str:
-    """`fleet patch abort`: ask the run to stop before its next wave. With the lock ours (`held` None) and
-    nothing in flight, a paused or blocked run is closed at once. Returns what happened, in words."""
+def abort(run: RunJournal, *, held: LockHeld | None, rollback: bool = False) -> str:
+    """`fleet patch abort`: ask the run to stop before its next wave; with `rollback`, also to return the
+    hosts it patched to their previous bundle, through the same gates (like Argo Rollouts' abort). With
+    the lock ours (`held` None) and nothing to do, a paused or blocked run is closed at once. Returns
+    what happened, in words."""
     record = run.record()
     if record.status not in UNFINISHED:
         raise InputError.single("--run", "", record.id, f"run {record.id} is already {record.status}")
-    run.request_abort()
-    in_flight = any(s in IN_FLIGHT for s in run.latest_states().values())
+    run.request_abort(rollback=rollback)
+    states = run.latest_states().values()
+    in_flight = any(s in IN_FLIGHT for s in states)
+    patched = rollback and HostState.DONE in states
+    what = "abort and rollback" if rollback else "abort"
     if held is not None and held.stale:
-        return (f"abort recorded for run {run.id}; its runner is gone ({held.stale}): "
+        return (f"{what} recorded for run {run.id}; its runner is gone ({held.stale}): "
                 "`fleet patch resume --steal-lock` finishes the hosts in flight and stops")
     if held is not None:
-        return f"abort recorded for run {run.id}; the runner stops after the hosts in flight finish"
-    if record.status in (RunStatus.PAUSED, RunStatus.BLOCKED) and not in_flight:
+        after = ", then rolls back the hosts it patched" if rollback else ""
+        return f"{what} recorded for run {run.id}; the runner stops after the hosts in flight finish{after}"
+    if record.status in (RunStatus.PAUSED, RunStatus.BLOCKED) and not in_flight and not patched:
         run.set_stop(StopReason.ABORTED, None)
         run.set_run_status(RunStatus.ABORTED, f"aborted while {record.status}", finished=True)
         return f"run {run.id} aborted (it was {record.status}; no host was in flight)"
-    return f"abort recorded for run {run.id}: `fleet patch resume` finishes the hosts in flight and stops"
+    return f"{what} recorded for run {run.id}: `fleet patch resume` finishes the hosts in flight and stops"
 
 
 class _KillPoint:
@@ -251,6 +258,9 @@ class Runner:
         """Read the hosts, plan once with what they are (or take the `approved` plan, if it still holds),
         and store the run. Touches nothing; InputError when the approved plan may not run now."""
         found = survey(self.actions, self.inventory)
+        if problems := same_name_other_content(self.bundle, bundle_path, found.of_selected(self.inventory),
+                                               self.journal.recorded_bundles().values()):
+            raise InputError(problems)  # a release is known by its content, not its name
         if approved is not None and (problems := approved_plan_problems(
                 approved, found, self.inventory, self.bundle, self.policy, approved_source)):
             raise InputError(problems)
@@ -338,6 +348,9 @@ class Runner:
             failures = self._check_budgets(planned)
             self._roll_back_what_must()
             run.wave_finished(stored.index, failures)
+        record = run.record()
+        if record.abort_requested and record.stop_reason is None:  # asked during the last wave
+            run.set_stop(StopReason.ABORTED, None)
         self._roll_back_what_must()
         return self._finish()
 
@@ -475,7 +488,7 @@ class Runner:
 
     def _soaking(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
         """Live traffic for the soak's duration: latency, errors and GPU memory growth."""
-        return self._soak(names, wave.index, Phase.ROLLOUT)
+        return self._soak(names, wave.index, Phase.ROLLOUT, self.bundle)
 
     # ---- what the handlers share ------------------------------------------------------------------
 
@@ -508,12 +521,14 @@ class Runner:
             results |= self._judge(Gate.SLO, figures, passing, wave, phase, bundle)
         return results
 
-    def _soak(self, names: list[str], wave: int, phase: Phase) -> dict[str, Outcome]:
+    def _soak(self, names: list[str], wave: int, phase: Phase, bundle: Bundle) -> dict[str, Outcome]:
         soak = self.policy.gates.soak
         if soak.duration.total_seconds() <= 0:
             return {n: Outcome(True, "soak off") for n in names}
-        figures = self._call(self.actions.soak, names, soak)
-        return self._judge(Gate.SOAK, figures, names, wave, phase, self.bundle)
+        # the soak's own length, and the gate timeout on top for its last probe and scrape
+        timeout_s = soak.duration.total_seconds() + self.policy.timeouts.gate.total_seconds()
+        figures = self._call(self.actions.soak, names, soak, timeout_s)
+        return self._judge(Gate.SOAK, figures, names, wave, phase, bundle)
 
     def _judge(self, gate: Gate, measured: Mapping[str, Outcome], names: Iterable[str], wave: int, phase: Phase,
                bundle: Bundle) -> dict[str, Outcome]:
@@ -557,6 +572,8 @@ class Runner:
         states = self.run.latest_states()
         record = self.run.record()
         targets = {n for n, s in states.items() if s in (HostState.FAILED, HostState.ROLLING_BACK)}
+        if record.stop_reason == StopReason.ABORTED and record.abort_rollback:
+            targets |= {n for n, s in states.items() if s == HostState.DONE}
         if record.stop_reason == StopReason.BUDGET:
             if self.policy.rollback == "all":
                 targets |= {n for n, s in states.items() if s == HostState.DONE}
@@ -646,6 +663,22 @@ class Runner:
         live = rollback.live()
         rollback.fail(self._undrain(live), live, "undrain")
 
+    def _rollback_soak(self, rollback: _Rollback) -> None:
+        """The soak, as after a patch: a restored host that fails it is drained again and left out."""
+        by_release: dict[str, list[str]] = defaultdict(list)
+        for name in rollback.live():
+            by_release[rollback.previous[name]].append(name)
+        for release, group in sorted(by_release.items()):
+            bundle = self.resolve_bundle(release)
+            assert bundle is not None  # _rollback_apply broke the hosts whose manifest is gone
+            rollback.fail(self._soak(group, rollback.wave, Phase.ROLLBACK, bundle), group, "soak")
+        failed = [n for n in rollback.names if n in rollback.broken and rollback.broken[n].startswith("soak")]
+        if failed:  # it serves since the undrain: out again, it must not take traffic
+            drained = self._drain(failed)
+            for name in failed:
+                if not _ok(drained.get(name)):
+                    rollback.broken[name] += f"; and it could not be drained again: {gates.why(drained.get(name))}"
+
     # ---- the end ----------------------------------------------------------------------------------
 
     def _finish(self) -> RunResult:
@@ -659,7 +692,11 @@ class Runner:
             status, message = RunStatus.FAILED, (f"halted: failure budget exceeded in wave {record.stop_wave}; "
                                                  f"rollback policy {self.policy.rollback}")
         elif record.stop_reason == StopReason.ABORTED:
-            status, message = RunStatus.ABORTED, f"aborted before wave {record.stop_wave}"
+            status = RunStatus.ABORTED
+            message = (f"aborted before wave {record.stop_wave}" if record.stop_wave is not None
+                       else "aborted after its last wave")
+            if record.abort_rollback:
+                message += "; the hosts it patched rolled back as asked"
         else:
             status, message = RunStatus.DONE, ""
         message = "; ".join(m for m in (message, self._on_bundle_text()) if m)
@@ -757,6 +794,7 @@ ROLLBACK_STEPS: tuple[Callable[[Runner, _Rollback], None], ...] = (
     Runner._rollback_drain,
     Runner._rollback_apply,
     Runner._rollback_undrain,
+    Runner._rollback_soak,
 )
 
 

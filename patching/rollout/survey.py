@@ -49,10 +49,14 @@ class Survey:
     skip: Mapping[str, str]  # selected hosts that must not be touched, with why
     unhealthy: Mapping[str, str]  # pool members out of service now, with why
 
+    def of_selected(self, inventory: FleetInventory) -> dict[str, HostSnapshot]:
+        """The facts of the selected hosts only."""
+        return {n: self.facts[n] for n in inventory.selected if n in self.facts}
+
     def seen(self) -> dict[str, dict[str, Any]]:
         """The facts as a plan stores them."""
-        return {n: {"reachable": f.reachable, "release": f.installed_release, "lb_state": f.lb_state}
-                for n, f in sorted(self.facts.items())}
+        return {n: {"reachable": f.reachable, "release": f.installed_release, "digest": f.installed_digest,
+                    "lb_state": f.lb_state} for n, f in sorted(self.facts.items())}
 
 
 def survey(actions: Actions, inventory: FleetInventory) -> Survey:

@@ -169,7 +169,7 @@ def test_plan_reads_the_hosts_and_writes_json(fleet, spy, tmp_path, release, inv
     assert plan["waves"][0]["hosts"] == ["a1", "b1"] and len(spy[0]) == 1 and only_reads(spy)
     # what the hosts run, read from them: the real version change, not "unknown"
     assert {h["current"] for h in plan["hosts"].values()} == {"2026-10"} and plan["diffs"]["2026-10"]
-    assert plan["seen"]["a2"] == {"reachable": True, "release": "2026-10", "lb_state": "serving"}
+    assert plan["seen"]["a2"] == {"reachable": True, "release": "2026-10", "digest": None, "lb_state": "serving"}
     assert "manifest unknown" not in stdout and "2026-10" in stdout
 
 
@@ -393,6 +393,21 @@ def test_abort_closes_a_paused_run(fleet, spy, tmp_path, release, inventory):
     code, stdout, _ = fleet("patch", "abort", "--journal", journal)
     assert code == 0 and "run 2 aborted (it was paused" in stdout
     assert Journal(journal).run(2).status == "aborted"
+
+
+def test_abort_rollback_of_a_paused_run_rolls_back_now(fleet, spy, tmp_path, release, inventory):
+    policy = short_window(tmp_path)
+    assert fleet(*run_args(release, inventory, tmp_path, "--policy", policy))[0] == 3
+    journal = tmp_path / "j/journal.db"
+    patched = {h for h, s in Journal(journal).of_run(2).latest_states().items() if s == "done"}
+    assert patched, "the canary wave ran before the pause"
+    code, stdout, err = fleet("patch", "abort", "--rollback", "--journal", journal)
+    assert code == 1 and "abort and rollback recorded for run 2" in stdout, err
+    states = Journal(journal).of_run(2).latest_states()
+    assert {h for h, s in states.items() if s == "rolled_back"} == patched
+    assert Journal(journal).run(2).status == "aborted"
+    fake = spy[1][str(journal.parent)]
+    assert all(fake.hosts[h]["installed"] == "2026-10" and fake.hosts[h]["lb"] == "serving" for h in patched)
 
 
 def test_without_host_actions_a_run_explains_itself(fleet, tmp_path, release, inventory, monkeypatch):

@@ -329,6 +329,42 @@ def test_abort_stops_after_the_hosts_in_flight(tmp_path):
     assert {n for n, s in final.items() if s == "pending"} == {"a3", "a4", "b2", "b3"}
 
 
+def test_abort_with_rollback_returns_the_patched_hosts_through_the_gates(tmp_path):
+    h = Harness(tmp_path)
+
+    def abort_during_wave_1(action: str, names: list[str]) -> None:
+        if action == "apply" and names == ["a2"]:
+            other = Journal(tmp_path / "journal.db")
+            other.of_run(1).request_abort(rollback=True)
+            other.close()
+
+    h.fleet.on_call = abort_during_wave_1
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert result.status == RunStatus.ABORTED and "rolled back as asked" in result.message
+    assert final["a1"] == final["b1"] == final["a2"] == "rolled_back"  # the canary and the wave in flight
+    assert {n for n, s in final.items() if s == "pending"} == {"a3", "a4", "b2", "b3"}
+    gates = [e.data for e in h.journal.of_run(1).events() if e.kind == "gate" and e.data["phase"] == "rollback"]
+    assert {g["gate"] for g in gates} >= {"ansible", "testinfra", "slo"} and all(g["ok"] for g in gates)
+    assert result.exit_code == ExitCode.FAILED  # rolled back: not on the bundle, as exit 1 says
+
+
+def test_an_abort_asked_during_the_last_wave_still_rolls_back(tmp_path):
+    h = Harness(tmp_path)
+
+    def abort_during_last_wave(action: str, names: list[str]) -> None:
+        if action == "apply" and names == ["b3"]:
+            other = Journal(tmp_path / "journal.db")
+            other.of_run(1).request_abort(rollback=True)
+            other.close()
+
+    h.fleet.on_call = abort_during_last_wave
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert result.status == RunStatus.ABORTED and "aborted after its last wave" in result.message
+    assert set(final.values()) == {"rolled_back"}
+
+
 def test_resume_is_level_triggered(tmp_path):
     h = Harness(tmp_path)
     runner = h.runner()
@@ -441,3 +477,33 @@ def test_a_rollback_on_battery_power_waits_blocked_and_resume_finishes_it(tmp_pa
     result = h.resume()
     final = assert_consistent(tmp_path / "journal.db", h.fleet)
     assert final["a1"] == "rolled_back" and result.status == RunStatus.DONE and result.exit_code == ExitCode.FAILED
+
+
+# ---- a release is known by its content ------------------------------------------------------------
+
+
+def test_a_bundle_reusing_the_hosts_release_name_with_other_pins_is_refused(tmp_path):
+    h = Harness(tmp_path)
+    assert h.run().exit_code == ExitCode.OK  # every host on 2026-11, its digest stamped
+    other = BUNDLES[NEW].model_copy(update={"driver": BUNDLES[NEW].driver.model_copy(update={"version": "580.1.2"})})
+    assert other.release == NEW and other.digest != BUNDLES[NEW].digest
+    h.fleet.calls.clear()
+    runner = Runner(h.journal, h.fleet, h.inventory, other, h.policy, h.calendar, BUNDLES.get, clock=h.clock)
+    with pytest.raises(InputError) as caught:
+        runner.start(owner="t", bundle_path="releases/2026-11.yaml", releases_dir="releases", policy_path=None)
+    text = str(caught.value)
+    assert "releases/2026-11.yaml" in text and "driver.version: 580.1.2 here" in text
+    assert {a for a, _, _ in h.fleet.calls} == {"read"} and len(h.journal.runs()) == 1  # no second run
+
+
+def test_a_rollback_passes_the_soak_too(tmp_path):
+    h = Harness(tmp_path, {"budgets": {"canary": 1, "global": 1}})
+    h.fleet.faults[("a1", "testinfra", NEW)] = "nvidia-smi: Driver/library version mismatch"
+    h.fleet.leaky[("a1", OLD)] = 4096.0  # the previous bundle leaks too
+    result = h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    soaks = [e.data for e in h.journal.of_run(1).events() if e.kind == "gate" and e.data["gate"] == "soak"
+             and e.data["phase"] == "rollback"]
+    assert [(s["release"], s["ok"]) for s in soaks] == [(OLD, False)]
+    assert final["a1"] == "rollback_failed" and h.fleet.hosts["a1"]["lb"] == "drained"
+    assert "soak: " in result.outcomes["a1"][1] and result.exit_code == ExitCode.FAILED
