@@ -64,11 +64,12 @@ def run_demo(stack: str = "lab") -> None:
     _fleet("plan", "--release", "releases/2026-11.yaml", "-i", inventory, "--policy", "lab/policy.yaml",
            "-o", state / "plan.json")
 
-    _step("5. Roll November out, canary first, with live traffic through HAProxy")
+    _step("5. Roll November out as planned (the approved plan), canary first, with live traffic through HAProxy")
     load = _traffic(lab)
     try:
         _fleet("patch", "run", "--release", "releases/2026-11.yaml", "-i", inventory, "--policy", "lab/policy.yaml",
-               "--journal", journal, "--report-dir", state / "reports-2026-11", "--ignore-window")
+               "--plan", state / "plan.json", "--journal", journal, "--report-dir", state / "reports-2026-11",
+               "--ignore-window")
     finally:
         figures = load.stop()
     print(f"live traffic during the rollout: {figures.sent} requests, {figures.failed} failed, "

@@ -227,7 +227,7 @@ def test_ups_on_battery_refuses_the_wave(on_october, tmp_path, clean_faults):
     # the hall's hosts (the canary dgx-a1 first) draw from ups-a
     run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy",
                 LAB_POLICY, "--limit", HALL, "--journal", tmp_path / "journal.db", "--ignore-window")
-    assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-2000:]
+    assert run.returncode == 4, run.stdout[-3000:] + run.stderr[-2000:]
     assert "UPS ups-a is not on line power (ups.status OB" in run.stdout + run.stderr
     assert releases_on_hosts(lab) == before
     assert set(lb_states(lab).values()) == {"serving"}

@@ -143,6 +143,8 @@ def test_patch_run_skips_the_host_whose_key_changed_and_patches_the_other(replac
                 "--report-dir", work / "reports")
     out = run.stdout + run.stderr
     assert f"{VICTIM}: skipped: unreachable at preflight: {CHANGED}" in out, out[-4000:]
+    # the peer patched, the victim not: partly done, and the summary says which host and why
+    assert run.returncode == 5 and f"{VICTIM}: skipped unreachable: unreachable at preflight" in out, out[-4000:]
     report = json.loads((work / "reports/report.json").read_text())
     assert report["skipped"][VICTIM].startswith(f"unreachable at preflight: {CHANGED}")
     assert report["hosts"][PEER]["state"] == "done", report["hosts"]
