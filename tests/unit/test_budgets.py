@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from infra.model.errors import InputError
 from patching.rollout.budgets import check_budgets
-from patching.rollout.policy import Policy
+from patching.rollout.policy import Policy, parse_policy, required_hosts
 from patching.states import ExitCode, HostState, RunStatus, StopReason
 from tests.unit.fakefleet import NEW
 from tests.unit.test_runner import Harness, applied, assert_consistent
@@ -117,3 +120,28 @@ def test_a_resumed_wave_starts_none_of_its_pending_hosts_after_a_halt(tmp_path):
     final = h.states(run_id)
     assert final[second] == "pending" and second not in applied(h.fleet)
     assert result.status == RunStatus.FAILED
+
+
+# ---- require: how many selected hosts must end on the bundle for exit 0 ----------------------------------
+
+
+@pytest.mark.parametrize(("require", "code"), [("all", ExitCode.PARTLY_DONE), (7, ExitCode.PARTLY_DONE),
+                                               (6, ExitCode.OK), ("80%", ExitCode.OK), ("90%", ExitCode.PARTLY_DONE)])
+def test_require_says_how_many_hosts_must_end_on_the_bundle(tmp_path, require, code):
+    h = Harness(tmp_path, {"require": require})
+    h.fleet.hosts["a3"]["reachable"] = False  # 6 of 7 end on the bundle
+    result = h.run()
+    assert result.exit_code == code and len(result.on_bundle) == 6
+    assert set(result.not_on_bundle) == {"a3"}  # named whatever `require` says
+
+
+def test_require_never_hides_a_failure(tmp_path):
+    h = Harness(tmp_path, {"require": 1, "budgets": {"per_wave": 1, "global": 1}})
+    h.fleet.faults[("a2", "apply", NEW)] = "E: Unable to locate package cuda-drivers-580"
+    assert h.run().exit_code == ExitCode.FAILED
+
+
+def test_require_is_all_a_count_or_a_percentage():
+    with pytest.raises(InputError, match="require"):
+        parse_policy({"require": "most"}, "p.yaml")
+    assert required_hosts("80%", 7) == 6 and required_hosts(10, 7) == 7 and required_hosts("all", 7) == 7
