@@ -11,8 +11,8 @@ import yaml
 
 import patching.cli.app as cli
 from patching.cli.patch import register
-from patching.cli.schedule import check, load_workflow, suggest
 from patching.rollout.policy import load_policy, parse_policy
+from patching.rollout.schedule import check, load_workflow, suggest
 from patching.rollout.windows import Window
 from tests.conftest import ROOT, write_yaml
 
