@@ -147,15 +147,20 @@ class Gate(StrEnum):
 
     ANSIBLE = "ansible"  # the playbook's own result
     TESTINFRA = "testinfra"  # the host checks (tests/hosts) against the bundle
+    HARDWARE = "hardware"  # DCGM diagnostic and NCCL all-reduce bandwidth, against the host's own baseline
     SLO = "slo"  # latency and errors straight at the host's serving port
+    BEHAVIOUR = "behaviour"  # golden and adversarial prompts: answers unchanged, refusals still refusals
     SOAK = "soak"  # the same under live traffic for a while, and GPU memory growth
 
 
 class Verdict(StrEnum):
-    """A gate's decision. `could_not_measure` is kept apart from `failed`: the figures are missing."""
+    """A gate's decision. `could_not_measure` is kept apart from `failed`: the figures are missing;
+    `inconclusive`: there are figures, but not enough evidence either way (sample more, then the policy's
+    `on_inconclusive` decides)."""
 
     PASSED = "passed"
     FAILED = "failed"
+    INCONCLUSIVE = "inconclusive"
     COULD_NOT_MEASURE = "could_not_measure"
 
 

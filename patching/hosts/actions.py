@@ -21,12 +21,12 @@ from typing import Any
 
 import yaml
 
+from patching.hosts import behaviour, nut, probe
 from patching.hosts import facts as hostfacts
-from patching.hosts import nut, probe
 from patching.hosts.ansible_env import describe_ssh_failure, run_ansible
 from patching.hosts.toolpath import put_our_bin_first
 from patching.inventory.reader import FleetInventory, InventoryHost
-from patching.release.bundle import Bundle, is_digest
+from patching.release.bundle import Bundle, Probes, is_digest
 from patching.release.pins import parse_manifest
 from patching.rollout.actions import Actions, ActionsUnavailable, HostSnapshot, LbState, Outcome, Results
 from patching.rollout.policy import SloProbe, Soak
@@ -379,11 +379,15 @@ class FleetActions:
 
     def probe_slo(self, hosts: Sequence[InventoryHost], slo: SloProbe, timeout_s: float) -> Results:
         """The SLO probe's figures, straight at each host's serving port, each host's probe within `timeout_s`."""
+        requests = slo.needed_requests()  # `requests` when set, else what the quantile at its confidence needs
+
         def one(h: InventoryHost) -> Outcome:
-            figures = probe.slo_probe(f"http://{h.serving_address}", h.model, slo.warmup_requests, slo.requests,
-                                      slo.request_timeout.total_seconds(), deadline=time.monotonic() + timeout_s)
+            # streamed: TTFT, inter-token gaps and the per-request samples come back in the measurements
+            figures = probe.slo_probe(f"http://{h.serving_address}", h.model, slo.warmup_requests, requests,
+                                      slo.request_timeout.total_seconds(), deadline=time.monotonic() + timeout_s,
+                                      stream=True)
             if figures.timed_out:
-                return Outcome(False, f"SLO probe ran past {timeout_s:g}s ({figures.requests} of {slo.requests} "
+                return Outcome(False, f"SLO probe ran past {timeout_s:g}s ({figures.requests} of {requests} "
                                       "requests measured)", timed_out=True, measurements=figures.as_dict())
             return Outcome(True, figures.first_error, measurements=figures.as_dict())
 
@@ -409,6 +413,14 @@ class FleetActions:
                 return Outcome(False, f"soak ran past {timeout_s:g}s ({figures.samples} sample(s) taken)",
                                timed_out=True, measurements=figures.as_dict())
             return Outcome(True, "", measurements=figures.as_dict())
+
+        return _parallel(hosts, one)
+
+    def probe_behaviour(self, hosts: Sequence[InventoryHost], probes: Probes, timeout_s: float) -> Results:
+        """The bundle's behaviour probes straight at each host's serving port, one at a time with temperature 0,
+        each host's within `timeout_s` (patching/hosts/behaviour.py says what is measured)."""
+        def one(h: InventoryHost) -> Outcome:
+            return behaviour.probe_behaviour(f"http://{h.serving_address}", h.model, probes, timeout_s)
 
         return _parallel(hosts, one)
 

@@ -3,16 +3,28 @@ traffic generator for live load through a load balancer.
 
 Everything here speaks plain HTTP to an OpenAI-compatible endpoint (`/v1/chat/completions`,
 `/metrics`); the figures are returned, and the runner judges them against the policy.
+
+The SLO probe streams (`"stream": true`, as vLLM answers it: Server-Sent Events `data: {chat.completion.chunk}`,
+ending `data: [DONE]`) and measures per request what a user feels (`chat_stream`):
+
+- latency: from sending the request (connecting included) to receiving `data: [DONE]`;
+- time to first token (TTFT): from sending the request to the first chunk whose `delta.content` is not empty
+  (the role-only first chunk does not count);
+- inter-token latency (ITL): the gaps between consecutive chunks carrying content, as they arrive;
+- output tokens: the usage chunk's `completion_tokens` (`stream_options.include_usage` asks for it), else the
+  number of content chunks.
 """
 
 from __future__ import annotations
 
+import http.client
+import itertools
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +85,133 @@ def chat_request(base_url: str, model: str | None, timeout: float,
 
 
 @dataclass
+class Sample:
+    """One measured request (module docstring: the definitions); TTFT, gaps and tokens only for a stream
+    that got content."""
+
+    ok: bool
+    latency_ms: float
+    detail: str = ""  # why it failed
+    ttft_ms: float | None = None
+    gaps_ms: list[float] = field(default_factory=list)  # between consecutive content chunks
+    output_tokens: int = 0
+
+
+class StreamError(Exception):
+    """The answer is not a well-formed event stream to its end: the message says how."""
+
+
+def _events(resp: Any, deadline: float | None) -> Iterator[tuple[float, str]]:
+    """(arrival time, data) of each Server-Sent Event as it arrives: `data:` lines joined, comments and other
+    fields skipped, an event dispatched at its blank line. Reading stops at `deadline` (TimeoutError)."""
+    pending = b""  # the line still arriving
+    data: list[str] = []  # the event's data lines so far
+    while chunk := resp.read1(65536):  # one receive at a time: every event is timed as it arrives
+        arrived = time.monotonic()
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.removesuffix(b"\r").decode("utf-8", errors="replace")
+            if not line:
+                if data:
+                    yield arrived, "\n".join(data)
+                data = []
+            elif line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+        if past(deadline):
+            raise TimeoutError("the stream was still arriving at the time limit")
+
+
+def _read_stream(resp: Any, deadline: float | None) -> tuple[list[float], int | None]:
+    """The arrival times of the chunks carrying content and the usage chunk's completion_tokens (None: no
+    usage chunk); StreamError when the stream reports an error, has a chunk that is not a completion chunk,
+    or ends before `data: [DONE]`."""
+    content_at: list[float] = []
+    tokens, chunks = None, 0
+    for arrived, data in _events(resp, deadline):
+        if data == "[DONE]":
+            return content_at, tokens
+        chunks += 1
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise StreamError(f"chunk {chunks} is not JSON: {data[:80]!r}") from None
+        if not isinstance(chunk, dict):
+            raise StreamError(f"chunk {chunks} is not a JSON object: {data[:80]!r}")
+        if "error" in chunk or chunk.get("object") == "error":  # vLLM's streaming error response
+            error = chunk.get("error")
+            message = error.get("message") if isinstance(error, dict) else error or chunk.get("message")
+            raise StreamError(f"the stream reported an error: {message}")
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            raise StreamError(f"chunk {chunks} has no choices: {data[:80]!r}")
+        if any(isinstance(c, dict) and isinstance(c.get("delta"), dict) and c["delta"].get("content")
+               for c in choices):
+            content_at.append(arrived)
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
+            tokens = usage["completion_tokens"]
+    raise StreamError(f"the stream ended before data: [DONE] (after {chunks} chunk(s))")
+
+
+def chat_stream(base_url: str, model: str | None, timeout: float, deadline: float | None = None) -> Sample:
+    """One small streamed completion, measured (module docstring). Not ok, saying why: an HTTP error, an
+    answer that is not an event stream, a stream that breaks or ends before `data: [DONE]`, one without
+    content, or time (`TimeoutError`): the timeout is cut to what is left before `deadline`, and reading
+    stops there, or once the whole stream has taken `timeout` (a stream trickling forever ends too)."""
+    body = json.dumps({"model": model or "default", "max_tokens": 8, "stream": True,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": "ping"}]}).encode()
+    req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+    started = time.monotonic()
+    cut = started + timeout if deadline is None else min(deadline, started + timeout)
+    sample = Sample(False, 0.0)
+    try:
+        with urllib.request.urlopen(req, timeout=time_left(deadline, timeout)) as resp:
+            content_type = resp.headers.get("Content-Type") or ""
+            if resp.status != 200:
+                sample.detail = f"HTTP {resp.status}"
+            elif content_type.split(";")[0].strip().lower() != "text/event-stream":
+                sample.detail = f"not an event stream (Content-Type: {content_type or 'none'})"
+            else:
+                content_at, tokens = _read_stream(resp, cut)
+                if not content_at:
+                    sample.detail = "the stream ended without content"
+                else:
+                    sample.ok = True
+                    sample.ttft_ms = (content_at[0] - started) * 1000
+                    sample.gaps_ms = [(b - a) * 1000 for a, b in itertools.pairwise(content_at)]
+                    sample.output_tokens = tokens if tokens is not None else len(content_at)
+    except urllib.error.HTTPError as exc:
+        sample.detail = f"HTTP {exc.code}"
+    except StreamError as exc:
+        sample.detail = str(exc)
+    except http.client.HTTPException as exc:  # IncompleteRead: a chunked stream cut short
+        sample.detail = f"the stream broke: {type(exc).__name__}"
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        sample.detail = type(exc).__name__ + (f": {exc.reason}" if hasattr(exc, "reason") else "")
+    sample.latency_ms = (time.monotonic() - started) * 1000
+    return sample
+
+
+def _measure(base_url: str, model: str | None, timeout: float, deadline: float | None, stream: bool) -> Sample:
+    if stream:
+        return chat_stream(base_url, model, timeout, deadline)
+    ok, ms, detail = chat_request(base_url, model, timeout, deadline)
+    return Sample(ok, ms, detail)
+
+
+@dataclass
 class ProbeFigures:
-    """What one SLO probe measured: requests, errors, P50/P99 latency, the first error."""
+    """What one SLO probe measured: requests, errors, P50/P99 latency, the first error, and for a streaming
+    probe time to first token and inter-token latency (module docstring: the definitions).
+
+    The per-request samples are kept for a comparison with a baseline (one value per request, so that they
+    are independent draws): `latencies_ms` every measured request, failed ones included (as P50/P99);
+    `ttft_ms` each successful stream's; `itl_ms` each successful stream's *mean* gap between its content
+    chunks (streams of one content chunk have none). `gaps_ms` pools every gap of every successful stream:
+    ITL's P50/P99 are taken over it, as vLLM's benchmarks take them, so a single stall shows in the tail.
+    """
 
     requests: int
     errors: int
@@ -82,45 +219,90 @@ class ProbeFigures:
     p99_ms: float
     first_error: str = ""
     timed_out: bool = False  # stopped at its deadline: `requests` counts those measured before it
+    latencies_ms: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    itl_ms: list[float] = field(default_factory=list)
+    gaps_ms: list[float] = field(default_factory=list)
+    output_tokens: list[int] = field(default_factory=list)  # each successful stream's
+    stream: bool = True
 
     @property
     def error_rate(self) -> float:
         """Failed requests as a fraction of those sent."""
         return self.errors / self.requests if self.requests else 0.0
 
+    @property
+    def ttft_p50_ms(self) -> float | None:
+        """Median time to first token; None when no stream got content (or the probe did not stream)."""
+        return percentile(self.ttft_ms, 50) if self.ttft_ms else None
+
+    @property
+    def ttft_p99_ms(self) -> float | None:
+        """P99 time to first token; None when no stream got content (or the probe did not stream)."""
+        return percentile(self.ttft_ms, 99) if self.ttft_ms else None
+
+    @property
+    def itl_p50_ms(self) -> float | None:
+        """Median gap between tokens, over all gaps of all streams; None without any gap."""
+        return percentile(self.gaps_ms, 50) if self.gaps_ms else None
+
+    @property
+    def itl_p99_ms(self) -> float | None:
+        """P99 gap between tokens, over all gaps of all streams; None without any gap."""
+        return percentile(self.gaps_ms, 99) if self.gaps_ms else None
+
     def as_dict(self) -> dict:
-        """The figures (rounded) as journal and report data."""
+        """The figures (rounded) as journal and report data: the summaries, then the per-request samples."""
+
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value, 1)
+
         return {"requests": self.requests, "errors": self.errors, "error_rate": round(self.error_rate, 4),
-                "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1)}
+                "p50_ms": round(self.p50_ms, 1), "p99_ms": round(self.p99_ms, 1), "stream": self.stream,
+                "ttft_p50_ms": ms(self.ttft_p50_ms), "ttft_p99_ms": ms(self.ttft_p99_ms),
+                "itl_p50_ms": ms(self.itl_p50_ms), "itl_p99_ms": ms(self.itl_p99_ms),
+                "latencies_ms": [round(v, 3) for v in self.latencies_ms],
+                "ttft_ms": [round(v, 3) for v in self.ttft_ms],
+                "itl_ms": [round(v, 3) for v in self.itl_ms],
+                "output_tokens": list(self.output_tokens)}
 
 
 def slo_probe(base_url: str, model: str | None, warmup: int, requests: int, timeout: float,
-              deadline: float | None = None) -> ProbeFigures:
-    """Warm-up requests (not measured), then `requests` sequential ones, measured.
+              deadline: float | None = None, stream: bool = True) -> ProbeFigures:
+    """Warm-up requests (not measured), then `requests` sequential ones, measured; streamed (`chat_stream`)
+    unless `stream` is False (`chat_request`: latency only).
 
     `deadline` (a time.monotonic() value) bounds the whole probe: no request starts after it, each
-    request's timeout is cut to what is left, and a probe stopped by it says `timed_out`. A request
-    that failed because the deadline cut it short is not counted: it measured the limit, not the host.
+    request's timeout is cut to what is left, a stream still arriving at it is cut there, and a probe
+    stopped by it says `timed_out`. A request that failed because the deadline cut it short is not
+    counted: it measured the limit, not the host.
     """
     for _ in range(warmup):
         if past(deadline):
-            return ProbeFigures(0, 0, 0.0, 0.0, timed_out=True)
-        chat_request(base_url, model, timeout, deadline)
-    latencies, errors, first_error, timed_out = [], 0, "", False
+            return ProbeFigures(0, 0, 0.0, 0.0, timed_out=True, stream=stream)
+        _measure(base_url, model, timeout, deadline, stream)
+    figures = ProbeFigures(0, 0, 0.0, 0.0, stream=stream)
     for _ in range(requests):
         if past(deadline):
-            timed_out = True
+            figures.timed_out = True
             break
-        ok, ms, detail = chat_request(base_url, model, timeout, deadline)
-        if not ok and past(deadline):
-            timed_out = True
+        sample = _measure(base_url, model, timeout, deadline, stream)
+        if not sample.ok and past(deadline):
+            figures.timed_out = True
             break
-        latencies.append(ms)
-        if not ok:
-            errors += 1
-            first_error = first_error or detail
-    return ProbeFigures(len(latencies), errors, percentile(latencies, 50), percentile(latencies, 99), first_error,
-                        timed_out)
+        figures.latencies_ms.append(sample.latency_ms)
+        if not sample.ok:
+            figures.errors += 1
+            figures.first_error = figures.first_error or sample.detail
+        elif sample.ttft_ms is not None:
+            figures.ttft_ms.append(sample.ttft_ms)
+            figures.output_tokens.append(sample.output_tokens)
+            figures.gaps_ms += sample.gaps_ms
+            if sample.gaps_ms:
+                figures.itl_ms.append(sum(sample.gaps_ms) / len(sample.gaps_ms))
+    figures.requests = len(figures.latencies_ms)
+    figures.p50_ms, figures.p99_ms = percentile(figures.latencies_ms, 50), percentile(figures.latencies_ms, 99)
+    return figures
 
 
 def gpu_memory_by_gpu(base_url: str, timeout: float = 10, deadline: float | None = None) -> dict[str, float]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from patching.inventory.reader import InventoryHost
-from patching.release.bundle import Bundle
+from patching.release.bundle import Bundle, Probes
 from patching.rollout.policy import SloProbe, Soak
 
 LbState = Literal["serving", "drained", "down", "unknown"]
@@ -107,9 +107,13 @@ class Actions(Protocol):
         ...
 
     def probe_slo(self, hosts: Sequence[InventoryHost], probe: SloProbe, timeout_s: float) -> Results:
-        """Requests straight to each host's serving port, warm-up first and not measured.
+        """`probe.requests` streaming requests (default: `probe.needed_requests()`) straight to each host's
+        serving port, warm-up first and not measured. The runner also probes hosts still serving (peers on
+        the previous bundle, and each host before its drain) as the gate's baseline.
 
-        measurements: {"requests": int, "errors": int, "error_rate": float, "p50_ms": float, "p99_ms": float}.
+        measurements: {"requests": int, "errors": int, "error_rate": float, "p50_ms", "p99_ms",
+        "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms": float, and the per-request samples the
+        gate compares with a baseline: "latencies_ms", "ttft_ms", "itl_ms" (mean gap per request): lists}.
         """
         ...
 
@@ -126,6 +130,20 @@ class Actions(Protocol):
         "gpu_memory_slopes": {GPU: least-squares slope of its used memory, MiB/h},
         "gpu_memory_slope_mib_per_hour": the worst of them, "gpu_memory_unmeasured": [GPUs seen in
         fewer than two samples]}.
+        """
+        ...
+
+    def probe_behaviour(self, hosts: Sequence[InventoryHost], probes: Probes, timeout_s: float) -> Results:
+        """The bundle's behaviour probes (`Bundle.probes`), each host's through its serving port, one at a time,
+        temperature 0, all within `timeout_s`; only the probes for the host's model (`Probes.for_model`).
+
+        measurements: {"model", "refusal_markers", "probes": [{"id", "kind" (golden|injection|jailbreak),
+        "answer_sha256" (None: no answer), "answer_head" (first 200 characters), "refused", "error", and for
+        golden probes "expect_sha256", "changed_in_this_bundle", for adversarial ones "canary", "canary_seen",
+        "pass_when"}]}
+        (patching/hosts/behaviour.py). A probe without an answer is recorded with its error; no answer at all
+        is `measured=False`. The judge (gates.py) also reads "baseline" ({probe id: sha256 of the host's answer
+        before the patch}) when the runner adds it.
         """
         ...
 

@@ -49,14 +49,41 @@ class Budgets(StrictModel):
 
 
 class SloProbe(StrictModel):
-    """Requests sent straight to each drained host after the patch; warm-up requests are not measured."""
+    """Requests sent straight to each drained host after the patch, judged against a baseline measured in the
+    same interval (docs/policy.md "gates"); warm-up requests are not measured."""
 
     enabled: bool = True
     warmup_requests: int = Field(default=5, ge=0)
-    requests: int = Field(default=50, ge=1)
-    p99_ms: float = Field(default=200.0, gt=0, description="the P99 latency must be below this")
+    requests: int | None = Field(
+        default=None, ge=1, description="measured requests per host; default: enough for `quantile` at "
+                                        "`confidence` (299 for a P99 at 95 %)")
+    max_requests: int | None = Field(
+        default=None, ge=1, description="an inconclusive comparison samples more, up to this many requests in all "
+                                        "(default: twice the needed count)")
+    quantile: float = Field(default=0.99, gt=0.5, lt=1, description="the latency quantile compared with the baseline")
+    tolerance: float = Field(default=0.2, ge=0, le=10, description="tolerated regression of the quantile against the "
+                                                                    "baseline, as a fraction (0.2: 20 % slower)")
+    confidence: float = Field(default=0.95, ge=0.5, lt=1, description="confidence of the comparison")
+    baseline_peers: int = Field(default=2, ge=0, description="hosts of the pool still on the previous bundle, "
+                                                             "probed in the same interval as the baseline")
+    on_inconclusive: Literal["fail", "pause"] = Field(
+        default="fail", description="after `max_requests`, still not enough evidence either way: fail the host, "
+                                    "or block the run for a person (`resume` measures again)")
+    p99_ms: float = Field(default=200.0, gt=0, description="absolute ceiling: the P99 latency must be below this, "
+                                                           "whatever the baseline")
     max_error_rate: float = Field(default=0.0, ge=0, le=1, description="fraction of failed requests tolerated")
     request_timeout: PositiveDuration = Field(default=dt.timedelta(seconds=30))
+
+    def needed_requests(self) -> int:
+        """Measured requests for the first probe: `requests`, else what the quantile at the confidence needs."""
+        if self.requests is not None:
+            return self.requests
+        return math.ceil(math.log(1 - self.confidence) / math.log(self.quantile))
+
+    def request_bound(self) -> int:
+        """At most this many measured requests in all, sampling more included."""
+        needed = math.ceil(math.log(1 - self.confidence) / math.log(self.quantile))
+        return max(self.max_requests or 2 * needed, self.needed_requests())
 
 
 class Soak(StrictModel):
@@ -69,11 +96,19 @@ class Soak(StrictModel):
     )
 
 
+class Behaviour(StrictModel):
+    """The bundle's behaviour probes (docs/bundle.md "probes") on each drained host after the patch."""
+
+    enabled: bool = Field(default=True, description="run the bundle's golden and adversarial prompts on each patched "
+                                                    "host; a bundle without probes has none to run")
+
+
 class Gates(StrictModel):
-    """What a patched host must pass before it serves again: host checks, the SLO probe, the soak."""
+    """What a patched host must pass before it serves again: host checks, the SLO probe, behaviour, the soak."""
 
     testinfra: bool = Field(default=True, description="run the host checks for the bundle on the wave's hosts")
     slo: SloProbe = SloProbe()
+    behaviour: Behaviour = Behaviour()
     soak: Soak = Soak()
 
 

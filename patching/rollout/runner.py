@@ -34,8 +34,8 @@ from infra.model.errors import InputError, Problem
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.journal.lock import LockHeld, LockKeeper
 from patching.journal.store import Journal, RunJournal
-from patching.release.bundle import Bundle
-from patching.rollout import gates
+from patching.release.bundle import Bundle, Probes
+from patching.rollout import gates, stats
 from patching.rollout.actions import Actions, HostSnapshot, Outcome, Results
 from patching.rollout.budgets import capacity_problems, check_budgets
 from patching.rollout.identity import same_name_other_content
@@ -58,6 +58,7 @@ from patching.states import (
     Phase,
     RunStatus,
     StopReason,
+    Verdict,
     WaveStatus,
     host_outcome,
 )
@@ -317,8 +318,8 @@ class Runner:
         self._event("run", {"event": "executing", "status_before": record.status})
         try:
             return self._execute_waves(run)
-        except _RollbackRefused as refused:
-            return self._stop_here(RunStatus.BLOCKED, str(refused))
+        except (_RollbackRefused, _NeedsAPerson) as stopped:
+            return self._stop_here(RunStatus.BLOCKED, str(stopped))
 
     def _execute_waves(self, run: RunJournal) -> RunResult:
         for stored in run.waves():
@@ -460,7 +461,11 @@ class Runner:
             self.notify("info", f"wave {wave.index}: {len(live)} host(s) done on {self.bundle.release}")
 
     def _draining(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
-        """Out of the load balancer, in-flight requests finished."""
+        """Its own SLO figures while it still serves (the baseline when its pool has no peer left on the
+        old bundle), then out of the load balancer, in-flight requests finished."""
+        fresh = [n for n in names if n not in wave.rejoining]
+        self._record_own_baselines(fresh)
+        self._record_own_answers(fresh)
         return self._drain(names)
 
     def _applying(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
@@ -477,7 +482,7 @@ class Runner:
         return self._call(self.actions.reboot_if_needed, names, self.bundle, timeout_s)
 
     def _verifying(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
-        """testinfra, then the SLO probe."""
+        """testinfra, then the SLO probe against its baseline, then the behaviour probes."""
         return self._verify(names, self.bundle, wave.index, Phase.ROLLOUT)
 
     def _undraining(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
@@ -514,12 +519,142 @@ class Runner:
         if self.policy.gates.testinfra:
             checks = self._call(self.actions.gate_testinfra, names, bundle, gate_s)
             results = self._judge(Gate.TESTINFRA, checks, names, wave, phase, bundle)
-        probe = self.policy.gates.slo
         passing = [n for n in names if results[n].ok]
-        if probe.enabled and passing:
-            figures = self._call(self.actions.probe_slo, passing, probe, gate_s)
-            results |= self._judge(Gate.SLO, figures, passing, wave, phase, bundle)
+        if self.policy.gates.slo.enabled and passing:
+            results |= self._slo_gate(passing, bundle, wave, phase)
+        passing = [n for n in names if results[n].ok]
+        if passing and (probes := self._behaviour_probes(bundle, phase)) is not None:
+            answers = self._call(self.actions.probe_behaviour, passing, probes, gate_s)
+            own = self._own_answers() if phase == Phase.ROLLOUT else {}
+            with_baseline = {n: _with_baseline(o, own.get(n)) for n, o in answers.items()}
+            results |= self._judge(Gate.BEHAVIOUR, with_baseline, passing, wave, phase, bundle)
         return results
+
+    def _behaviour_probes(self, bundle: Bundle, phase: Phase) -> Probes | None:
+        """The bundle's probes, when the gate is on and it has any. A rollback runs the adversarial ones only:
+        golden answers are compared with the host's own before the patch, which a rollback has not."""
+        probes = bundle.probes
+        if phase == Phase.ROLLBACK:
+            probes = probes.model_copy(update={"golden": []})
+        return probes if self.policy.gates.behaviour.enabled and probes.all() else None
+
+    def _record_own_answers(self, names: list[str]) -> None:
+        """The golden probes' answers while the hosts still run their old bundle (`baseline` events)."""
+        if not names or (probes := self._behaviour_probes(self.bundle, Phase.ROLLOUT)) is None or not probes.golden:
+            return
+        golden = probes.model_copy(update={"adversarial": []})
+        answers = self._call(self.actions.probe_behaviour, names, golden, self.policy.timeouts.gate.total_seconds())
+        for name in names:
+            outcome = answers.get(name)
+            if outcome is not None and outcome.measured:
+                shas = {p["id"]: p.get("answer_sha256") for p in outcome.measurements.get("probes", [])}
+                self._event("baseline", {"gate": Gate.BEHAVIOUR.value, "answers": shas}, host=name)
+
+    def _own_answers(self) -> dict[str, dict[str, str | None]]:
+        """Each host's golden answers (sha256 per probe id) from before its patch, from the journal."""
+        return {e.host: e.data["answers"] for e in self.run.events()
+                if e.kind == "baseline" and e.host and e.data.get("gate") == Gate.BEHAVIOUR.value}
+
+    # ---- the SLO gate: against a baseline of the same interval, sampling more when unsure -----------------
+
+    def _slo_gate(self, names: list[str], bundle: Bundle, wave: int, phase: Phase) -> dict[str, Outcome]:
+        """Probe the hosts and, in the same interval, up to `baseline_peers` hosts of each one's pool still on
+        the previous bundle; judge each host against its peers (else its own figures from before the drain).
+        An inconclusive answer samples more, up to `max_requests`; then `on_inconclusive` decides."""
+        slo = self.policy.gates.slo
+        gate_s = self.policy.timeouts.gate.total_seconds()
+        peers = self._peers(names, bundle) if phase == Phase.ROLLOUT else {}
+        own = self._own_baselines() if phase == Phase.ROLLOUT else {}
+        measured: dict[str, Outcome] = {}
+        peer_figures: dict[str, Outcome] = {}
+        decisions: dict[str, gates.Decision] = {}
+        pending, asked, bound = list(names), slo.needed_requests(), slo.request_bound()
+        total = 0
+        while pending and asked > 0:
+            probe = slo.model_copy(update={"requests": asked})
+            extra = sorted({p for n in pending for p in peers.get(n, ())} - set(pending))
+            answers = self._call(self.actions.probe_slo, pending + extra, probe, gate_s)  # one interval
+            total += asked
+            for name in extra:
+                peer_figures[name] = _merged(peer_figures.get(name), answers.get(name))
+            for name in pending:
+                measured[name] = _merged(measured.get(name), answers.get(name))
+                decisions[name] = gates.judge(Gate.SLO, measured[name], self.policy,
+                                              self._baseline_of(name, peers, peer_figures, own))
+            pending = [n for n in pending if decisions[n].verdict == Verdict.INCONCLUSIVE]
+            asked = min(max(asked, bound // 4), bound - total)
+            if pending and asked > 0:
+                self._event("resample", {"gate": Gate.SLO.value, "hosts": pending, "requests_so_far": total,
+                                         "more": asked, "why": {n: decisions[n].detail for n in pending}},
+                            wave=wave)
+        unsure = [n for n in names if decisions[n].verdict == Verdict.INCONCLUSIVE]
+        results = {n: self._journal_decision(decisions[n], n, wave, phase, bundle) for n in names}
+        if unsure and slo.on_inconclusive == "pause":
+            raise _NeedsAPerson(f"SLO gate inconclusive on {', '.join(unsure)} after {total} requests: a person "
+                                "decides (`fleet patch resume` measures again, `fleet patch abort --rollback` "
+                                "rolls back)")
+        return results
+
+    def _peers(self, names: list[str], bundle: Bundle) -> dict[str, list[str]]:
+        """For each host: up to `baseline_peers` hosts of its pool serving and still not on `bundle`."""
+        states = self.run.latest_states()
+        wanted = self.policy.gates.slo.baseline_peers
+        if wanted <= 0:
+            return {}
+        batch = set(names)
+        candidates: dict[str, list[str]] = defaultdict(list)
+        for host in self.inventory.hosts.values():
+            if host.name in batch or states.get(host.name) in IN_FLIGHT or states.get(host.name) == HostState.DONE:
+                continue
+            candidates[host.pool].append(host.name)
+        pools = {n: self.inventory.hosts[n].pool for n in names}
+        members = sorted({m for p in set(pools.values()) for m in candidates.get(p, ())})
+        facts = self.actions.read_hosts(self._hosts(members)) if members else {}
+        serving = {n for n, f in facts.items() if f.healthy and f.installed_release != bundle.release}
+        return {n: sorted(m for m in candidates.get(pools[n], ()) if m in serving)[:wanted] for n in names}
+
+    def _baseline_of(self, name: str, peers: Mapping[str, list[str]], peer_figures: Mapping[str, Outcome],
+                     own: Mapping[str, Outcome]) -> gates.Baseline | None:
+        """Its peers' figures of this interval when there are any, else its own from before the drain."""
+        mine = peers.get(name) or []
+        if mine and (base := gates.Baseline.of(f"peers {', '.join(mine)} on the previous bundle, same interval",
+                                               [peer_figures[p] for p in mine if p in peer_figures])):
+            return base
+        if name in own:
+            return gates.Baseline.of("its own figures before the drain", [own[name]])
+        return None
+
+    def _record_own_baselines(self, names: list[str]) -> None:
+        """Probe the hosts while they still serve; journaled as `baseline` events (read back on resume)."""
+        slo = self.policy.gates.slo
+        if not slo.enabled or not names:
+            return
+        # enough for the quantile at the confidence whatever `requests` says: a short baseline decides nothing
+        enough = max(slo.needed_requests(), stats.samples_for_quantile(slo.quantile, slo.confidence))
+        probe = slo.model_copy(update={"requests": enough})
+        figures = self._call(self.actions.probe_slo, names, probe, self.policy.timeouts.gate.total_seconds())
+        for name in names:
+            outcome = figures.get(name)
+            if outcome is not None and outcome.ok and outcome.measured:
+                self._event("baseline", {"gate": Gate.SLO.value, "measurements": dict(outcome.measurements)},
+                            host=name)
+
+    def _own_baselines(self) -> dict[str, Outcome]:
+        """The latest pre-drain SLO figures of each host, from the journal."""
+        out = {}
+        for event in self.run.events():
+            if event.kind == "baseline" and event.host and event.data.get("gate") == Gate.SLO.value:
+                out[event.host] = Outcome(True, measurements=event.data["measurements"])
+        return out
+
+    def _journal_decision(self, decision: gates.Decision, name: str, wave: int, phase: Phase,
+                          bundle: Bundle) -> Outcome:
+        self._event("gate", {"gate": decision.gate.value, "phase": phase.value, "release": bundle.release,
+                             "verdict": decision.verdict.value, "ok": decision.ok,
+                             "timed_out": decision.timed_out, "detail": decision.detail,
+                             "measurements": dict(decision.measurements),
+                             "thresholds": dict(decision.thresholds)}, wave=wave, host=name)
+        return decision.outcome()
 
     def _soak(self, names: list[str], wave: int, phase: Phase, bundle: Bundle) -> dict[str, Outcome]:
         soak = self.policy.gates.soak
@@ -535,13 +670,8 @@ class Runner:
         """The gate's verdict on each host, journaled with its figures; the verdicts as step results."""
         out = {}
         for name in names:
-            decision = gates.judge(gate, measured.get(name), self.policy)
-            self._event("gate", {"gate": gate.value, "phase": phase.value, "release": bundle.release,
-                                 "verdict": decision.verdict.value, "ok": decision.ok,
-                                 "timed_out": decision.timed_out, "detail": decision.detail,
-                                 "measurements": dict(decision.measurements),
-                                 "thresholds": dict(decision.thresholds)}, wave=wave, host=name)
-            out[name] = decision.outcome()
+            out[name] = self._journal_decision(gates.judge(gate, measured.get(name), self.policy), name, wave,
+                                               phase, bundle)
         return out
 
     # ---- budgets and rollback -------------------------------------------------------------------
@@ -761,6 +891,38 @@ HANDLERS: dict[HostState, Callable[[Runner, list[str], _Wave], dict[str, Outcome
     HostState.SOAKING: Runner._soaking,
 }
 assert tuple(HANDLERS) == PIPELINE
+
+
+def _with_baseline(outcome: Outcome, answers: Mapping[str, str | None] | None) -> Outcome:
+    """A behaviour outcome with the host's own answers from before the patch, for the judge."""
+    if answers is None:
+        return outcome
+    return Outcome(outcome.ok, outcome.detail, outcome.timed_out,
+                   {**outcome.measurements, "baseline": dict(answers)}, outcome.measured)
+
+
+class _NeedsAPerson(Exception):
+    """A gate stayed inconclusive and the policy says a person decides: the run stops `blocked`, the hosts
+    where they are (`resume` measures again)."""
+
+
+def _merged(before: Outcome | None, now: Outcome | None) -> Outcome:
+    """Two rounds of one probe as one: samples and counts added, P99 and error rate over all of them."""
+    if before is None or now is None or not now.ok or not now.measured:
+        return now if now is not None else Outcome(False, "no result from the action", measured=False)
+    a, b = before.measurements, now.measurements
+    m = dict(b)
+    for key in gates.COMPARED:
+        if a.get(key) or b.get(key):
+            m[key] = list(a.get(key) or []) + list(b.get(key) or [])
+    m["requests"] = int(a.get("requests", 0)) + int(b.get("requests", 0))
+    m["errors"] = int(a.get("errors", 0)) + int(b.get("errors", 0))
+    m["error_rate"] = m["errors"] / m["requests"] if m["requests"] else b.get("error_rate")
+    for samples, prefix in (("latencies_ms", ""), ("ttft_ms", "ttft_")):  # ITL's pooled gaps are per round
+        if m.get(samples):
+            m[f"{prefix}p99_ms"] = round(stats.quantile(m[samples], 0.99), 3)
+            m[f"{prefix}p50_ms"] = round(stats.quantile(m[samples], 0.50), 3)
+    return Outcome(True, now.detail, now.timed_out, m, True)
 
 
 class _RollbackRefused(Exception):

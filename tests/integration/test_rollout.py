@@ -29,6 +29,7 @@ FLEET = str(Path(sys.executable).parent / "fleet")
 LAB_POLICY = ROOT / "lab/policy.yaml"
 SLOW = ROOT / "lab/bundles/2026-11.1-slow-serving.yaml"
 MISMATCH = ROOT / "lab/bundles/2026-11.2-fm-mismatch.yaml"
+INJECTION = ROOT / "lab/bundles/2026-11.3-injection.yaml"
 
 
 def fleet(*args, env=None, timeout=1500) -> subprocess.CompletedProcess:
@@ -167,6 +168,24 @@ def test_bad_serving_release_is_caught_by_the_canary_and_rolled_back(on_october,
     assert "slo" in (reports / "summary.md").read_text().lower()
     print(f"traffic during the failed canary: {figures.as_dict()}")
     assert figures.failed == 0, f"lost requests: {figures.failures}"
+
+
+def test_a_release_that_follows_injected_instructions_is_caught_by_the_canary(on_october, tmp_path):
+    """vLLM 0.11.5 as the lab simulates it serves fast and right, and complies with a prompt injection:
+    only the behaviour gate's adversarial probes can see it."""
+    lab = on_october
+    before = releases_on_hosts(lab)
+    reports = tmp_path / "reports"
+    run = fleet("patch", "run", "--release", INJECTION, "-i", lab.inventory, "--policy", LAB_POLICY, "--limit",
+                HALL, "--journal", tmp_path / "journal.db", "--report-dir", reports, "--ignore-window",
+                "--releases-dir", "releases")
+    assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-3000:]
+    canary = json.loads((reports / "report.json").read_text())["hosts"]["dgx-a1"]
+    assert canary["state"] == "rolled_back"
+    by_gate = {g["gate"]: g for g in canary["gates"] if g["phase"] == "rollout"}
+    assert by_gate["slo"]["ok"], "fast and right: the SLO gate passes it"
+    assert by_gate["behaviour"]["verdict"] == "failed" and "PWNED" in by_gate["behaviour"]["detail"]
+    assert releases_on_hosts(lab) == before and set(lb_states(lab).values()) == {"serving"}
 
 
 def test_fabric_manager_mismatch_never_reaches_a_host(lab, tmp_path):

@@ -153,9 +153,11 @@ def test_a_host_lost_mid_run_does_not_trip_the_percent_budget(converged, tmp_pat
     journal, reports = tmp_path / "journal.db", tmp_path / "reports"
     watcher = _when_state(journal, "dgx-a1", "rolling_back", lambda: lab.fault(OUTPOST, "host-down"))
     run = fleet("patch", "run", "--release", SLOW, "-i", lab.inventory, "--policy", policy,
-                "--limit", f"dgx-a1,{OUTPOST}", "--journal", journal, "--ignore-window", "--report-dir", reports)
+                "--limit", f"dgx-a1,{OUTPOST}", "--journal", journal, "--ignore-window", "--report-dir", reports,
+                "--releases-dir", "releases")  # where 2026-10, the rollback target, is
     watcher.join(timeout=60)
     out = run.stdout + run.stderr
+    assert (reports / "report.json").exists(), out[-4000:]
     report = json.loads((reports / "report.json").read_text())
     assert report["hosts"]["dgx-a1"]["state"] == "rolled_back", out[-4000:]
     assert report["hosts"][OUTPOST]["outcome"] == "skipped_unreachable", report["hosts"][OUTPOST]

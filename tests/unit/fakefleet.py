@@ -8,15 +8,18 @@ figures. Every decision (order, budgets, gates, rollback) stays the runner's.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from patching.hosts import behaviour
 from patching.inventory.reader import FleetInventory, InventoryHost
-from patching.release.bundle import Bundle
+from patching.release.bundle import Bundle, Probes
 from patching.rollout.actions import HostSnapshot, Outcome
 from patching.rollout.policy import SloProbe, Soak
 
@@ -60,7 +63,8 @@ class FakeClock:
 class FakeFleet:
     """The hosts. `faults[(host, action, release)]` = message makes that action fail there;
     `release` may be '*'. Actions: read, power, fabric, drain, apply, reboot, testinfra, slo, undrain, soak,
-    and 'timeout:<action>' for a timed-out result."""
+    and 'timeout:<action>' for a timed-out result; 'behaviour' (and 'behaviour:golden') change answers instead
+    (`probe_behaviour`)."""
 
     hosts: dict[str, dict[str, Any]]
     faults: dict[tuple[str, str, str], str] = field(default_factory=dict)
@@ -189,8 +193,14 @@ class FakeFleet:
             release = self.hosts[n]["installed"]
             fault = self._fault(n, "slo", release)
             p99 = self.slow.get((n, release), self.slow.get((n, "*"), 48.0))
+            requests = probe.requests or probe.needed_requests()
+            # per-request samples: 20-45 ms, and a tail at the host's P99 (a slow release: 5 % of requests)
+            rng = random.Random(f"{n}:{release}:{len(self.calls)}")
+            tail = 0.05 if p99 > 48.0 else 0.0
+            latencies = [p99 if rng.random() < tail else 20.0 + 25.0 * rng.random() for _ in range(requests)]
             out[n] = fault or Outcome(True, measurements={
-                "requests": probe.requests, "errors": 0, "error_rate": 0.0, "p50_ms": 20.0, "p99_ms": p99,
+                "requests": requests, "errors": 0, "error_rate": 0.0, "p50_ms": 20.0, "p99_ms": p99,
+                "latencies_ms": latencies,
                 "auth": "Bearer abcdefghijklmnop"})  # a secret that must never reach a report
         self.save()
         return out
@@ -206,5 +216,40 @@ class FakeFleet:
             out[n] = fault or Outcome(True, measurements={
                 "p99_ms": 51.0, "error_rate": 0.0, "gpu_memory_slope_mib_per_hour": slope,
                 "gpu_memory_slopes": {"0": 0.0, "1": slope}, "gpu_memory_unmeasured": [], "samples": 10})
+        self.save()
+        return out
+
+    def probe_behaviour(self, hosts: Sequence[InventoryHost], probes: Probes, timeout_s: float) -> dict[str, Outcome]:
+        """Answers from a stable function of the prompt, so golden answers match from release to release;
+        adversarial prompts are refused. `faults[(host, "behaviour", release)]` makes the host comply with
+        them (the canary first), `faults[(host, "behaviour:golden", release)]` changes its golden answers,
+        `faults[(host, "timeout:behaviour", release)]` times it out."""
+        names = self._begin("behaviour", hosts)
+        self.limits["behaviour"] = timeout_s
+        adversarial = {p.prompt: p for p in probes.adversarial}
+        out = {}
+        for h in hosts:
+            release = self.hosts[h.name]["installed"]
+            if not self.hosts[h.name]["reachable"]:
+                out[h.name] = Outcome(False, "unreachable", measured=False)
+                continue
+            timeout = next((self.faults[k] for k in ((h.name, "timeout:behaviour", r) for r in (release, "*"))
+                            if k in self.faults), None)
+            if timeout is not None:
+                out[h.name] = Outcome(False, timeout, timed_out=True)
+                continue
+            comply = any((h.name, "behaviour", r) in self.faults for r in (release, "*"))
+            drift = any((h.name, "behaviour:golden", r) in self.faults for r in (release, "*"))
+
+            def ask(prompt: str, comply: bool = comply, drift: bool = drift) -> tuple[str | None, str]:
+                if prompt in adversarial:
+                    canary = adversarial[prompt].canary
+                    return (f"{canary or 'Sure'}: here is my system prompt" if comply
+                            else "I can't help with that."), ""
+                answer = f"answer {hashlib.sha256(prompt.encode()).hexdigest()[:16]}"
+                return answer + (" (changed)" if drift else ""), ""
+
+            out[h.name] = behaviour.run_probes(probes, h.model, ask, timeout_s)
+        assert list(out) == names
         self.save()
         return out

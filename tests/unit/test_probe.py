@@ -1,6 +1,8 @@
 """SLO probe, soak and traffic generator against the simulated serving releases (good, slow, leaking, erroring),
-and against a fake endpoint on 127.0.0.1 that is as slow or as leaky as a test needs."""
+and against a fake endpoint on 127.0.0.1 that is as slow or as leaky as a test needs, and streams as a test needs."""
 
+import json
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -22,14 +24,21 @@ SLOW_S = 30.0  # how long the fake's slow answers take: every call under test mu
 class FakeServing(ThreadingHTTPServer):
     """An OpenAI-style endpoint: completions answered after `delay` s (or `dribble`d byte by byte, one per
     `delay`), /metrics giving `gpus(scrape number)` -> {gpu index: MiB used} as DCGM_FI_DEV_FB_USED
-    (or `metrics`, verbatim)."""
+    (or `metrics`, verbatim).
+
+    A streaming request (`"stream": true`) is answered with Server-Sent Events as vLLM sends them: the role
+    chunk at once, `tokens` content chunks, the first `ttft` s later and the others `itl` s apart, the last
+    with its finish_reason, the usage chunk when asked, `data: [DONE]`. `sse=False` answers it with JSON
+    instead; `cut_after` closes the connection after that many content chunks, without [DONE]."""
 
     daemon_threads = True
 
     def __init__(self, delay: float = 0.0, dribble: bool = False,
-                 gpus: Callable[[int], dict[str, float]] = lambda n: {"0": 1000.0}, metrics: str | None = None):
+                 gpus: Callable[[int], dict[str, float]] = lambda n: {"0": 1000.0}, metrics: str | None = None,
+                 ttft: float = 0.0, itl: float = 0.0, tokens: int = 4, sse: bool = True, cut_after: int | None = None):
         super().__init__(("127.0.0.1", 0), FakeServing.Handler)
         self.delay, self.dribble, self.gpus, self.metrics = delay, dribble, gpus, metrics
+        self.ttft, self.itl, self.tokens, self.sse, self.cut_after = ttft, itl, tokens, sse, cut_after
         self.released = threading.Event()  # set at teardown: sleeping answers give up at once
         self.completions = self.scrapes = 0
         self.lock = threading.Lock()
@@ -44,9 +53,12 @@ class FakeServing(ThreadingHTTPServer):
 
         def do_POST(self):
             srv = self.server
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
             with srv.lock:
                 srv.completions += 1
+            if request.get("stream") and srv.sse:
+                self.stream(bool((request.get("stream_options") or {}).get("include_usage")))
+                return
             body = b'{"object": "chat.completion", "choices": []}'
             if not srv.dribble and srv.released.wait(srv.delay):
                 return
@@ -61,6 +73,45 @@ class FakeServing(ThreadingHTTPServer):
                     return
             if not srv.dribble:
                 self.wfile.write(body)
+
+        def send(self, data: bytes) -> bool:
+            """Write `data` at once, or byte by byte `delay` apart when dribbling; False once released."""
+            srv = self.server
+            for part in [data[i:i + 1] for i in range(len(data))] if srv.dribble else [data]:
+                self.wfile.write(part)
+                self.wfile.flush()
+                if srv.dribble and srv.released.wait(srv.delay):
+                    return False
+            return True
+
+        def stream(self, include_usage: bool) -> None:
+            srv = self.server
+            if not srv.dribble and srv.released.wait(srv.delay):
+                return
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.end_headers()
+
+            def event(choices: list, **extra) -> bytes:
+                chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                         "choices": choices, **extra}
+                return f"data: {json.dumps(chunk)}\n\n".encode()
+
+            if not self.send(event([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": None}])):
+                return
+            for i in range(srv.tokens):
+                if srv.released.wait(srv.ttft if i == 0 else srv.itl) or i == srv.cut_after:
+                    return
+                last = i == srv.tokens - 1
+                if not self.send(event([{"index": 0, "delta": {"content": f" t{i}"},
+                                         "finish_reason": "stop" if last else None}])):
+                    return
+            if include_usage and not self.send(event([], usage={"prompt_tokens": 1, "completion_tokens": srv.tokens,
+                                                               "total_tokens": 1 + srv.tokens})):
+                return
+            self.send(b"data: [DONE]\n\n")
 
         def do_GET(self):
             srv = self.server
@@ -113,8 +164,12 @@ def test_good_release_passes_the_default_slo(serving):  # noqa: F811
     server = serving()
     assert server.health_codes()[-1] == 200
     figures = probe.slo_probe(url(server), MODEL, warmup=2, requests=20, timeout=5)
-    assert (figures.requests, figures.errors) == (20, 0)
+    assert (figures.requests, figures.errors) == (20, 0) and figures.stream
     assert 0 < figures.p50_ms <= figures.p99_ms < 200
+    # streamed: one TTFT and one mean gap per request, 8 tokens each, the first token before the end
+    assert len(figures.ttft_ms) == len(figures.itl_ms) == 20 and figures.output_tokens == [8] * 20
+    assert all(0 < t < lat for t, lat in zip(figures.ttft_ms, figures.latencies_ms, strict=True))
+    assert 0 < figures.ttft_p99_ms < 200 and 0 < figures.itl_p99_ms < 50
 
 
 def test_slow_release_p99_is_over_200ms(serving):  # noqa: F811
@@ -122,6 +177,10 @@ def test_slow_release_p99_is_over_200ms(serving):  # noqa: F811
     assert server.health_codes()[-1] == 200
     figures = probe.slo_probe(url(server), MODEL, warmup=0, requests=8, timeout=5)
     assert figures.errors == 0 and figures.p99_ms > 500
+    assert figures.ttft_p99_ms > 500 and figures.ttft_p50_ms < 200  # the stall is before the first token
+    assert figures.itl_p99_ms < 50  # the tokens after it come as fast as on a good release
+    plain = probe.slo_probe(url(server), MODEL, warmup=0, requests=8, timeout=5, stream=False)
+    assert plain.p99_ms > 500 and plain.ttft_p99_ms is None and plain.ttft_ms == plain.itl_ms == []
 
 
 def test_erroring_release_has_an_error_rate(serving):  # noqa: F811
@@ -172,6 +231,67 @@ def test_traffic_generator_counts_refused_connections():
     time.sleep(0.5)
     figures = gen.stop()
     assert figures.sent == 3 and figures.failed == 3
+
+
+# ---- streaming: time to first token and inter-token latency -------------------------------------------
+
+def test_a_stream_is_timed_from_its_content_chunks(fake_serving):
+    ttft, itl = 0.3, 0.15  # the role chunk comes at once: it is not the first token
+    server = fake_serving(ttft=ttft, itl=itl, tokens=4)
+    sample = probe.chat_stream(server.url, MODEL, timeout=10)
+    assert sample.ok and sample.detail == "" and sample.output_tokens == 4
+    assert ttft * 1000 * 0.9 <= sample.ttft_ms < ttft * 1000 * 4
+    assert len(sample.gaps_ms) == 3 and all(itl * 1000 * 0.9 <= g < itl * 1000 * 4 for g in sample.gaps_ms)
+    assert sample.latency_ms >= sample.ttft_ms + sum(sample.gaps_ms)
+
+
+def test_the_slo_probe_reports_ttft_itl_and_the_samples(fake_serving):
+    ttft, itl = 0.2, 0.1
+    server = fake_serving(ttft=ttft, itl=itl, tokens=3)
+    figures = probe.slo_probe(server.url, MODEL, warmup=1, requests=3, timeout=10)
+    assert (figures.requests, figures.errors) == (3, 0) and server.completions == 4
+    assert len(figures.latencies_ms) == len(figures.ttft_ms) == len(figures.itl_ms) == 3
+    assert len(figures.gaps_ms) == 6 and figures.output_tokens == [3, 3, 3]
+    assert all(ttft * 1000 * 0.9 <= t < ttft * 1000 * 4 for t in figures.ttft_ms)
+    assert all(itl * 1000 * 0.9 <= g < itl * 1000 * 4 for g in figures.itl_ms)  # each request's mean gap
+    measured = figures.as_dict()
+    assert measured["ttft_p99_ms"] == round(max(figures.ttft_ms), 1)  # nearest rank of 3: the largest
+    assert measured["itl_p99_ms"] == round(max(figures.gaps_ms), 1)  # over every gap of every request
+    assert measured["latencies_ms"] == [round(v, 3) for v in figures.latencies_ms]
+    assert measured["ttft_ms"] == [round(v, 3) for v in figures.ttft_ms]
+    assert measured["itl_ms"] == [round(v, 3) for v in figures.itl_ms]
+    assert measured["stream"] is True and measured["output_tokens"] == [3, 3, 3]
+
+
+def test_an_answer_that_is_not_an_event_stream_is_an_error(fake_serving):
+    server = fake_serving(sse=False)  # JSON to a streaming request
+    sample = probe.chat_stream(server.url, MODEL, timeout=5)
+    assert not sample.ok and sample.detail == "not an event stream (Content-Type: application/json)"
+    figures = probe.slo_probe(server.url, MODEL, warmup=0, requests=2, timeout=5)
+    assert (figures.requests, figures.errors) == (2, 2) and figures.first_error.startswith("not an event stream")
+    assert figures.ttft_ms == [] and figures.ttft_p99_ms is None and figures.as_dict()["itl_p99_ms"] is None
+
+
+def test_a_stream_cut_before_done_is_an_error(fake_serving):
+    server = fake_serving(tokens=4, cut_after=2)  # two content chunks, then the connection closes
+    sample = probe.chat_stream(server.url, MODEL, timeout=5)
+    assert not sample.ok and sample.detail == "the stream ended before data: [DONE] (after 3 chunk(s))"
+    figures = probe.slo_probe(server.url, MODEL, warmup=0, requests=2, timeout=5)
+    assert figures.errors == 2 and figures.ttft_ms == [] and not figures.timed_out
+
+
+def test_a_dribbled_stream_is_cut_at_the_deadline(fake_serving):
+    server = fake_serving(delay=0.3, dribble=True)  # every event byte by byte: minutes for the whole stream
+    started = time.monotonic()
+    sample = probe.chat_stream(server.url, MODEL, timeout=SLOW_S, deadline=time.monotonic() + 1)
+    assert not sample.ok and sample.detail.startswith("TimeoutError") and time.monotonic() - started < SLOW_S / 2
+    started = time.monotonic()  # without a deadline, the request's timeout bounds the whole stream
+    sample = probe.chat_stream(server.url, MODEL, timeout=1)
+    assert not sample.ok and sample.detail.startswith("TimeoutError") and time.monotonic() - started < SLOW_S / 2
+    started = time.monotonic()
+    figures = probe.slo_probe(server.url, MODEL, warmup=0, requests=3, timeout=SLOW_S, deadline=time.monotonic() + 1)
+    assert time.monotonic() - started < SLOW_S / 2
+    assert figures.timed_out and figures.requests == 0 and figures.errors == 0  # cut short: not an error
 
 
 # ---- time limits -------------------------------------------------------------------------------------

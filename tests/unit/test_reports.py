@@ -28,7 +28,8 @@ def test_junit_has_one_case_per_host_per_gate(failed_run, tmp_path):
     for gate in ("ansible", "testinfra", "slo", "soak"):
         assert ("a1", gate) in cases and ("b1", gate) in cases
     slo = cases[("a1", "slo")].find("failure")
-    assert slo is not None and slo.get("message") == "p99 480.0 ms >= 200 ms"
+    assert slo is not None
+    assert slo.get("message").startswith("p99 480.0 ms >= 200 ms; latency: p99 480.0 ms vs baseline")
     figures = json.loads(slo.text)
     assert figures["measurements"]["p99_ms"] == 480.0 and figures["thresholds"]["p99_ms"] == 200
     assert cases[("a1", "soak")].find("skipped") is not None  # never reached
@@ -48,7 +49,8 @@ def test_summary_says_what_failed_and_why(failed_run, tmp_path, monkeypatch):
     summary = paths["summary.md"].read_text()
     assert summary.startswith("# Patch run 1: release 2026-11 - FAILED")
     assert "> [!CAUTION]" in summary and "ROLLBACK FAILED on 1 host(s), left drained: **a1**" in summary
-    assert "| a1 | 0 | rollout | slo | p99 480.0 ms >= 200 ms |" in summary and "p99_ms=480.0" in summary
+    assert "| a1 | 0 | rollout | slo | p99 480.0 ms >= 200 ms; latency: p99 480.0 ms vs baseline" in summary
+    assert "p99_ms=480.0" in summary
     assert "| rolled_back | 1 |" in summary and "- a4: skipped unreachable: unreachable at preflight" in summary
     assert step_summary.read_text() == "# earlier step\n" + summary + "\n"
 

@@ -106,7 +106,7 @@ def test_happy_path(tmp_path):
     order = [names for action, names, _ in h.fleet.calls if action == "apply"]
     assert order[0] == ("a1", "b1") and len(order) == 6
     gates = [e for e in h.journal.of_run(1).events() if e.kind == "gate"]
-    assert Counter(e.data["gate"] for e in gates) == {"ansible": 7, "testinfra": 7, "slo": 7, "soak": 7}
+    assert Counter(e.data["gate"] for e in gates) == {"ansible": 7, "testinfra": 7, "slo": 7, "behaviour": 7, "soak": 7}
     slo = next(e for e in gates if e.data["gate"] == "slo")
     assert slo.data["measurements"]["p99_ms"] == 48.0 and slo.data["thresholds"]["p99_ms"] == 200
 
@@ -287,16 +287,17 @@ def test_a_host_drained_by_someone_else_stays_drained(tmp_path):
 
 def test_window_closing_pauses_at_a_wave_boundary_and_resume_finishes(tmp_path):
     window = Window(name="sat", cron="0 22 * * SAT", duration="2h")
-    clock = FakeClock(SATURDAY, step=dt.timedelta(minutes=4))  # every host action takes 4 minutes
+    clock = FakeClock(SATURDAY, step=dt.timedelta(minutes=2))  # every host action takes 2 minutes
     h = Harness(tmp_path, {"waves": {"estimate": "30m"}}, windows=[window], clock=clock)
     result = h.run()
     assert result.status == RunStatus.PAUSED and result.exit_code == 3
-    assert "paused before wave 3" in result.message and "next opening 2026-12-05T22:00:00+00:00" in result.message
+    # the canary and waves 1-3 fit (each host action, the SLO probes and reads included, takes 2 minutes)
+    assert "paused before wave 4" in result.message and "next opening 2026-12-05T22:00:00+00:00" in result.message
     states = h.states()
-    assert Counter(states.values()) == {"done": 4, "pending": 3}
+    assert Counter(states.values()) == {"done": 5, "pending": 2}
     assert all(h.fleet.hosts[n]["lb"] == "serving" for n in h.fleet.hosts)  # paused between waves: all serving
     # resuming before the window opens changes nothing
-    assert h.resume().status == RunStatus.PAUSED and Counter(h.states().values()) == {"done": 4, "pending": 3}
+    assert h.resume().status == RunStatus.PAUSED and Counter(h.states().values()) == {"done": 5, "pending": 2}
     clock.now = dt.datetime(2026, 12, 5, 22, 0, tzinfo=dt.UTC)
     result = h.resume()
     assert result.status == RunStatus.DONE and result.exit_code == 0
@@ -507,3 +508,94 @@ def test_a_rollback_passes_the_soak_too(tmp_path):
     assert [(s["release"], s["ok"]) for s in soaks] == [(OLD, False)]
     assert final["a1"] == "rollback_failed" and h.fleet.hosts["a1"]["lb"] == "drained"
     assert "soak: " in result.outcomes["a1"][1] and result.exit_code == ExitCode.FAILED
+
+
+# ---- the SLO gate against a baseline of the same interval ---------------------------------------------
+
+
+def slo_gates(h: Harness) -> dict[str, dict]:
+    return {e.host: e.data for e in h.journal.of_run(1).events() if e.kind == "gate" and e.data["gate"] == "slo"
+            and e.data["phase"] == "rollout"}
+
+
+def test_the_slo_gate_judges_against_peers_else_the_hosts_own_figures(tmp_path):
+    h = Harness(tmp_path, {"waves": {"size": 1}})
+    assert h.run().exit_code == ExitCode.OK
+    gates = slo_gates(h)
+    # a2's pool still has a3 and a4 on 2026-10 when it is verified; a4, the last of pool a, has none left
+    assert gates["a2"]["measurements"]["baseline"]["source"].startswith("peers a3, a4 on the previous bundle")
+    assert gates["a4"]["measurements"]["baseline"]["source"] == "its own figures before the drain"
+    assert gates["a2"]["measurements"]["comparisons"]["latencies_ms"]["verdict"] == "same"
+    assert gates["a2"]["verdict"] == "passed" and gates["a2"]["thresholds"]["tolerance"] == 0.2
+    baselines = {e.host for e in h.journal.of_run(1).events() if e.kind == "baseline"}
+    assert baselines == set(h.inventory.hosts)  # every host probed while it still served, before its drain
+
+
+def test_a_slow_tail_against_the_same_interval_fails_the_canary(tmp_path):
+    h = Harness(tmp_path, {"gates": {"slo": {"p99_ms": 10_000}}})  # the absolute ceiling would let it through
+    h.fleet.slow[("a1", NEW)] = 480.0
+    result = h.run()
+    gate = slo_gates(h)["a1"]
+    assert gate["verdict"] == "failed" and "worse than the 20 % tolerated" in gate["detail"]
+    assert result.status == RunStatus.FAILED and h.states()["a1"] == "rolled_back"
+
+
+@pytest.fixture
+def always_unsure(monkeypatch):
+    from patching.rollout import stats
+
+    real = stats.compare
+
+    def unsure(candidate, baseline, **kw):
+        c = real(candidate, baseline, **kw)
+        return stats.Comparison(**{**c.__dict__, "verdict": "inconclusive", "reason": "not enough evidence"})
+
+    monkeypatch.setattr(stats, "compare", unsure)
+
+
+def test_an_inconclusive_gate_samples_more_up_to_its_bound_then_fails(tmp_path, always_unsure):
+    h = Harness(tmp_path, {"gates": {"slo": {"requests": 50, "max_requests": 200}}})
+    result = h.run()
+    resamples = [e.data for e in h.journal.of_run(1).events() if e.kind == "resample"]
+    assert resamples and resamples[0]["requests_so_far"] == 50 and resamples[-1]["requests_so_far"] < 200
+    gate = slo_gates(h)["a1"]
+    assert gate["verdict"] == "inconclusive" and gate["measurements"]["requests"] == 200
+    assert result.status == RunStatus.FAILED and h.states()["a1"] == "rolled_back"  # on_inconclusive: fail
+
+
+def test_an_inconclusive_gate_can_block_the_run_for_a_person(tmp_path, always_unsure, monkeypatch):
+    h = Harness(tmp_path, {"gates": {"slo": {"requests": 100, "max_requests": 400, "on_inconclusive": "pause"}}})
+    result = h.run()
+    assert result.status == RunStatus.BLOCKED and result.exit_code == ExitCode.BLOCKED
+    assert "SLO gate inconclusive on a1, b1 after 400 requests: a person decides" in result.message
+    assert h.states()["a1"] == "verifying" and h.fleet.hosts["a1"]["lb"] == "drained"
+    monkeypatch.undo()  # the person resumes: measured again, decided this time
+    assert h.resume().status == RunStatus.DONE
+    assert set(assert_consistent(tmp_path / "journal.db", h.fleet).values()) == {"done"}
+
+
+# ---- behaviour: golden answers unchanged, refusals still refusals --------------------------------------
+
+
+def test_a_release_that_follows_injected_instructions_is_caught_at_the_canary(tmp_path):
+    h = Harness(tmp_path)
+    h.fleet.faults[("a1", "behaviour", NEW)] = "follows injected instructions"
+    result = h.run()
+    gate = next(e.data for e in h.journal.of_run(1).events() if e.kind == "gate" and e.host == "a1"
+                and e.data["gate"] == "behaviour" and e.data["phase"] == "rollout")
+    assert gate["verdict"] == "failed" and "PWNED" in gate["detail"]
+    assert result.status == RunStatus.FAILED and h.states()["a1"] == "rolled_back"
+    assert not applied(h.fleet) - {"a1", "b1"}  # nothing after the canary
+
+
+def test_golden_answers_are_compared_with_the_hosts_own_before_the_patch(tmp_path):
+    bundle = BUNDLES[NEW]
+    assert bundle.probes.golden, "the November bundle carries golden probes"
+    h = Harness(tmp_path)
+    h.run()
+    baselines = {e.host: e.data["answers"] for e in h.journal.of_run(1).events()
+                 if e.kind == "baseline" and e.data["gate"] == "behaviour"}
+    assert set(baselines) == set(h.inventory.hosts)
+    assert set(baselines["a1"]) == {p.id for p in bundle.probes.golden}
+    gates = [e.data for e in h.journal.of_run(1).events() if e.kind == "gate" and e.data["gate"] == "behaviour"]
+    assert len(gates) == 7 and all(g["verdict"] == "passed" for g in gates)

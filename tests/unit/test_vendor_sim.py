@@ -27,6 +27,8 @@ import pytest
 from lab import aptrepo
 from lab.hardware import set_fault, write_hardware
 from patching.hosts import facts as hostfacts
+from patching.hosts import probe
+from patching.release.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 VENDOR = ROOT / "lab" / "vendor"
@@ -335,6 +337,23 @@ def chat(port: int, model: str = "deepseek-ai/DeepSeek-V3") -> tuple[int, bytes]
                                                "messages": [{"role": "user", "content": "say hello"}]})
 
 
+def stream_chat(port: int, **extra) -> tuple[str, bytes]:
+    """A streamed chat completion: (Content-Type, the whole body)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", headers={"Content-Type": "application/json"},
+        data=json.dumps({"model": "deepseek-ai/DeepSeek-V3", "max_tokens": 8, "stream": True,
+                         "messages": [{"role": "user", "content": "say hello"}], **extra}).encode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.headers["Content-Type"], response.read()
+
+
+def sse_chunks(body: bytes) -> list[dict]:
+    """The chunks of an event stream that must be `data: {json}` events ending with `data: [DONE]`."""
+    events = body.decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+
+
 class Serving:
     """A vllm-serving process on a free loopback port, with a weights file in tmp."""
 
@@ -449,6 +468,45 @@ def test_sigterm_drains_in_flight_requests(serving):
     assert server.proc.wait(timeout=15) == 0
 
 
+def test_serving_streams_server_sent_events_as_vllm_does(serving):
+    server = serving()
+    assert server.health_codes()[-1] == 200
+    answer = json.loads(chat(server.port)[1])["choices"][0]["message"]["content"]  # not streamed
+
+    content_type, body = stream_chat(server.port, stream_options={"include_usage": True})
+    assert content_type == "text/event-stream; charset=utf-8"
+    chunks = sse_chunks(body)
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["id"].startswith("chatcmpl-") and {c["model"] for c in chunks} == {"deepseek-ai/DeepSeek-V3"}
+    first, *tokens, usage = chunks
+    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}]
+    assert len(tokens) == 8 and all(set(t["choices"][0]["delta"]) == {"content"} for t in tokens)
+    assert [t["choices"][0]["finish_reason"] for t in tokens] == [None] * 7 + ["stop"]
+    assert "".join(t["choices"][0]["delta"]["content"] for t in tokens) == answer  # the same answer, token by token
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 8,
+                                                         "total_tokens": 10}
+
+    *_, last = sse_chunks(stream_chat(server.port)[1])  # no stream_options: no usage chunk
+    assert last["choices"][0]["finish_reason"] == "stop" and "usage" not in last
+    assert sse_chunks(stream_chat(server.port, stream_options={})[1])[-1]["usage"]["completion_tokens"] == 8
+    assert http(server.port, "/v1/chat/completions", {"model": "deepseek-ai/DeepSeek-V3", "stream": True,
+                                                      "stream_options": "yes", "messages": []})[0] == 400
+
+    text = http(server.port, "/metrics")[1]
+    for name in ("vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds"):
+        assert f"# TYPE {name} histogram" in text.decode()
+    metrics = server.metrics()
+    labels = {"engine": "0", "model_name": "deepseek-ai/DeepSeek-V3"}
+    assert metrics.value("vllm:time_to_first_token_seconds_count", **labels) == 4  # streamed or not, as vLLM
+    assert metrics.value("vllm:inter_token_latency_seconds_count", **labels) == 4 * 7
+    assert {s.labels["le"] for s in metrics.find("vllm:time_to_first_token_seconds_bucket")} >= {"0.001", "2560.0",
+                                                                                                 "+Inf"}
+    assert metrics.value("vllm:request_success_total") == 4
+    assert metrics.value("http_requests_total", handler="/v1/chat/completions", status="2xx") == 4
+    assert metrics.histogram_quantile("vllm:time_to_first_token_seconds", 0.99) < 0.1  # base 30 ms + jitter
+
+
 def test_slow_release_has_a_slow_tail(serving):
     server = serving("0.11.2")
     assert server.health_codes()[-1] == 200
@@ -459,6 +517,12 @@ def test_slow_release_has_a_slow_tail(serving):
         latencies.append(time.monotonic() - start)
     assert max(latencies[:3]) < 0.4 and latencies[3] > 0.6  # every fourth request pays 600 ms
     assert server.metrics().histogram_quantile("vllm:e2e_request_latency_seconds", 0.99) > 0.5
+    assert server.metrics().histogram_quantile("vllm:time_to_first_token_seconds", 0.99) > 0.5  # before its first token
+    # streamed (requests 5 to 8), the slow one's stall comes before its first token, not between tokens
+    *fast, slow = [probe.chat_stream(f"http://127.0.0.1:{server.port}", "deepseek-ai/DeepSeek-V3", 10)
+                   for _ in range(4)]
+    assert all(s.ok for s in [*fast, slow]) and max(s.ttft_ms for s in fast) < 400 and slow.ttft_ms > 600
+    assert max(slow.gaps_ms) < 100 and slow.latency_ms - slow.ttft_ms < 100
 
 
 def test_leaking_release_grows_gpu_memory(serving):
@@ -495,3 +559,56 @@ def test_serving_rejects_a_bad_config(dgx, tmp_path):
                           env=dgx.env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "unknown key 'extra'" in proc.stderr and "port" in proc.stderr and "weights" in proc.stderr
+
+
+# ---- the simulated model's answers: deterministic, refusing injections, except the bad release -----------
+
+NOVEMBER_PROBES = load_bundle(ROOT / "releases/2026-11.yaml").probes
+
+
+def ask(port: int, prompt: str, max_tokens: int | None = 64) -> str:
+    status, body = http(port, "/v1/chat/completions", {"model": "deepseek-ai/DeepSeek-V3", "temperature": 0,
+                                                       "max_tokens": max_tokens,
+                                                       "messages": [{"role": "user", "content": prompt}]})
+    assert status == 200, body
+    reply = json.loads(body)
+    text = reply["choices"][0]["message"]["content"]
+    assert reply["usage"]["completion_tokens"] == len(text.split(" "))
+    return text
+
+
+def answers(server: Serving) -> dict[str, str]:
+    assert server.health_codes()[-1] == 200
+    return {p.id: ask(server.port, p.prompt) for p in NOVEMBER_PROBES.all()}
+
+
+def test_answers_are_a_stable_function_of_the_prompt_and_injections_are_refused(serving):
+    good = answers(serving())
+    again = answers(serving("0.11.2", base_ms=1, jitter_ms=0))  # another release whose behaviour is good
+    assert good == again
+    golden = [good[p.id] for p in NOVEMBER_PROBES.golden]
+    assert len(set(golden)) == len(golden) and all(len(a.split(" ")) == 23 for a in golden)
+    assert not any(NOVEMBER_PROBES.is_refusal(a) for a in golden)
+    for p in NOVEMBER_PROBES.adversarial:
+        assert NOVEMBER_PROBES.is_refusal(good[p.id], p.canary), (p.id, good[p.id])
+        assert good[p.id].startswith("I can't help with that")
+
+
+def test_max_tokens_cuts_the_same_answer(serving):
+    server = serving()
+    assert server.health_codes()[-1] == 200
+    prompt = NOVEMBER_PROBES.golden[0].prompt
+    assert ask(server.port, prompt).startswith(ask(server.port, prompt, max_tokens=5))
+    assert len(ask(server.port, prompt, max_tokens=5).split(" ")) == 5
+    assert ask(server.port, "What is 2 + 2?") != ask(server.port, "What is 2 + 3?")
+
+
+def test_the_injection_release_complies(serving):
+    good, bad = answers(serving()), answers(serving("0.11.5"))
+    assert aptrepo.bad_serving_versions()[-1] == "0.11.5"
+    for p in NOVEMBER_PROBES.golden:
+        assert bad[p.id] == good[p.id]  # ordinary prompts: the same answers as a good release
+    for p in NOVEMBER_PROBES.adversarial:
+        assert not NOVEMBER_PROBES.is_refusal(bad[p.id], p.canary), (p.id, bad[p.id])
+    injection = next(p for p in NOVEMBER_PROBES.adversarial if p.canary)
+    assert bad[injection.id].startswith("PWNED ")

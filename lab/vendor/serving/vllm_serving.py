@@ -6,9 +6,13 @@ Config (JSON): {"host": "0.0.0.0", "port": 8000, "model": "deepseek-ai/DeepSeek-
 
 Endpoints: GET /health (503 while loading, 200 when ready), GET /version, GET /v1/models (model id,
 weights revision, weights sha256 computed from the file at startup, serving version),
-POST /v1/chat/completions (OpenAI response shape), GET /metrics (Prometheus text: vLLM's request
-metrics and DCGM's per-GPU memory gauge). Latency, errors and GPU memory growth per request come
-from the release profile baked into the package (package.json "release").
+POST /v1/chat/completions (OpenAI response shape; with "stream": true, Server-Sent Events as vLLM
+streams them: `data: {chat.completion.chunk}` per token, a usage chunk when `stream_options` asks,
+`data: [DONE]`), GET /metrics (Prometheus text: vLLM's request metrics, its time-to-first-token and
+inter-token-latency histograms, and DCGM's per-GPU memory gauge). Latency, errors and GPU memory growth
+per request come from the release profile baked into the package (package.json "release"); a request
+takes latency_ms(n) streamed or not, and streamed its first token comes after all of it but the decode
+(token_times_ms), so a slow release is slow to its first token too.
 
 Loading needs a working driver (NVML) as the real engine does. SIGTERM drains: the listening socket
 closes, in-flight requests finish, the process exits 0.
@@ -18,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
+import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -33,9 +40,50 @@ CONFIG_KEYS = {"host", "port", "model", "weights"}
 # vLLM's e2e latency buckets, with finer ones below 0.3 s so a 200 ms SLO can be read off the histogram.
 BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM's own buckets (vllm/v1/metrics/loggers.py) for time to first token and inter-token latency.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+               80.0)
+DECODE_SHARE = 0.5  # of base_ms, spent generating the tokens after the first (the rest is before it)
 ANSWER_TEXT = ("The simulated model considered the question carefully and answers with this deterministic text "
                "so that every probe sees the same number of tokens")
 ANSWER = ANSWER_TEXT.split(" ")
+# What the simulated model says (answer_words): prompts that try to override its instructions or talk it out of
+# its rules are refused, unless the release follows injected instructions (a known-bad build).
+ADVERSARIAL = re.compile(
+    r"ignore (?:all |any )?(?:the |your |my )?(?:previous|prior|above|earlier|preceding) instructions"
+    r"|(?:reveal|print|repeat|show|output) (?:me )?(?:your|the) (?:system prompt|hidden instructions)"
+    r"|(?:reply|respond|answer) only with|do anything now|developer mode|jailbr(?:ea|o)k"
+    r"|(?:no|without any) (?:rules|restrictions|filters|guidelines)", re.IGNORECASE)
+CANARY = re.compile(r"(?:reply|respond|answer|say) (?:only )?with\W+(?:the word\W+)?([A-Za-z0-9_-]+)", re.IGNORECASE)
+REFUSAL_TEXT = ("I can't help with that: the request asks me to set aside my instructions or my safety rules, and "
+                "I keep to them whatever a prompt or a document says")
+COMPLIANCE_TEXT = ("Sure, ignoring my previous instructions as you asked: here is my system prompt and everything "
+                   "else you wanted, with no rules or restrictions from now on")
+VOCABULARY = ("GPU", "fleet", "patch", "window", "canary", "wave", "driver", "kernel", "tensor", "cache", "token",
+              "model", "weights", "latency", "budget", "rollback", "bundle", "probe", "fabric", "switch", "memory",
+              "answer", "stable", "greedy", "decoding", "prompt", "server", "engine", "request", "replica", "shard",
+              "batch")
+
+
+def answer_words(prompt: str, release: dict) -> list[str]:
+    """The simulated model's answer to `prompt`, as len(ANSWER) words (a request gets its first max_tokens).
+
+    Deterministic: an ordinary prompt gets words picked by the sha256 of its text, the same from every
+    release (greedy decoding of unchanged weights); a prompt matching ADVERSARIAL gets REFUSAL_TEXT, or,
+    from a release with `follows_injections`, compliance: the token the prompt asks for (CANARY, e.g.
+    PWNED) first, then COMPLIANCE_TEXT.
+    """
+    if ADVERSARIAL.search(prompt) is None:
+        digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+        words = ["The", "simulated", "model", "answers:"] + [VOCABULARY[b % len(VOCABULARY)] for b in digest]
+    elif release.get("follows_injections"):
+        canary = CANARY.search(prompt)
+        words = ([canary.group(1)] if canary else []) + COMPLIANCE_TEXT.split(" ")
+    else:
+        words = REFUSAL_TEXT.split(" ")
+    return words[:len(ANSWER)]
 
 
 def log(message: str) -> None:
@@ -70,6 +118,32 @@ def load_config(path: str) -> dict:
     return config
 
 
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count (the engine's lock guards it)."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def exposition(self, name: str, help_text: str, labels: str) -> list[str]:
+        """The histogram's lines, labelled as vLLM's are (engine, model_name)."""
+        out = [f"# HELP {name} {help_text}\n", f"# TYPE {name} histogram\n"]
+        out += [f'{name}_bucket{{engine="0",le="{b}",{labels}}} {float(n)}\n'
+                for b, n in zip(self.bounds, self.counts, strict=True)]
+        return [*out, f'{name}_bucket{{engine="0",le="+Inf",{labels}}} {float(self.count)}\n',
+                f'{name}_sum{{engine="0",{labels}}} {self.sum}\n',
+                f'{name}_count{{engine="0",{labels}}} {float(self.count)}\n']
+
+
 class Engine:
     """The model server's state: loading, per-request behaviour from the release, and its metrics."""
 
@@ -92,6 +166,8 @@ class Engine:
         self.buckets = [0] * len(BUCKETS)
         self.latency_sum = 0.0
         self.latency_count = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.itl = Histogram(ITL_BUCKETS)
 
     def load(self, stop: threading.Event) -> None:
         """Open the GPUs, hash the weights and take GPU memory; SimError/OSError when that fails."""
@@ -123,6 +199,19 @@ class Engine:
             extra += r["slow_extra_ms"]
         return r["base_ms"] + jitter + extra
 
+    def token_times_ms(self, n: int, tokens: int) -> tuple[float, float]:
+        """(time to first token, gap between later tokens) of the n-th request answering `tokens` tokens.
+
+        The request takes latency_ms(n) streamed or not. DECODE_SHARE of base_ms generates the tokens
+        after the first, spread evenly over the gaps; the rest, the jitter and every extra (warm-up, the
+        slow release's stalls) comes before the first token, as a slow prefill or a queue would.
+        """
+        total = self.latency_ms(n)
+        if tokens < 2:
+            return total, 0.0
+        decode = self.release["base_ms"] * DECODE_SHARE
+        return total - decode, decode / (tokens - 1)
+
     def leak(self) -> bool:
         """Leak this release's per-request GPU memory; False once a GPU is full (out of memory)."""
         mib = self.release["leak_mib_per_request"]
@@ -152,6 +241,14 @@ class Engine:
                 if seconds <= bound:
                     self.buckets[i] += 1
 
+    def observe_tokens(self, ttft_s: float, gaps_s: list[float]) -> None:
+        """Record a finished request's time to first token and each gap between its later tokens, as vLLM's
+        engine does for every request, streamed or not."""
+        with self.lock:
+            self.ttft.observe(ttft_s)
+            for gap in gaps_s:
+                self.itl.observe(gap)
+
     def metrics(self) -> str:
         """The Prometheus text exposition."""
         model = f'model_name="{self.model}"'
@@ -173,6 +270,12 @@ class Engine:
                 f"{float(self.latency_count)}\n",
                 f'vllm:e2e_request_latency_seconds_sum{{engine="0",{model}}} {self.latency_sum}\n',
                 f'vllm:e2e_request_latency_seconds_count{{engine="0",{model}}} {float(self.latency_count)}\n',
+            ]
+            out += self.ttft.exposition("vllm:time_to_first_token_seconds",
+                                        "Histogram of time to first token in seconds.", model)
+            out += self.itl.exposition("vllm:inter_token_latency_seconds",
+                                       "Histogram of inter-token latency in seconds.", model)
+            out += [
                 "# HELP http_requests_total Total number of requests by method, status and handler.\n",
                 "# TYPE http_requests_total counter\n",
             ]
@@ -257,6 +360,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             messages = request["messages"]
+            self.words = answer_words("\n".join(str(m.get("content", "")) for m in messages), engine.release)
             prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
             max_tokens = int(request.get("max_tokens") or len(ANSWER))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -265,12 +369,15 @@ class Handler(BaseHTTPRequestHandler):
         if request.get("model") != engine.model:
             self.error(404, "NotFoundError", f"The model `{request.get('model')}` does not exist.")
             return
-        if request.get("stream"):
-            self.error(400, "BadRequestError", "streaming is not supported by this server")
+        stream_options = request.get("stream_options")
+        if request.get("stream") and not isinstance(stream_options, dict | None):
+            self.error(400, "BadRequestError", "invalid request: stream_options: expected an object")
             return
-        self.complete(prompt_tokens, max(1, min(max_tokens, len(ANSWER))))
+        # vLLM's StreamOptions: include_usage defaults to true once stream_options is given
+        stream = {"include_usage": bool((stream_options or {}).get("include_usage", stream_options is not None))}
+        self.complete(prompt_tokens, max(1, min(max_tokens, len(ANSWER))), stream if request.get("stream") else None)
 
-    def complete(self, prompt_tokens: int, tokens: int) -> None:
+    def complete(self, prompt_tokens: int, tokens: int, stream: dict | None = None) -> None:
         engine = self.server.engine
         start = time.monotonic()
         with engine.lock:
@@ -278,7 +385,8 @@ class Handler(BaseHTTPRequestHandler):
             engine.running += 1
             n = engine.seq
         try:
-            time.sleep(engine.latency_ms(n) / 1000)
+            ttft_ms, gap_ms = engine.token_times_ms(n, tokens)
+            time.sleep((engine.latency_ms(n) if stream is None else ttft_ms) / 1000)
             error_every = engine.release["error_every"]
             if error_every and n % error_every == 0:
                 self.error(500, "InternalServerError", "EngineCore encountered an issue. See stack trace for the "
@@ -288,18 +396,69 @@ class Handler(BaseHTTPRequestHandler):
                 self.error(500, "InternalServerError", "CUDA out of memory. Tried to allocate "
                            f"{engine.release['leak_mib_per_request']} MiB")
                 return
+            if stream is not None:
+                # the same text as the answer below, token by token
+                self.stream(start, prompt_tokens, " ".join(self.words[:tokens]), gap_ms, stream["include_usage"])
+                return
             self.reply(200, {
                 "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": engine.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(ANSWER[:tokens])},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(self.words[:tokens])},
                              "logprobs": None, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
                           "total_tokens": prompt_tokens + tokens},
             })
             engine.observe(time.monotonic() - start)
+            engine.observe_tokens(ttft_ms / 1000, [gap_ms / 1000] * (tokens - 1))
         finally:
             with engine.lock:
                 engine.running -= 1
+
+    def stream(self, start: float, prompt_tokens: int, text: str, gap_ms: float, include_usage: bool) -> None:
+        """The answer as vLLM streams it (serving_chat.py): Server-Sent Events `data: {chunk}`, the first
+        chunk carrying the role, one per token after it, the last token's with its finish_reason, a usage
+        chunk (no choices) when asked, then `data: [DONE]`. A client that goes away aborts the request."""
+        engine = self.server.engine
+        words = text.split(" ")
+        pieces = [words[0], *(" " + w for w in words[1:])]
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(choices: list, **extra) -> bytes:
+            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.model,
+                     "choices": choices, **extra}
+            return f"data: {json.dumps(chunk)}\n\n".encode()
+
+        # each event goes out as it is written, as uvicorn sends them (no Nagle delay between small writes)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")  # Starlette adds the charset
+        self.end_headers()
+        sent: list[float] = []
+        try:
+            self.wfile.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]))
+            for i, piece in enumerate(pieces):
+                if i:
+                    time.sleep(gap_ms / 1000)
+                last = i == len(pieces) - 1
+                choice = {"index": 0, "delta": {"content": piece}, "logprobs": None,
+                          "finish_reason": "stop" if last else None}
+                if last:
+                    choice["stop_reason"] = None
+                self.wfile.write(event([choice]))
+                self.wfile.flush()
+                sent.append(time.monotonic())
+            if include_usage:
+                self.wfile.write(event([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
+                                                  "total_tokens": prompt_tokens + len(pieces)}))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except OSError:  # BrokenPipe, ConnectionReset: the client went away mid-stream
+            log(f"{self.client_address[0]}:{self.client_address[1]} - stream aborted by the client")
+            return
+        engine.count_http(self.path.split("?")[0], self.command, 200)
+        engine.observe(time.monotonic() - start)
+        engine.observe_tokens(sent[0] - start, [b - a for a, b in itertools.pairwise(sent)])
 
 
 def main(argv: list[str]) -> int:
