@@ -377,20 +377,21 @@ def render_plan(plan: Plan, *, max_names: int = 6) -> Group:
         changes.add_row(release or "unknown", plan.release, str(count), what)
     parts.append(changes)
     if plan.unhealthy:
-        out = Table(title=f"Out of service now: {len(plan.unhealthy)} host(s), counted against their pool's budget")
-        out.add_column("host")
-        out.add_column("why", overflow="fold")
-        for name, why in list(plan.unhealthy.items())[: max_names * 4]:
-            out.add_row(name, why)
-        parts.append(out)
+        parts.append(_why_table(f"Out of service now: {len(plan.unhealthy)} host(s), counted against their pool's "
+                                "budget", plan.unhealthy, max_names * 4))
     if plan.skipped:
-        skipped = Table(title=f"Not planned: {len(plan.skipped)} host(s)")
-        skipped.add_column("host")
-        skipped.add_column("why", overflow="fold")
-        for name, why in list(plan.skipped.items())[: max_names * 4]:
-            skipped.add_row(name, why)
-        parts.append(skipped)
+        parts.append(_why_table(f"Not planned: {len(plan.skipped)} host(s)", plan.skipped, max_names * 4))
     return Group(*parts)
+
+
+def _why_table(title: str, reasons: Mapping[str, str], limit: int) -> Table:
+    """Hosts and why, the first `limit` of them."""
+    table = Table(title=title)
+    table.add_column("host")
+    table.add_column("why", overflow="fold")
+    for name, why in list(reasons.items())[:limit]:
+        table.add_row(name, why)
+    return table
 
 
 def _when(iso: str | None) -> str:
