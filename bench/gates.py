@@ -3,6 +3,7 @@ same interval, patching/rollout/stats.py), on the lab's simulated vLLM server wh
 every core.
 
     .venv/bin/python bench/gates.py                     # 10 trials per release, a hog on each core
+    .venv/bin/python bench/gates.py --policy docs/policy.example.yaml   # the production example (P99: 299 requests)
     .venv/bin/python bench/gates.py --trials 20 --no-hog
 
 Three copies of the lab's server (lab/vendor/serving/vllm_serving.py, the program the lab hosts run,
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from patching.hosts import probe  # noqa: E402
 from patching.rollout import gates  # noqa: E402
 from patching.rollout.actions import Outcome  # noqa: E402
-from patching.rollout.policy import Policy  # noqa: E402
+from patching.rollout.policy import Policy, load_policy  # noqa: E402
 from patching.states import Gate, Verdict  # noqa: E402
 from tests.unit.test_vendor_sim import DGX, NEW, Serving, Sim, package  # noqa: E402
 
@@ -73,27 +74,12 @@ def new_gate(candidate: int, peer: int, policy: Policy, pool: ThreadPoolExecutor
     cand = base = None
     while True:
         c, b = pool.submit(measure, candidate, asked), pool.submit(measure, peer, asked)
-        cand, base = _add(cand, c.result()), _add(base, b.result())
+        cand, base = gates.merge_rounds(cand, c.result()), gates.merge_rounds(base, b.result())
         total += asked
         decision = gates.judge(Gate.SLO, cand, policy, gates.Baseline.of("peer", [base]))
         asked = min(max(asked, bound // 4), bound - total)
         if decision.verdict != Verdict.INCONCLUSIVE or asked <= 0:
             return decision.verdict
-
-
-def _add(before: Outcome | None, now: Outcome) -> Outcome:
-    if before is None:
-        return now
-    m = dict(now.measurements)
-    for key in gates.COMPARED:
-        m[key] = list(before.measurements.get(key) or []) + list(now.measurements.get(key) or [])
-    from patching.rollout.stats import quantile
-
-    m["p99_ms"] = quantile(m["latencies_ms"], 0.99)
-    m["errors"] = before.measurements["errors"] + now.measurements["errors"]
-    m["requests"] = before.measurements["requests"] + now.measurements["requests"]
-    m["error_rate"] = m["errors"] / m["requests"]
-    return Outcome(True, measurements=m)
 
 
 def hog(seconds: float) -> list[subprocess.Popen]:
@@ -106,8 +92,14 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--no-hog", action="store_true", help="no CPU hog (the quiet baseline)")
     parser.add_argument("--hog-seconds", type=float, default=1800)
+    parser.add_argument("--policy", default=str(ROOT / "lab/policy.yaml"),
+                        help="the policy whose SLO gate is judged (default: the lab's, as `make demo` runs it)")
     args = parser.parse_args()
-    policy = Policy()
+    policy, _ = load_policy(args.policy)
+    slo = policy.gates.slo
+    print(f"policy {args.policy}: P{slo.quantile * 100:g} over {slo.needed_requests()} requests "
+          f"(bound {slo.request_bound()}), ceiling P99 {slo.p99_ms} ms, tolerance {slo.tolerance}, "
+          f"confidence {slo.confidence}", flush=True)
     with tempfile.TemporaryDirectory(prefix="fleet-bench-gates-") as tmp:
         servers = {name: start(Path(tmp) / name, version)
                    for name, version in (("good", "0.11.1"), ("slow", "0.11.2"), ("peer", "0.11.1"))}

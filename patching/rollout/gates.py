@@ -279,3 +279,22 @@ _JUDGES: dict[Gate, Callable[[Outcome, Policy, dict[str, Any]], Decision]] = {
     Gate.BEHAVIOUR: _judge_behaviour,
     Gate.SOAK: _judge_soak,
 }
+
+
+def merge_rounds(before: Outcome | None, now: Outcome | None) -> Outcome:
+    """Two rounds of one probe as one: samples and counts added, P99 and error rate over all of them."""
+    if before is None or now is None or not now.ok or not now.measured:
+        return now if now is not None else Outcome(False, "no result from the action", measured=False)
+    a, b = before.measurements, now.measurements
+    m = dict(b)
+    for key in COMPARED:
+        if a.get(key) or b.get(key):
+            m[key] = list(a.get(key) or []) + list(b.get(key) or [])
+    m["requests"] = int(a.get("requests", 0)) + int(b.get("requests", 0))
+    m["errors"] = int(a.get("errors", 0)) + int(b.get("errors", 0))
+    m["error_rate"] = m["errors"] / m["requests"] if m["requests"] else b.get("error_rate")
+    for samples, prefix in (("latencies_ms", ""), ("ttft_ms", "ttft_")):  # ITL's pooled gaps are per round
+        if m.get(samples):
+            m[f"{prefix}p99_ms"] = round(stats.quantile(m[samples], 0.99), 3)
+            m[f"{prefix}p50_ms"] = round(stats.quantile(m[samples], 0.50), 3)
+    return Outcome(True, now.detail, now.timed_out, m, True)

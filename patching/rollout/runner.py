@@ -576,9 +576,9 @@ class Runner:
             answers = self._call(self.actions.probe_slo, pending + extra, probe, gate_s)  # one interval
             total += asked
             for name in extra:
-                peer_figures[name] = _merged(peer_figures.get(name), answers.get(name))
+                peer_figures[name] = gates.merge_rounds(peer_figures.get(name), answers.get(name))
             for name in pending:
-                measured[name] = _merged(measured.get(name), answers.get(name))
+                measured[name] = gates.merge_rounds(measured.get(name), answers.get(name))
                 decisions[name] = gates.judge(Gate.SLO, measured[name], self.policy,
                                               self._baseline_of(name, peers, peer_figures, own))
             pending = [n for n in pending if decisions[n].verdict == Verdict.INCONCLUSIVE]
@@ -904,25 +904,6 @@ def _with_baseline(outcome: Outcome, answers: Mapping[str, str | None] | None) -
 class _NeedsAPerson(Exception):
     """A gate stayed inconclusive and the policy says a person decides: the run stops `blocked`, the hosts
     where they are (`resume` measures again)."""
-
-
-def _merged(before: Outcome | None, now: Outcome | None) -> Outcome:
-    """Two rounds of one probe as one: samples and counts added, P99 and error rate over all of them."""
-    if before is None or now is None or not now.ok or not now.measured:
-        return now if now is not None else Outcome(False, "no result from the action", measured=False)
-    a, b = before.measurements, now.measurements
-    m = dict(b)
-    for key in gates.COMPARED:
-        if a.get(key) or b.get(key):
-            m[key] = list(a.get(key) or []) + list(b.get(key) or [])
-    m["requests"] = int(a.get("requests", 0)) + int(b.get("requests", 0))
-    m["errors"] = int(a.get("errors", 0)) + int(b.get("errors", 0))
-    m["error_rate"] = m["errors"] / m["requests"] if m["requests"] else b.get("error_rate")
-    for samples, prefix in (("latencies_ms", ""), ("ttft_ms", "ttft_")):  # ITL's pooled gaps are per round
-        if m.get(samples):
-            m[f"{prefix}p99_ms"] = round(stats.quantile(m[samples], 0.99), 3)
-            m[f"{prefix}p50_ms"] = round(stats.quantile(m[samples], 0.50), 3)
-    return Outcome(True, now.detail, now.timed_out, m, True)
 
 
 class _RollbackRefused(Exception):
