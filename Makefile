@@ -38,11 +38,11 @@ test-unit: venv
 	$(BIN)/pytest -q tests/unit
 
 test-integration: system-packages venv
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q --durations=25 tests/integration
 
 test: system-packages venv lint
 	$(BIN)/pytest -q -n 2 tests/unit
-	$(BIN)/pytest -q tests/integration
+	$(BIN)/pytest -q --durations=25 tests/integration
 
 demo: system-packages venv
 	$(BIN)/fleet lab demo

@@ -25,11 +25,9 @@ PID when the bench ends).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +40,7 @@ from patching.rollout import gates  # noqa: E402
 from patching.rollout.actions import Outcome  # noqa: E402
 from patching.rollout.policy import Policy, load_policy  # noqa: E402
 from patching.states import Gate, Verdict  # noqa: E402
+from tests import cpuhog  # noqa: E402
 from tests.unit.test_vendor_sim import DGX, NEW, Serving, Sim, package  # noqa: E402
 
 MODEL = "deepseek-ai/DeepSeek-V3"
@@ -52,6 +51,9 @@ def start(base: Path, version: str) -> Serving:
     sim.host(DGX).install(package(NEW, "cuda-drivers-")).install(package(NEW, "nvidia-fabricmanager"))
     sim.boot()
     server = Serving(sim, version, load_seconds=0.3, warmup_requests=0)
+    # its access log goes to pipes: read them, or a full pipe blocks the server's threads mid-request
+    for stream in (server.proc.stdout, server.proc.stderr):
+        threading.Thread(target=stream.read, daemon=True).start()
     assert server.health_codes()[-1] == 200, f"{version} did not come up"
     return server
 
@@ -67,7 +69,7 @@ def old_gate(port: int, policy: Policy) -> bool:
     return m["p99_ms"] >= policy.gates.slo.p99_ms or m["error_rate"] > policy.gates.slo.max_error_rate
 
 
-def new_gate(candidate: int, peer: int, policy: Policy, pool: ThreadPoolExecutor) -> Verdict:
+def new_gate(candidate: int, peer: int, policy: Policy, pool: ThreadPoolExecutor, release: str) -> Verdict:
     """The runner's SLO gate, reduced to one candidate and one peer: same interval, sampling more while unsure."""
     slo = policy.gates.slo
     asked, bound, total = slo.needed_requests(), slo.request_bound(), 0
@@ -79,12 +81,9 @@ def new_gate(candidate: int, peer: int, policy: Policy, pool: ThreadPoolExecutor
         decision = gates.judge(Gate.SLO, cand, policy, gates.Baseline.of("peer", [base]))
         asked = min(max(asked, bound // 4), bound - total)
         if decision.verdict != Verdict.INCONCLUSIVE or asked <= 0:
+            if release == "good" and decision.verdict != Verdict.PASSED:
+                print(f"  good release {decision.verdict.value} after {total} requests: {decision.detail}", flush=True)
             return decision.verdict
-
-
-def hog(seconds: float) -> list[subprocess.Popen]:
-    loop = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end:\n    pass\n"
-    return [subprocess.Popen([sys.executable, "-c", loop]) for _ in range(os.cpu_count() or 1)]
 
 
 def main() -> None:
@@ -92,6 +91,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=10)
     parser.add_argument("--no-hog", action="store_true", help="no CPU hog (the quiet baseline)")
     parser.add_argument("--hog-seconds", type=float, default=1800)
+    parser.add_argument("--hog-per-core", type=int, default=1, help="busy loops per core (default 1)")
     parser.add_argument("--policy", default=str(ROOT / "lab/policy.yaml"),
                         help="the policy whose SLO gate is judged (default: the lab's, as `make demo` runs it)")
     args = parser.parse_args()
@@ -103,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleet-bench-gates-") as tmp:
         servers = {name: start(Path(tmp) / name, version)
                    for name, version in (("good", "0.11.1"), ("slow", "0.11.2"), ("peer", "0.11.1"))}
-        hogs = [] if args.no_hog else hog(args.hog_seconds)
+        hogs = [] if args.no_hog else cpuhog.start(args.hog_seconds, args.hog_per_core)
         results: dict[str, dict[str, list]] = {r: {"old": [], "new": []} for r in ("good", "slow")}
         started = time.monotonic()
         try:
@@ -112,17 +112,16 @@ def main() -> None:
                     for release in ("good", "slow"):
                         port = servers[release].port
                         results[release]["old"].append(old_gate(port, policy))
-                        results[release]["new"].append(new_gate(port, servers["peer"].port, policy, pool))
+                        results[release]["new"].append(new_gate(port, servers["peer"].port, policy, pool,
+                                                                        release))
                     print(f"trial {trial + 1}/{args.trials}: old {[results[r]['old'][-1] for r in results]}, "
                           f"new {[results[r]['new'][-1].value for r in results]}", flush=True)
         finally:
-            for proc in hogs:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            cpuhog.stop(hogs)
             for server in servers.values():
                 server.stop()
     n = args.trials
-    load = "no hog" if args.no_hog else f"a busy loop on each of {os.cpu_count()} cores"
+    load = "no hog" if args.no_hog else f"{args.hog_per_core} busy loop(s) on each of {cpuhog.cores()} cores"
     print(f"\n{n} trials per release, {load}, {time.monotonic() - started:.0f} s")
     old_false = sum(results["good"]["old"])
     new_false = sum(v == Verdict.FAILED for v in results["good"]["new"])

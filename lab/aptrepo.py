@@ -2,8 +2,12 @@
 
 `build_repo(out_dir, releases_dir)` builds, with dpkg-deb, every package version the release files
 name (driver, fabric manager, libnvidia-nscq, CUDA toolkit, NCCL, the four container-toolkit
-packages, MLNX OFED, the AWS EFA installer, the serving engine) plus the known-bad serving releases
-of lab/vendor/serving/releases.yaml, into a flat repository like NVIDIA's CUDA repository:
+packages, MLNX OFED, the AWS EFA installer, the serving engine), the GPU diagnostics every release
+gets at the versions fixed in lab/vendor (DCGM: datacenter-gpu-manager-4-core and -4-cuda12, from
+lab/vendor/dcgm/dcgm.yaml; nccl-tests, from lab/vendor/nccl/nccl-versions.yaml), plus the known-bad
+serving releases of lab/vendor/serving/releases.yaml and the known-bad NCCL releases of
+lab/vendor/nccl/nccl-versions.yaml (libnccl2 for every CUDA minor the release files use), into a flat
+repository like NVIDIA's CUDA repository:
 
     out_dir/repo/                              served over HTTP: *.deb, Packages(.gz), Release,
                                                InRelease, Release.gpg
@@ -92,8 +96,8 @@ class Deb:
 
     @property
     def filename(self) -> str:
-        """The .deb file name, NAME_VERSION_ARCH.deb."""
-        return f"{self.name}_{self.version}_{self.arch}.deb"
+        """The .deb file name, NAME_VERSION_ARCH.deb, without the version's epoch (as dpkg-name writes it)."""
+        return f"{self.name}_{self.version.partition(':')[2] or self.version}_{self.arch}.deb"
 
     @property
     def package_json_path(self) -> str:
@@ -177,10 +181,49 @@ def _cuda_debs(release: dict) -> list[Deb]:
     }, indent=3) + "\n")
     toolkit.links["/usr/local/cuda"] = f"cuda-{minor}"
 
-    nccl_upstream = str(release["nccl"]).split("-")[0]
-    nccl = Deb("libnccl2", f"{release['nccl']}+cuda{minor}", nccl_upstream,
-               f"NVIDIA Collective Communication Library (NCCL) {nccl_upstream} for CUDA {minor}", role="libnccl2")
-    return [toolkit, nccl]
+    return [toolkit, _nccl_deb(str(release["nccl"]), minor)]
+
+
+def _nccl_deb(version: str, cuda_minor: str) -> Deb:
+    """libnccl2 = VERSION+cudaX.Y, with the behaviour lab/vendor/nccl/nccl-versions.yaml gives that version."""
+    upstream = version.split("-")[0]
+    profiles = _vendor_yaml("nccl/nccl-versions.yaml")
+    behaviour = {**profiles["default"], **profiles["bad"].get(version, {})}
+    return Deb("libnccl2", f"{version}+cuda{cuda_minor}", upstream,
+               f"NVIDIA Collective Communication Library (NCCL) {upstream} for CUDA {cuda_minor}", role="libnccl2",
+               info={"busbw_factor": float(behaviour["busbw_factor"])})
+
+
+def bad_nccl_versions() -> list[str]:
+    """The known-bad NCCL releases (libnccl2 versions without +cudaX.Y) the repository carries."""
+    return sorted(_vendor_yaml("nccl/nccl-versions.yaml")["bad"])
+
+
+def _diagnostics_debs() -> list[Deb]:
+    """DCGM (dcgmi, nv-hostengine, its CUDA plugins) and nccl-tests, at the versions fixed in lab/vendor."""
+    dcgm = _vendor_yaml("dcgm/dcgm.yaml")
+    upstream = str(dcgm["version"])
+    version = f"{dcgm['epoch']}:{upstream}-{dcgm['revision']}"
+    core = Deb("datacenter-gpu-manager-4-core", version, upstream,
+               f"NVIDIA Datacenter GPU Manager (DCGM) {upstream}: dcgmi, nv-hostengine and the software diagnostics",
+               role="dcgm", depends=["python3"])
+    core.add_tool("dcgm/dcgmi.py", "/usr/bin/dcgmi")
+    core.add_tool("dcgm/nv_hostengine.py", "/usr/bin/nv-hostengine")
+    core.add("/usr/lib/systemd/system/nvidia-dcgm.service", (VENDOR / "dcgm/nvidia-dcgm.service").read_bytes())
+    core.add_maintainer_scripts("dcgm/datacenter-gpu-manager-4-core")
+    plugins = str(dcgm["cuda_plugins"])
+    cuda = Deb(f"datacenter-gpu-manager-4-{plugins}", version, upstream,
+               f"NVIDIA Datacenter GPU Manager (DCGM) {upstream}: diagnostic plugins for {plugins.upper()} "
+               "(memory, pcie, diagnostic, stress tests)",
+               role=f"dcgm-{plugins}", depends=[f"datacenter-gpu-manager-4-core (= {version})"])
+
+    nccl = _vendor_yaml("nccl/nccl-versions.yaml")["nccl_tests"]
+    tests_version = str(nccl["version"])
+    tests = Deb("nccl-tests", f"{tests_version}-1", tests_version,
+                f"NCCL tests {tests_version} (a from-source build in /opt/nccl-tests/build)", role="nccl-tests",
+                depends=["python3"], info={"nccl_headers": int(nccl["nccl_headers"])})
+    tests.add_tool("nccl/all_reduce_perf.py", "/opt/nccl-tests/build/all_reduce_perf")
+    return [core, cuda, tests]
 
 
 def _container_toolkit_debs(release: dict) -> list[Deb]:
@@ -251,7 +294,8 @@ def load_releases(releases_dir: Path) -> list[dict]:
 
 
 def plan_packages(releases: list[dict]) -> list[Deb]:
-    """Every package the release files call for, once per (name, version), plus the bad serving releases."""
+    """Every package the release files call for, once per (name, version), the GPU diagnostics, and the bad
+    serving and NCCL releases (libnccl2 for every CUDA minor a release uses)."""
     debs: dict[tuple[str, str], Deb] = {}
     for release in releases:
         serving = release["serving"]
@@ -260,6 +304,9 @@ def plan_packages(releases: list[dict]) -> list[Deb]:
             debs.setdefault((deb.name, deb.version), deb)
     for version in bad_serving_versions():
         deb = _serving_deb("vllm", version)
+        debs.setdefault((deb.name, deb.version), deb)
+    cuda_minors = sorted({".".join(str(r["cuda"]).split(".")[:2]) for r in releases})
+    for deb in [*_diagnostics_debs(), *(_nccl_deb(v, m) for v in bad_nccl_versions() for m in cuda_minors)]:
         debs.setdefault((deb.name, deb.version), deb)
     for deb in debs.values():
         if deb.role:

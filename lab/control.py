@@ -25,7 +25,7 @@ from lab.base import ensure_base
 from lab.hardware import set_fault, write_hardware
 from lab.layout import DEFAULT_PORT_BASE, LabState, Layout, Ports
 
-HOST_FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "host-down", "ssh-hang")
+HOST_FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "nvlink-degraded", "host-down", "ssh-hang")
 UPS_FAULTS = ("ups-on-battery",)
 FAULTS = HOST_FAULTS + UPS_FAULTS
 NEEDED_COMMANDS = ["debootstrap", "systemd-nspawn", "haproxy", "ssh-keygen", "ssh", "dpkg-deb", "gpg",

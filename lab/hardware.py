@@ -9,7 +9,9 @@ container (the binaries honour FLEET_SIM_HW_DIR instead, for tests). It holds `h
      "efa_devices": 0}
 
 and fault markers `faults/<kind>` (empty files) for the faults in FAULTS: gpu-missing (one GPU
-fewer), ecc-errors (uncorrected volatile ECC errors on GPU 0), ib-port-down (mlx5_0 Down/Disabled).
+fewer), ecc-errors (uncorrected volatile ECC errors on GPU 0), ib-port-down (mlx5_0 Down/Disabled),
+nvlink-degraded (half of each GPU's NVLinks down: collectives such as nccl-tests' all_reduce_perf reach
+about half their bus bandwidth).
 The binaries read these files on every call, so a change shows at once, with no restart.
 """
 
@@ -20,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down")
+FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "nvlink-degraded")
 # EFA devices (one per network card) of the instance types the lab simulates. p4d.24xlarge has four
 # network cards, each with an EFA (AWS EC2 User Guide, "Maximize network bandwidth on EC2 instances
 # with multiple network cards").

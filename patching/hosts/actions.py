@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from patching.hosts import behaviour, nut, probe
+from patching.hosts import behaviour, hardware, nut, probe
 from patching.hosts import facts as hostfacts
 from patching.hosts.ansible_env import describe_ssh_failure, run_ansible
 from patching.hosts.toolpath import put_our_bin_first
@@ -29,7 +29,7 @@ from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle, Probes, is_digest
 from patching.release.pins import parse_manifest
 from patching.rollout.actions import Actions, ActionsUnavailable, HostSnapshot, LbState, Outcome, Results
-from patching.rollout.policy import SloProbe, Soak
+from patching.rollout.policy import Hardware, SloProbe, Soak
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOKS = ROOT / "playbooks"
@@ -423,6 +423,45 @@ class FleetActions:
             return behaviour.probe_behaviour(f"http://{h.serving_address}", h.model, probes, timeout_s)
 
         return _parallel(hosts, one)
+
+
+    def check_hardware(self, hosts: Sequence[InventoryHost], hw: Hardware, timeout_s: float) -> Results:
+        """`dcgmi diag` on each host, then nccl-tests' all-reduce over its `fleet_gpu_count` GPUs (one ad-hoc
+        run per distinct count), each within `timeout_s`; patching/hosts/hardware.py reads the output."""
+        started = time.monotonic()
+        figures: dict[str, dict[str, Any]] = {h.name: {} for h in hosts}
+        reached: dict[str, str | None] = {h.name: None for h in hosts}  # name -> why it could not be reached
+        for name, (reachable, rc, stdout) in self._command(hosts, hardware.dcgm_command(hw.dcgm_level),
+                                                           timeout_s).items():
+            if not reachable:
+                reached[name] = stdout
+            else:
+                figures[name] |= hardware.dcgm_figures(rc, stdout, hw.dcgm_level)
+        if hw.nccl:
+            by_count: dict[int, list[InventoryHost]] = {}
+            for h in hosts:
+                if reached[h.name] is not None:
+                    continue
+                if not h.gpu_count:
+                    figures[h.name]["nccl_error"] = "the inventory gives no fleet_gpu_count for the host"
+                    continue
+                by_count.setdefault(h.gpu_count, []).append(h)
+            for count, group in sorted(by_count.items()):
+                command = hardware.nccl_command(hw.nccl_tests, count)
+                left = max(timeout_s - (time.monotonic() - started), 1)
+                for name, (reachable, rc, stdout) in self._command(group, command, left).items():
+                    if not reachable:
+                        reached[name] = stdout
+                    else:
+                        figures[name] |= hardware.nccl_figures(rc, stdout, command, count)
+        timed_out = time.monotonic() - started > timeout_s
+        out = {}
+        for h in hosts:
+            if reached[h.name] is not None:
+                out[h.name] = Outcome(False, f"unreachable: {reached[h.name]}", measured=False)
+            else:
+                out[h.name] = Outcome(True, "", timed_out, figures[h.name])
+        return out
 
 
 def _wait_idle(h: InventoryHost, timeout_s: float) -> Outcome:

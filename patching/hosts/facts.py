@@ -13,6 +13,7 @@ real host gets. Each parser accepts the real tools' output, quirks included (FOR
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -520,3 +521,217 @@ def parse_prometheus(text: str) -> Metrics:
         ts = match.group("ts")
         samples.append(Sample(match.group("name"), labels, value, int(ts) if ts else None))
     return Metrics(tuple(samples))
+
+
+# ---- dcgmi diag -j -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiagResult:
+    """One result of `dcgmi diag`: a test on one GPU (or the whole test when it has no per-GPU results)."""
+
+    test: str          # as DCGM names it: "software", "memory", "pcie" (4.x); "Denylist", "PCIe" (3.x)
+    category: str      # "Deployment", "Hardware", "Integration", "Stress"
+    gpu: str | None    # the GPU id as DCGM prints it ("0"); "cpu:0" for another entity; None for the test
+    status: str        # "Pass" | "Fail" | "Warn" | "Skip", as printed (DCGM 4.x's JSON prints a warning as "Fail")
+    info: str          # the warnings, then the info messages, joined with "; " ("" when none)
+
+
+@dataclass(frozen=True)
+class DcgmDiag:
+    """`dcgmi diag -r N -j`: the DCGM version and every result, in DCGM's order."""
+
+    version: str | None
+    results: tuple[DiagResult, ...]
+
+    @property
+    def failures(self) -> tuple[DiagResult, ...]:
+        """The results whose status is Fail."""
+        return tuple(r for r in self.results if r.status.lower() == "fail")
+
+    @property
+    def passed(self) -> bool:
+        """No result failed (Warn and Skip do not fail)."""
+        return not self.failures
+
+
+def _diag_messages(entry: dict) -> str:
+    messages = []
+    for warning in entry.get("warnings") or []:
+        text = warning.get("warning") if isinstance(warning, dict) else warning
+        if isinstance(text, str) and text:
+            messages.append(text)
+    info = entry.get("info") or []
+    messages += [i for i in ([info] if isinstance(info, str) else info) if isinstance(i, str) and i]
+    return "; ".join(messages)
+
+
+def _diag_entities(entry: dict) -> list[str | None]:
+    """The GPU ids a result entry names: DCGM 4.x's entity_group/entity_id, DCGM 3.x's gpu_ids ("0,1" or 0)."""
+    if "entity_id" in entry:
+        group = entry.get("entity_group", "GPU")
+        return [str(entry["entity_id"]) if group == "GPU" else f"{str(group).lower()}:{entry['entity_id']}"]
+    if "gpu_ids" in entry:
+        return [g.strip() for g in str(entry["gpu_ids"]).split(",") if g.strip()]
+    return [None]
+
+
+def parse_dcgm_diag(text: str) -> DcgmDiag:
+    """Parse `dcgmi diag -j`: DCGM 4.x's document ("DCGM Diagnostic", per-entity results, test_summary) or
+    DCGM 3.x's ("DCGM GPU Diagnostic", gpu_ids). Text before the document (a banner) is skipped. Raises
+    ParseError for anything else, a truncated document, a document without results, or dcgmi's runtime_error
+    (the diagnostic could not run: no NVML, no GPUs), whose message it carries."""
+    start = text.find("{")
+    if start < 0:
+        raise ParseError("no JSON document in dcgmi diag output")
+    try:
+        data, _ = json.JSONDecoder().raw_decode(text[start:])
+    except ValueError as exc:
+        raise ParseError(f"dcgmi diag output is not complete JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ParseError("dcgmi diag output is not a JSON object")
+    key = next((k for k in ("DCGM Diagnostic", "DCGM GPU Diagnostic") if isinstance(data.get(k), dict)), None)
+    if key is None:
+        raise ParseError("no \"DCGM Diagnostic\" object in dcgmi diag output")
+    body = data[key]
+    if body.get("runtime_error"):
+        raise ParseError(f"dcgmi diag could not run: {str(body['runtime_error']).strip()}")
+    metadata = data.get("metadata")
+    version = (metadata.get("version") if isinstance(metadata, dict) else None) or body.get("version")
+    categories = body.get("test_categories")
+    if not isinstance(categories, list):
+        raise ParseError("dcgmi diag output has no test_categories list")
+    results: list[DiagResult] = []
+    for category in categories:
+        if not isinstance(category, dict) or not isinstance(category.get("tests"), list):
+            raise ParseError(f"not a dcgmi diag test category: {category!r}")
+        name = str(category.get("category", ""))
+        for test in category["tests"]:
+            if test is None:
+                continue  # DCGM 3.x's arrays have null holes
+            if not isinstance(test, dict) or not isinstance(test.get("name"), str):
+                raise ParseError(f"not a dcgmi diag test: {test!r}")
+            entries = test.get("results") or []
+            summary = test.get("test_summary")
+            if not entries and isinstance(summary, dict):
+                entries = [summary]  # a test without per-entity results: its summary is the result
+            for entry in entries:
+                if not isinstance(entry, dict) or not isinstance(entry.get("status"), str):
+                    raise ParseError(f"not a dcgmi diag result of {test['name']}: {entry!r}")
+                for gpu in _diag_entities(entry):
+                    results.append(DiagResult(test["name"], name, gpu, entry["status"], _diag_messages(entry)))
+    if not results:
+        raise ParseError("dcgmi diag output has no results")
+    return DcgmDiag(str(version) if version is not None else None, tuple(results))
+
+
+# ---- nccl-tests (all_reduce_perf and the other *_perf) ------------------------------------------------------
+
+@dataclass(frozen=True)
+class NcclRow:
+    """One size of an nccl-tests sweep: out-of-place and in-place time (us), algbw and busbw (GB/s), #wrong."""
+
+    size_bytes: int
+    count: int
+    dtype: str
+    redop: str
+    oop_time_us: float
+    oop_algbw: float
+    oop_busbw: float
+    oop_wrong: int | None   # None when the test ran without validation (N/A)
+    ip_time_us: float
+    ip_algbw: float
+    ip_busbw: float
+    ip_wrong: int | None
+
+
+@dataclass(frozen=True)
+class NcclPerf:
+    """An nccl-tests run: its ranks, the table and the summary lines."""
+
+    gpus: int                  # ranks: the "Using devices" lines, else nThread x nGpus
+    devices: tuple[str, ...]   # product names from "Using devices", rank by rank
+    rows: tuple[NcclRow, ...]
+    avg_busbw_gbps: float      # "# Avg bus bandwidth"
+    out_of_bounds: int         # "# Out of bounds values : N OK|FAILED"
+
+    @property
+    def peak_busbw_gbps(self) -> float:
+        """The largest busbw of the sweep, out-of-place or in-place."""
+        return max((max(r.oop_busbw, r.ip_busbw) for r in self.rows), default=0.0)
+
+    @property
+    def wrong(self) -> int:
+        """Wrong elements over the sweep (N/A counts 0)."""
+        return sum((r.oop_wrong or 0) + (r.ip_wrong or 0) for r in self.rows)
+
+
+_NCCL_RANK = re.compile(r"^#\s+Rank\s+\d+\s+(?:Group\s+\d+\s+)?Pid\s+\d+\s+on\s+\S+\s+device\s+\d+\s+"
+                        r"\[[^\]]*\]\s+(.+?)\s*$")
+_NCCL_HEADER = re.compile(r"^#\s*nThread\s+(\d+)\s+nGpus\s+(\d+)\b")
+_NCCL_FOOTER = re.compile(r"^#\s*(Out of bounds values|Avg bus bandwidth)\s*:\s*(\S+)(?:\s+(\S+))?")
+_NCCL_FAILURE = re.compile(r"Test (?:CUDA |NCCL )?failure|Invalid number of GPUs|error while loading shared libraries")
+
+
+def _nccl_number(raw: str, line: str) -> float:
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ParseError(f"not a number {raw!r} in nccl-tests row {line!r}") from exc
+
+
+def _nccl_wrong(raw: str, line: str) -> int | None:
+    return None if raw == "N/A" else int(_nccl_number(raw, line))
+
+
+def parse_nccl_perf(text: str) -> NcclPerf:
+    """Parse nccl-tests' stdout (any release from 2.x: with or without the root column, `[0x07]` or
+    `[0000:07:00]` device ids, mpirun's `[1,0]<stdout>:` prefixes). ParseError when the summary lines are
+    missing (the run failed or was cut short; the failure nccl-tests printed is named) or a row is malformed."""
+    threads = gpus_per_thread = None
+    devices: list[str] = []
+    rows: list[NcclRow] = []
+    summary: dict[str, tuple[str, str | None]] = {}
+    failure = None
+    for raw in text.splitlines():
+        line = re.sub(r"^\[\d+,\d+\]<std(out|err)>:", "", raw).rstrip()
+        if not line.strip():
+            continue
+        if line.startswith("#"):
+            header = _NCCL_HEADER.match(line)
+            rank = _NCCL_RANK.match(line)
+            footer = _NCCL_FOOTER.match(line)
+            if header:
+                threads, gpus_per_thread = int(header.group(1)), int(header.group(2))
+            elif rank:
+                devices.append(rank.group(1))
+            elif footer:
+                summary[footer.group(1)] = (footer.group(2), footer.group(3))
+            continue
+        if _NCCL_FAILURE.search(line):
+            failure = failure or line.strip()
+            continue
+        fields = line.split()
+        if not fields[0].isdigit():
+            continue  # NCCL's own lines ("NCCL version 2.28.3+cuda13.0"), MPI noise
+        if len(fields) not in (12, 13):  # size count type redop [root] + 2 x (time algbw busbw #wrong)
+            raise ParseError(f"not an nccl-tests row (expected 12 or 13 columns): {line!r}")
+        size, count, dtype, redop = int(fields[0]), int(_nccl_number(fields[1], line)), fields[2], fields[3]
+        oop, ip = fields[-8:-4], fields[-4:]
+        rows.append(NcclRow(size, count, dtype, redop,
+                            _nccl_number(oop[0], line), _nccl_number(oop[1], line), _nccl_number(oop[2], line),
+                            _nccl_wrong(oop[3], line),
+                            _nccl_number(ip[0], line), _nccl_number(ip[1], line), _nccl_number(ip[2], line),
+                            _nccl_wrong(ip[3], line)))
+    if "Out of bounds values" not in summary or "Avg bus bandwidth" not in summary:
+        why = f": {failure}" if failure else ""
+        raise ParseError(f"no nccl-tests summary (Out of bounds values, Avg bus bandwidth) in the output{why}")
+    if not rows:
+        raise ParseError("nccl-tests output has no result rows")
+    out_of_bounds = summary["Out of bounds values"][0]
+    if not out_of_bounds.isdigit():
+        raise ParseError(f"bad out-of-bounds count {out_of_bounds!r}")
+    ranks = len(devices) or (threads or 0) * (gpus_per_thread or 0)
+    if not ranks:
+        raise ParseError("nccl-tests output names no ranks (no nThread/nGpus header, no Using devices lines)")
+    return NcclPerf(ranks, tuple(devices), tuple(rows), _nccl_number(summary["Avg bus bandwidth"][0], text),
+                    int(out_of_bounds))

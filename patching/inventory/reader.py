@@ -46,6 +46,7 @@ class InventoryHost:
     ib_hcas: tuple[Mapping[str, Any], ...] = ()
     model: str | None = None
     gpu_model: str | None = None
+    gpu_count: int | None = None
 
     @property
     def serving_address(self) -> str:
@@ -98,6 +99,7 @@ class _HostVars(BaseModel):
     fleet_ib_hcas: list[dict[str, Any]] = []
     fleet_model: str | None = None
     fleet_gpu_model: str | None = None
+    fleet_gpu_count: int | None = Field(default=None, ge=0)
 
     @field_validator("fleet_lb")
     @classmethod
@@ -303,6 +305,7 @@ def _record(name: str, v: _HostVars) -> InventoryHost:
         ib_hcas=tuple(v.fleet_ib_hcas),
         model=v.fleet_model,
         gpu_model=v.fleet_gpu_model,
+        gpu_count=v.fleet_gpu_count,
     )
 
 

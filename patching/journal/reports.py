@@ -173,6 +173,13 @@ def summary_md(report: dict[str, Any]) -> str:
     for w in report["waves"]:
         duration = f"{w['duration_s']:.0f}s" if w["duration_s"] is not None else "-"
         lines.append(f"| {w['index']} | {w['kind']} | {w['hosts']} | {w['status']} | {w['failures']} | {duration} |")
+    canary = {w["index"] for w in report["waves"] if w["kind"] == "canary"}
+    judged = [(name, g) for name, h in sorted(report["hosts"].items()) if h["wave"] in canary for g in h["gates"]
+              if g["phase"] == Phase.ROLLOUT and g["gate"] not in (Gate.ANSIBLE, Gate.TESTINFRA)]
+    if judged:  # what the canary's gates compared, against what (report.json has every figure of every host)
+        lines += ["", "## The canary's gates", "", "| host | gate | verdict | figures, baseline and why |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {g['gate']} | {g['verdict']} | {g['detail']} |" for name, g in judged]
     failed = [(name, g) for name, h in sorted(report["hosts"].items()) for g in h["gates"] if not g["ok"]]
     if failed:
         lines += ["", "## Failed gates", "", "| host | wave | phase | gate | why | verdict | figures |",

@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 from patching.inventory.reader import InventoryHost
 from patching.release.bundle import Bundle, Probes
-from patching.rollout.policy import SloProbe, Soak
+from patching.rollout.policy import Hardware, SloProbe, Soak
 
 LbState = Literal["serving", "drained", "down", "unknown"]
 
@@ -130,6 +130,19 @@ class Actions(Protocol):
         "gpu_memory_slopes": {GPU: least-squares slope of its used memory, MiB/h},
         "gpu_memory_slope_mib_per_hour": the worst of them, "gpu_memory_unmeasured": [GPUs seen in
         fewer than two samples]}.
+        """
+        ...
+
+    def check_hardware(self, hosts: Sequence[InventoryHost], hardware: Hardware, timeout_s: float) -> Results:
+        """On drained hosts: DCGM's diagnostic at `hardware.dcgm_level` and, when `hardware.nccl`, nccl-tests'
+        all-reduce over every GPU of the host (patching/hosts/hardware.py), within `timeout_s`.
+
+        measurements: {"dcgm": {"level", "version", "exit", "tests": results read, "failures": [{"test",
+        "category", "gpu", "status", "info"}], "warnings": [...]}} or {"dcgm_error": why}, and
+        {"nccl": {"gpus", "devices", "busbw_gbps" (the sweep's largest), "avg_busbw_gbps", "wrong",
+        "out_of_bounds", "sizes"}} or {"nccl_error": why}. An unreachable host is `measured=False`.
+        The judge (gates.py) also reads "baseline" ({"own": GB/s before the patch, "pool": {host: GB/s}}),
+        which the runner adds.
         """
         ...
 

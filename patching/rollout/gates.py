@@ -48,6 +48,9 @@ def thresholds(gate: Gate, policy: Policy) -> dict[str, Any]:
     if gate == Gate.SLO:
         return {"p99_ms": slo.p99_ms, "max_error_rate": slo.max_error_rate, "quantile": slo.quantile,
                 "tolerance": slo.tolerance, "confidence": slo.confidence}
+    if gate == Gate.HARDWARE:
+        hw = policy.gates.hardware
+        return {"dcgm_level": hw.dcgm_level, "nccl": hw.nccl, "busbw_tolerance": hw.busbw_tolerance}
     if gate == Gate.SOAK:
         return {"p99_ms": slo.p99_ms, "max_error_rate": slo.max_error_rate,
                 "max_gpu_memory_slope_mib_per_hour": soak.max_gpu_memory_slope_mib_per_hour}
@@ -273,10 +276,73 @@ def _judge_behaviour(outcome: Outcome, policy: Policy, limits: dict[str, Any]) -
     return Decision(Gate.BEHAVIOUR, Verdict.PASSED, ", ".join(parts), m, limits)
 
 
+def _judge_hardware(outcome: Outcome, policy: Policy, limits: dict[str, Any]) -> Decision:
+    """DCGM's diagnostic and the NCCL all-reduce bus bandwidth (patching/hosts/hardware.py measures them).
+
+    Any DCGM test that failed fails the host (Warn and Skip do not), named with its GPU and what DCGM said.
+    The bus bandwidth (the largest busbw of the all-reduce sweep, as nccl-tests' users quote it) fails the host
+    when a value was wrong or out of bounds, or when it is more than `busbw_tolerance` below the host's own
+    figure from before the patch, or below the median of its pool's figures in this run (hosts with the same
+    GPUs), both in `baseline` (put there by the runner). With neither (a restart lost the figure from before the
+    patch, and no host of the pool was measured yet) the bandwidth is recorded, not judged, and the detail says
+    so. Figures that are missing make the verdict could_not_measure unless something failed.
+    """
+    m, hw = outcome.measurements, policy.gates.hardware
+    problems, unmeasured, passed = [], [], []
+    dcgm = m.get("dcgm")
+    if isinstance(dcgm, Mapping):
+        failures = list(dcgm.get("failures") or [])
+        for f in failures:
+            gpu = f" on GPU {f['gpu']}" if f.get("gpu") not in (None, "") else ""
+            problems.append(f"DCGM diag -r {dcgm.get('level')}: {f.get('test')}{gpu} failed"
+                            + (f": {f['info']}" if f.get("info") else ""))
+        if not failures:
+            passed.append(f"DCGM diag -r {dcgm.get('level')}: {dcgm.get('tests', 0)} result(s), none failed")
+    else:
+        unmeasured.append(f"DCGM diag: {m.get('dcgm_error') or 'no result'}")
+    nccl = m.get("nccl") if hw.nccl else None
+    if isinstance(nccl, Mapping):
+        busbw = float(nccl["busbw_gbps"])
+        if nccl.get("wrong") or nccl.get("out_of_bounds"):
+            problems.append(f"NCCL all-reduce: {nccl.get('wrong', 0)} wrong value(s), "
+                            f"{nccl.get('out_of_bounds', 0)} out of bounds")
+        raw = m.get("baseline")
+        base: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        own, pool = base.get("own"), dict(base.get("pool") or {})
+        compared = []
+        floor = 1 - hw.busbw_tolerance
+        if own is not None:
+            compared.append(f"its own {float(own):.1f} GB/s before the patch")
+            if busbw < floor * float(own):
+                problems.append(f"NCCL all-reduce bus bandwidth {busbw:.1f} GB/s is {1 - busbw / float(own):.0%} "
+                                f"below its own {float(own):.1f} GB/s before the patch (tolerated "
+                                f"{hw.busbw_tolerance:.0%})")
+        if pool:
+            median = stats.quantile(sorted(float(v) for v in pool.values()), 0.5)
+            compared.append(f"its pool's median {median:.1f} GB/s ({len(pool)} host(s))")
+            if busbw < floor * median:
+                problems.append(f"NCCL all-reduce bus bandwidth {busbw:.1f} GB/s is {1 - busbw / median:.0%} "
+                                f"below its pool's median {median:.1f} GB/s ({', '.join(sorted(pool))}; tolerated "
+                                f"{hw.busbw_tolerance:.0%})")
+        if compared:
+            passed.append(f"NCCL bus bandwidth {busbw:.1f} GB/s against {' and '.join(compared)}")
+        else:  # a relative judgement with no reference: recorded (it is the pool's reference from now on)
+            passed.append(f"NCCL bus bandwidth {busbw:.1f} GB/s recorded, not compared: no figure from before the "
+                          "patch (lost to a restart) and none from its pool yet")
+    elif hw.nccl:
+        unmeasured.append(f"NCCL all-reduce: {m.get('nccl_error') or 'no result'}")
+    if problems:
+        return Decision(Gate.HARDWARE, Verdict.FAILED, "; ".join(problems + unmeasured), m, limits)
+    if unmeasured:
+        return Decision(Gate.HARDWARE, Verdict.COULD_NOT_MEASURE, "; ".join(unmeasured), m, limits)
+    return Decision(Gate.HARDWARE, Verdict.PASSED, "; ".join(passed), m, limits)
+
+
 _JUDGES: dict[Gate, Callable[[Outcome, Policy, dict[str, Any]], Decision]] = {
     Gate.ANSIBLE: _by_the_action(Gate.ANSIBLE),
     Gate.TESTINFRA: _by_the_action(Gate.TESTINFRA),
     Gate.BEHAVIOUR: _judge_behaviour,
+    Gate.HARDWARE: _judge_hardware,
     Gate.SOAK: _judge_soak,
 }
 

@@ -103,10 +103,36 @@ class Behaviour(StrictModel):
                                                     "host; a bundle without probes has none to run")
 
 
+# bundle fields whose change can break the GPUs or their interconnect: the hardware gate runs when one changes
+HARDWARE_COMPONENTS = ("driver", "fabric_manager", "nscq", "cuda", "nccl", "ofed", "efa_installer")
+
+
+class Hardware(StrictModel):
+    """On each drained host, before and after a bundle that changes the driver, NCCL or the fabric: NVIDIA DCGM's
+    diagnostic (`dcgmi diag -r <level> -j`) and nccl-tests' all-reduce bus bandwidth (`all_reduce_perf`), judged
+    against the host's own figure from before the patch and its pool's."""
+
+    enabled: bool = Field(default=True, description="run the hardware checks when the bundle changes a component "
+                                                    "of `when_changed` on the host")
+    when_changed: list[Literal[HARDWARE_COMPONENTS]] = Field(  # type: ignore[valid-type]
+        default=list(HARDWARE_COMPONENTS), description="bundle fields whose change on a host makes the gate run")
+    dcgm_level: Literal[1, 2, 3] = Field(default=1, description="`dcgmi diag -r`: 1 quick (deployment, seconds), "
+                                                                "2 medium (adds PCIe and memory, about 2 minutes), "
+                                                                "3 long (stress, about 30 minutes)")
+    nccl: bool = Field(default=True, description="measure the all-reduce bus bandwidth over the host's GPUs")
+    nccl_tests: str = Field(default="/opt/nccl-tests/build/all_reduce_perf", min_length=1,
+                            description="where nccl-tests' all_reduce_perf is on the hosts (built from source)")
+    busbw_tolerance: float = Field(default=0.10, ge=0, lt=1,
+                                   description="how far the bus bandwidth may fall below the host's own figure "
+                                               "before the patch, and below its pool's median, before it fails")
+
+
 class Gates(StrictModel):
-    """What a patched host must pass before it serves again: host checks, the SLO probe, behaviour, the soak."""
+    """What a patched host must pass before it serves again: host checks, hardware, the SLO probe, behaviour,
+    the soak."""
 
     testinfra: bool = Field(default=True, description="run the host checks for the bundle on the wave's hosts")
+    hardware: Hardware = Hardware()
     slo: SloProbe = SloProbe()
     behaviour: Behaviour = Behaviour()
     soak: Soak = Soak()

@@ -461,12 +461,20 @@ class Runner:
             self.notify("info", f"wave {wave.index}: {len(live)} host(s) done on {self.bundle.release}")
 
     def _draining(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
-        """Its own SLO figures while it still serves (the baseline when its pool has no peer left on the
-        old bundle), then out of the load balancer, in-flight requests finished."""
+        """Its own SLO figures and golden answers while it still serves (the baseline when its pool has no peer
+        left on the old bundle), then out of the load balancer, in-flight requests finished; then, drained,
+        its hardware figures when the bundle changes its driver, NCCL or fabric."""
         fresh = [n for n in names if n not in wave.rejoining]
         self._record_own_baselines(fresh)
         self._record_own_answers(fresh)
-        return self._drain(names)
+        results = self._drain(names)
+        # drained and still on the old bundle (a host a restart caught here too): its hardware figures, once
+        measured = {e.host for e in self.run.events()
+                    if e.kind == "baseline" and e.data.get("gate") == Gate.HARDWARE.value}
+        old = [n for n in names if n not in measured and _ok(results.get(n))
+               and (n in fresh or wave.rejoining[n].installed_release != self.bundle.release)]
+        self._record_own_hardware(old)
+        return results
 
     def _applying(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
         """The bundle through patch.yml; the Ansible result is the first gate."""
@@ -513,12 +521,17 @@ class Runner:
                           for n in names if n not in ours}
 
     def _verify(self, names: list[str], bundle: Bundle, wave: int, phase: Phase) -> dict[str, Outcome]:
-        """testinfra, then the SLO probe on the hosts that passed it; every decision journaled with its figures."""
+        """testinfra, then (rolling out a bundle that changes the driver, NCCL or fabric) the hardware checks,
+        the SLO probe and the behaviour probes, each on the hosts that passed the one before; every decision
+        journaled with its figures."""
         gate_s = self.policy.timeouts.gate.total_seconds()
         results: dict[str, Outcome] = {n: Outcome(True) for n in names}
         if self.policy.gates.testinfra:
             checks = self._call(self.actions.gate_testinfra, names, bundle, gate_s)
             results = self._judge(Gate.TESTINFRA, checks, names, wave, phase, bundle)
+        passing = [n for n in names if results[n].ok]
+        if phase == Phase.ROLLOUT and (due := [n for n in passing if self._hardware_due(n, bundle)]):
+            results |= self._hardware_gate(due, bundle, wave, phase)
         passing = [n for n in names if results[n].ok]
         if self.policy.gates.slo.enabled and passing:
             results |= self._slo_gate(passing, bundle, wave, phase)
@@ -554,6 +567,70 @@ class Runner:
         """Each host's golden answers (sha256 per probe id) from before its patch, from the journal."""
         return {e.host: e.data["answers"] for e in self.run.events()
                 if e.kind == "baseline" and e.host and e.data.get("gate") == Gate.BEHAVIOUR.value}
+
+    # ---- the hardware gate: DCGM and NCCL on the drained host, against its own figure and its pool's -------
+
+    def _hardware_due(self, name: str, bundle: Bundle) -> bool:
+        """Whether the bundle changes a component of `gates.hardware.when_changed` on the host (when what it
+        ran is unknown, or its manifest is, it may change anything: yes)."""
+        hw = self.policy.gates.hardware
+        if not hw.enabled:
+            return False
+        planned = self.plan.hosts.get(name)
+        current = planned.current if planned is not None else None
+        if current is None or (diff := self.plan.diffs.get(current)) is None:
+            return current != bundle.release
+        return any(changed.split(".")[0] in hw.when_changed for changed, _, _ in diff)
+
+    def _record_own_hardware(self, names: list[str]) -> None:
+        """The drained hosts' hardware figures on the old bundle (`baseline` events, read back on resume)."""
+        due = [n for n in names if self._hardware_due(n, self.bundle)]
+        if not due:
+            return
+        figures = self._call(self.actions.check_hardware, due, self.policy.gates.hardware,
+                             self.policy.timeouts.gate.total_seconds())
+        for name in due:
+            outcome = figures.get(name)
+            if outcome is not None and outcome.measured:
+                self._event("baseline", {"gate": Gate.HARDWARE.value, "measurements": dict(outcome.measurements)},
+                            host=name)
+
+    def _hardware_gate(self, names: list[str], bundle: Bundle, wave: int, phase: Phase) -> dict[str, Outcome]:
+        figures = self._call(self.actions.check_hardware, names, self.policy.gates.hardware,
+                             self.policy.timeouts.gate.total_seconds())
+        own, seen = self._hardware_figures()
+        pools = {n: h.pool for n, h in self.inventory.hosts.items()}
+        judged = {}
+        for name, outcome in figures.items():
+            nccl = outcome.measurements.get("nccl") or {}
+            kind = (nccl.get("gpus"), tuple(nccl.get("devices") or ()))
+            pool = {peer: busbw for peer, (busbw, peer_kind) in seen.items()
+                    if peer != name and pools.get(peer) == pools.get(name) and peer_kind == kind}
+            before, before_kind = own.get(name, (None, None))
+            baseline = {"own": before if before_kind == kind else None, "pool": pool}
+            judged[name] = Outcome(outcome.ok, outcome.detail, outcome.timed_out,
+                                   {**outcome.measurements, "baseline": baseline}, outcome.measured)
+        return self._judge(Gate.HARDWARE, judged, names, wave, phase, bundle)
+
+    def _hardware_figures(self) -> tuple[dict[str, tuple[float, tuple]], dict[str, tuple[float, tuple]]]:
+        """From the journal, each host's bus bandwidth with the GPUs it was measured on: (its own from before its
+        patch, the latest of any host: before its patch or after it, when that passed)."""
+        own: dict[str, tuple[float, tuple]] = {}
+        seen: dict[str, tuple[float, tuple]] = {}
+        for event in self.run.events():
+            data = event.data
+            if not event.host or data.get("gate") != Gate.HARDWARE.value:
+                continue
+            if event.kind == "gate" and not data.get("ok"):
+                continue
+            if event.kind not in ("baseline", "gate") or not isinstance(nccl := data["measurements"].get("nccl"),
+                                                                        Mapping):
+                continue
+            figure = (float(nccl["busbw_gbps"]), (nccl.get("gpus"), tuple(nccl.get("devices") or ())))
+            seen[event.host] = figure
+            if event.kind == "baseline":
+                own[event.host] = figure
+        return own, seen
 
     # ---- the SLO gate: against a baseline of the same interval, sampling more when unsure -----------------
 

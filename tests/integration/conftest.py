@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from lab.control import Lab
+from tests import cpuhog
 
 ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("FLEET_TEST_LAB_DIR", "/tmp/fleet-lab-tests"))
@@ -78,3 +79,12 @@ def clean_faults(lab: LabHandle):
     """Clears every fault a test injected, even when it fails."""
     yield lab
     lab.clear_faults()
+
+
+@pytest.fixture
+def cpu_hog():
+    """A busy loop on every core for the whole test (this machine is shared and noisy: the gates must judge
+    a good bundle good and a bad one bad while something else competes for every core). Each loop ends by
+    itself after 40 minutes at the latest and is killed by its PID when the test ends."""
+    with cpuhog.hogging(seconds=2400) as procs:
+        yield procs

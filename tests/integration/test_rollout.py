@@ -30,6 +30,7 @@ LAB_POLICY = ROOT / "lab/policy.yaml"
 SLOW = ROOT / "lab/bundles/2026-11.1-slow-serving.yaml"
 MISMATCH = ROOT / "lab/bundles/2026-11.2-fm-mismatch.yaml"
 INJECTION = ROOT / "lab/bundles/2026-11.3-injection.yaml"
+NCCL_REGRESSION = ROOT / "lab/bundles/2026-11.4-nccl-regression.yaml"
 
 
 def fleet(*args, env=None, timeout=1500) -> subprocess.CompletedProcess:
@@ -106,7 +107,8 @@ def window_closing_soon(tmp_path: Path) -> Path:
 HALL = "dgx-a1,dgx-a2"
 
 
-def test_rollout_paused_killed_resumed_with_zero_failed_requests(on_october, tmp_path):
+def test_rollout_paused_killed_resumed_with_zero_failed_requests(on_october, tmp_path, cpu_hog):
+    """A good bundle, with a busy loop on every core: no gate may cry wolf."""
     lab = on_october
     journal, reports = tmp_path / "journal.db", tmp_path / "reports"
     load = traffic(lab)
@@ -138,12 +140,17 @@ def test_rollout_paused_killed_resumed_with_zero_failed_requests(on_october, tmp
     assert set(lb_states(lab).values()) == {"serving"}
     report = json.loads((reports / "3" / "report.json").read_text())
     assert report["run"]["status"] == "done" and report["counts"] == {"done": 2}
+    for host in ("dgx-a1", "dgx-a2"):  # the driver changed: DCGM and NCCL ran, against the host's own figure
+        [hardware] = [g for g in report["hosts"][host]["gates"] if g["gate"] == "hardware"]
+        assert hardware["verdict"] == "passed" and "before the patch" in hardware["detail"], hardware
     print(f"traffic during the rollout: {figures.as_dict()}")
     assert figures.sent > 100
     assert figures.failed == 0, f"lost requests during the rollout: {figures.failures}"
 
 
-def test_bad_serving_release_is_caught_by_the_canary_and_rolled_back(on_october, tmp_path):
+def test_bad_serving_release_is_caught_by_the_canary_and_rolled_back(on_october, tmp_path, cpu_hog):
+    """vLLM 0.11.2 as the lab simulates it: a quarter of requests 600 ms slower; caught with a busy loop on every
+    core too."""
     lab = on_october
     before = releases_on_hosts(lab)
     journal, reports = tmp_path / "journal.db", tmp_path / "reports"
@@ -170,9 +177,9 @@ def test_bad_serving_release_is_caught_by_the_canary_and_rolled_back(on_october,
     assert figures.failed == 0, f"lost requests: {figures.failures}"
 
 
-def test_a_release_that_follows_injected_instructions_is_caught_by_the_canary(on_october, tmp_path):
+def test_a_release_that_follows_injected_instructions_is_caught_by_the_canary(on_october, tmp_path, cpu_hog):
     """vLLM 0.11.5 as the lab simulates it serves fast and right, and complies with a prompt injection:
-    only the behaviour gate's adversarial probes can see it."""
+    only the behaviour gate's adversarial probes can see it (with a busy loop on every core)."""
     lab = on_october
     before = releases_on_hosts(lab)
     reports = tmp_path / "reports"
@@ -185,6 +192,28 @@ def test_a_release_that_follows_injected_instructions_is_caught_by_the_canary(on
     by_gate = {g["gate"]: g for g in canary["gates"] if g["phase"] == "rollout"}
     assert by_gate["slo"]["ok"], "fast and right: the SLO gate passes it"
     assert by_gate["behaviour"]["verdict"] == "failed" and "PWNED" in by_gate["behaviour"]["detail"]
+    assert releases_on_hosts(lab) == before and set(lb_states(lab).values()) == {"serving"}
+
+
+def test_an_nccl_regression_is_caught_by_the_hardware_gate_and_rolled_back(on_october, tmp_path, cpu_hog):
+    """NCCL 2.28.7 as the lab simulates it: the all-reduce runs at 60 % of its bus bandwidth. DCGM passes and
+    serving is as fast as ever: only the bandwidth against the host's own figure before the patch shows it."""
+    lab = on_october
+    before = releases_on_hosts(lab)
+    reports = tmp_path / "reports"
+    run = fleet("patch", "run", "--release", NCCL_REGRESSION, "-i", lab.inventory, "--policy", LAB_POLICY,
+                "--limit", HALL, "--journal", tmp_path / "journal.db", "--report-dir", reports, "--ignore-window",
+                "--releases-dir", "releases")
+    assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-3000:]
+    canary = json.loads((reports / "report.json").read_text())["hosts"]["dgx-a1"]
+    assert canary["state"] == "rolled_back"
+    by_gate = {g["gate"]: g for g in canary["gates"] if g["phase"] == "rollout"}
+    hardware = by_gate["hardware"]
+    assert hardware["verdict"] == "failed" and "below its own" in hardware["detail"], hardware
+    own = hardware["measurements"]["baseline"]["own"]
+    assert own > 200 and hardware["measurements"]["nccl"]["busbw_gbps"] < 0.7 * own  # 8 A100s: about 230 GB/s
+    assert hardware["measurements"]["dcgm"]["failures"] == []
+    assert "slo" not in by_gate and "behaviour" not in by_gate, "a host that failed the hardware gate is not probed"
     assert releases_on_hosts(lab) == before and set(lb_states(lab).values()) == {"serving"}
 
 

@@ -21,7 +21,7 @@ from patching.hosts import behaviour
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle, Probes
 from patching.rollout.actions import HostSnapshot, Outcome
-from patching.rollout.policy import SloProbe, Soak
+from patching.rollout.policy import Hardware, SloProbe, Soak
 
 OLD, NEW = "2026-10", "2026-11"
 
@@ -70,6 +70,7 @@ class FakeFleet:
     faults: dict[tuple[str, str, str], str] = field(default_factory=dict)
     slow: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> p99 ms
     leaky: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> MiB/h
+    busbw: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> NCCL GB/s (else 235)
     path: Path | None = None
     clock: FakeClock | None = None
     calls: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
@@ -89,7 +90,8 @@ class FakeFleet:
             return
         data = {"hosts": self.hosts, "calls": self.calls,
                 "faults": [[*k, v] for k, v in self.faults.items()],
-                "slow": [[*k, v] for k, v in self.slow.items()], "leaky": [[*k, v] for k, v in self.leaky.items()]}
+                "slow": [[*k, v] for k, v in self.slow.items()], "leaky": [[*k, v] for k, v in self.leaky.items()],
+                "busbw": [[*k, v] for k, v in self.busbw.items()]}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, self.path)
@@ -98,7 +100,8 @@ class FakeFleet:
     def load(cls, path: Path) -> FakeFleet:
         data = json.loads(path.read_text())
         return cls(data["hosts"], {(h, a, r): v for h, a, r, v in data["faults"]},
-                   {(h, r): v for h, r, v in data["slow"]}, {(h, r): v for h, r, v in data["leaky"]}, path=path,
+                   {(h, r): v for h, r, v in data["slow"]}, {(h, r): v for h, r, v in data["leaky"]},
+                   {(h, r): v for h, r, v in data.get("busbw", [])}, path=path,
                    calls=[(a, tuple(n), r) for a, n, r in data["calls"]])
 
     # ---- the Actions protocol -------------------------------------------------------------------
@@ -216,6 +219,31 @@ class FakeFleet:
             out[n] = fault or Outcome(True, measurements={
                 "p99_ms": 51.0, "error_rate": 0.0, "gpu_memory_slope_mib_per_hour": slope,
                 "gpu_memory_slopes": {"0": 0.0, "1": slope}, "gpu_memory_unmeasured": [], "samples": 10})
+        self.save()
+        return out
+
+    def check_hardware(self, hosts: Sequence[InventoryHost], hardware: Hardware, timeout_s: float
+                       ) -> dict[str, Outcome]:
+        """8 A100s: DCGM passes unless `faults[(host, "hardware", release)]` names a failing test; the bus
+        bandwidth is `busbw[(host, release)]` (235 GB/s by default) within +-1 %."""
+        names = self._begin("hardware", hosts)
+        out = {}
+        for n in names:
+            release = self.hosts[n]["installed"]
+            if not self.hosts[n]["reachable"]:
+                out[n] = Outcome(False, "unreachable", measured=False)
+                continue
+            failing = next((self.faults[k] for k in ((n, "hardware", r) for r in (release, "*")) if k in self.faults),
+                           None)
+            failures = [{"test": failing, "category": "Hardware", "gpu": "3", "status": "Fail",
+                         "info": "injected"}] if failing else []
+            rng = random.Random(f"{n}:{release}:{len(self.calls)}")
+            busbw = self.busbw.get((n, release), self.busbw.get((n, "*"), 235.0)) * (0.99 + 0.02 * rng.random())
+            out[n] = Outcome(True, measurements={
+                "dcgm": {"level": hardware.dcgm_level, "version": "4.2.3", "exit": 226 if failing else 0,
+                         "tests": 80, "failures": failures, "warnings": []},
+                "nccl": {"gpus": 8, "devices": ["NVIDIA A100-SXM4-80GB"], "busbw_gbps": round(busbw, 2),
+                         "avg_busbw_gbps": round(busbw * 0.45, 3), "wrong": 0, "out_of_bounds": 0, "sizes": 31}})
         self.save()
         return out
 

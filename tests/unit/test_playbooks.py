@@ -33,6 +33,9 @@ DISTRIBUTION_VARS_SEARCH = [
 CONTROLLER_ROLES = {"lb_member"}
 # roles the others include for one shared step: not a component, no distribution vars (names come from the caller)
 SHARED_ROLES = {"pinned_packages"}
+# roles site.yml includes after the converge on the hosts of a component, outside the platform table (no manifest
+# record): the GPU diagnostics the hardware gate runs, on GPU hosts
+SITE_ROLES = {"gpu_diagnostics": "gpu_driver"}
 
 
 def _yaml(path: Path):
@@ -88,7 +91,11 @@ def test_platform_table_is_in_converge_order():
     converge = [t["ansible.builtin.include_role"]["name"] for t in _yaml(PLAYBOOKS / "tasks/converge.yml")
                 if "ansible.builtin.include_role" in t]
     assert converge == [row["component"] for row in _table()]
-    assert set(converge) == set(_roles()) - CONTROLLER_ROLES - SHARED_ROLES
+    assert set(converge) == set(_roles()) - CONTROLLER_ROLES - SHARED_ROLES - set(SITE_ROLES)
+    play = next(p for p in _yaml(PLAYBOOKS / "site.yml") if p["name"] == "Converge hosts to the bundle")
+    included = {t["ansible.builtin.include_role"]["name"]: t["when"] for t in play["tasks"]
+                if "ansible.builtin.include_role" in t}
+    assert included == {role: f"'{component}' in fleet_components" for role, component in SITE_ROLES.items()}
 
 
 def _tasks(path: Path) -> list[dict]:
@@ -101,7 +108,8 @@ def _tasks(path: Path) -> list[dict]:
 
 def test_packages_are_pinned_installed_and_held_in_one_place():
     """Every role that installs vendor packages includes pinned_packages; none pins, installs or holds itself."""
-    pinning = {"container_toolkit", "cuda_toolkit", "efa", "fabric_manager", "gpu_driver", "model_serving", "ofed"}
+    pinning = {"container_toolkit", "cuda_toolkit", "efa", "fabric_manager", "gpu_diagnostics", "gpu_driver",
+               "model_serving", "ofed"}
     for role in sorted(set(_roles()) - SHARED_ROLES):
         files = sorted((ROLES / role / "tasks").glob("*.yml"))
         tasks = [t for path in files for t in _tasks(path)]

@@ -5,7 +5,7 @@ so the scripts (reached through /usr/bin symlinks; Python puts the resolved scri
 sys.path) import it without any Python package of their own. Three places hold the state:
 
 - the host's hardware, written by the lab: $FLEET_SIM_HW_DIR (default /var/lib/fleet-lab/hw) holds
-  hardware.json and fault markers faults/<kind> (gpu-missing, ecc-errors, ib-port-down);
+  hardware.json and fault markers faults/<kind> (gpu-missing, ecc-errors, ib-port-down, nvlink-degraded);
 - runtime state, as the kernel would hold it: $FLEET_SIM_RUN_DIR (default /run/nvidia-sim), a tmpfs,
   so it is empty after a reboot: the loaded driver version, daemons' pid files, GPU memory in use;
 - what each installed package baked in at build time: $FLEET_SIM_LIB_DIR (default /usr/lib/fleet-sim)
@@ -43,7 +43,9 @@ CUDA_OF_BRANCH = {535: "12.2", 545: "12.3", 550: "12.4", 555: "12.5", 560: "12.6
 # (g4dn/g5 instances).
 SXM_BUS_IDS = ("00000000:07:00.0", "00000000:0F:00.0", "00000000:47:00.0", "00000000:4E:00.0",
                "00000000:87:00.0", "00000000:90:00.0", "00000000:B7:00.0", "00000000:BD:00.0")
-FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down")
+# nvlink-degraded: half of every GPU's NVLinks are down (NVSwitch boards), so collectives run at about half
+# their bus bandwidth; nothing else notices it (nvidia-smi and dcgmi diag as configured by default do not).
+FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "nvlink-degraded")
 
 
 class SimError(Exception):
