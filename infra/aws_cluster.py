@@ -55,11 +55,12 @@ def efa_network_interfaces(network_cards: int, efa_max: int | None, security_gro
     return interfaces
 
 
-def _nlb_endpoint(region: str):
+def _nlb_endpoint(region: str, efa_devices: int):
     def endpoint(values: list[str]) -> dict[str, Any]:
         address, instance_id, target_group = values
-        return {"address": address, "extra_vars": {"fleet_lb": {
-            "kind": "nlb", "target_group": target_group, "target_id": instance_id, "region": region}}}
+        return {"address": address, "extra_vars": {
+            "fleet_lb": {"kind": "nlb", "target_group": target_group, "target_id": instance_id, "region": region},
+            "fleet_efa_devices": efa_devices}}
 
     return endpoint
 
@@ -108,7 +109,7 @@ class GpuCluster(pulumi.ComponentResource):
         self.target_groups = {}
         self.endpoints = {}
         for pool in pools:
-            template = self._launch_template(pool, ami, profile, subnet_id)
+            template, efa_devices = self._launch_template(pool, ami, profile, subnet_id)
             lb = aws.lb.LoadBalancer(
                 f"{pool.name}-nlb", internal=True, load_balancer_type="network", subnets=[subnet_id],
                 tags=tags | {"fleet:pool": pool.name}, region=region, opts=child)
@@ -135,7 +136,7 @@ class GpuCluster(pulumi.ComponentResource):
                     port=fleet.serving_port(host), region=region, opts=child)
                 self.instances[host.name] = instance
                 self.endpoints[host.name] = pulumi.Output.all(instance.private_ip, instance.id, tg.arn).apply(
-                    _nlb_endpoint(region))
+                    _nlb_endpoint(region, efa_devices))
 
         self.register_outputs({
             "placement_group": self.placement_group.name,
@@ -198,16 +199,20 @@ class GpuCluster(pulumi.ComponentResource):
         return vpc.id, private.id, str(net)
 
     def _launch_template(self, pool: Pool, ami: Any, profile: aws.iam.InstanceProfile, subnet_id: Any
-                         ) -> aws.ec2.LaunchTemplate:
-        site = self._site
+                         ) -> tuple[aws.ec2.LaunchTemplate, int]:
+        """The pool's launch template, and the EFA devices each of its instances gets."""
+        site, fleet = self._site, self._fleet
         assert pool.instance_type, "the fleet model requires an instance type for cloud pools"
         info = aws.ec2.get_instance_type(instance_type=pool.instance_type, region=site.region,
                                          opts=pulumi.InvokeOptions(parent=self))
+        if not info.efa_supported:  # an AWS site is an EFA cluster (fleet_efa): every host's fabric is EFA
+            raise InputError([Problem(fleet.source, fleet.field("pools", pool.name, "instance_type"),
+                                      pool.instance_type, f"has no EFA (efaSupported false in {site.region}); site "
+                                      f"{site.name} is an EFA cluster: use an instance type with EFA "
+                                      "(p4d.24xlarge, p5.48xlarge, ...)")])
         cards = info.maximum_network_cards or len(info.network_cards or []) or 1
-        if info.efa_supported:
-            interfaces = efa_network_interfaces(cards, info.efa_maximum_interfaces, self.security_group.id, subnet_id)
-        else:
-            interfaces = efa_network_interfaces(1, 0, self.security_group.id, subnet_id)
+        interfaces = efa_network_interfaces(cards, info.efa_maximum_interfaces, self.security_group.id, subnet_id)
+        efa_devices = sum(1 for i in interfaces if i["interface_type"] == "efa-only")
         reservation: Any = None
         if site.capacity_reservation_id:
             reservation = {"capacity_reservation_target": {"capacity_reservation_id": site.capacity_reservation_id}}
@@ -237,4 +242,4 @@ class GpuCluster(pulumi.ComponentResource):
             tags=pool_tags,
             region=site.region,
             opts=pulumi.ResourceOptions(parent=self),
-        )
+        ), efa_devices

@@ -66,7 +66,8 @@ def fault(target: Annotated[str, typer.Argument(help="a host, or a UPS for ups-o
           kind: Annotated[str, typer.Argument(help="one of: " + ", ".join(FAULTS))],
           clear: Annotated[bool, typer.Option(help="remove the fault")] = False,
           stack: StackOpt = "lab", state_dir: DirOpt = None) -> None:
-    """Inject (or --clear) a fault: gpu-missing, ecc-errors, ib-port-down, nvlink-degraded, ups-on-battery, host-down, ssh-hang."""
+    """Inject (or --clear) a fault: gpu-missing, ecc-errors, ib-port-down, nvlink-degraded, ups-on-battery,
+    host-down, ssh-hang."""
     try:
         _open(stack, state_dir).fault(target, kind, clear)
     except LabError as exc:

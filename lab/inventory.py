@@ -9,11 +9,13 @@ controller's lab services read it from the lab's secrets.json.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from infra.model.fleet import Fleet
 from infra.model.inventory import Endpoint, build_inventory, host_vars
+from lab.hardware import EFA_DEVICES
 from lab.layout import Layout, Ports
 from lab.services import write_private
 
@@ -26,7 +28,7 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
     for name, host in fleet.hosts.items():
         hp = ports.hosts[name]
         ups = host_vars(fleet, host)["fleet_ups"]
-        extra = {
+        extra: dict[str, Any] = {
             "ansible_ssh_private_key_file": str(layout.ssh_key),
             "ansible_ssh_common_args": ssh_args,
             "ansible_python_interpreter": "/usr/bin/python3",
@@ -36,6 +38,8 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
             "fleet_artifacts_url": f"http://127.0.0.1:{ports.http}/artifacts",
             "fleet_ups": [dict(u, host="127.0.0.1", port=ports.upsd) for u in ups],
         }
+        if (efa := EFA_DEVICES.get(fleet.pool_of(host).instance_type or "")) and fleet.site_of(host).kind == "aws":
+            extra["fleet_efa_devices"] = efa  # what `pulumi up` exports from DescribeInstanceTypes
         if host.bmc:
             extra["fleet_bmc"] = {"endpoint": f"http://127.0.0.1:{ports.redfish}", "system_id": name,
                                   "username": host.bmc.username, "verify_tls": False}

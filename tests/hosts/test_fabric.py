@@ -56,4 +56,9 @@ def test_efa_devices(name, host, hostvars):
     result = host.run("/opt/amazon/efa/bin/fi_info -p efa -t FI_EP_RDM")
     count = hostfacts.efa_device_count(hostfacts.parse_fi_info(result.stdout))
     found = f"{count}" if count else (result.stderr or result.stdout).strip() or f"exit {result.rc}"
-    expect(count >= 1, name, "EFA devices (fi_info -p efa)", "at least 1", found)
+    wanted = hostvars.get("fleet_efa_devices")  # what the instance type gets (pulumi up exports it)
+    if wanted is None:
+        expect(count >= 1, name, "EFA devices (fi_info -p efa)", "at least 1 (fleet_efa_devices not given)", found)
+    else:
+        expect(count == int(wanted), name, "EFA devices (fi_info -p efa)",
+               f"{wanted} (fleet_efa_devices: the instance type's EFA interfaces)", found)

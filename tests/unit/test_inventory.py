@@ -57,3 +57,20 @@ def test_render_is_yaml_with_header(root):
 def test_inventory_builder_is_pure(root):
     fleet = load_stack("lab", root)
     assert build_inventory(fleet) == build_inventory(fleet)
+
+
+def test_the_lab_exports_the_efa_devices_its_simulated_instances_have(tmp_path):
+    """As `pulumi up` exports fleet_efa_devices from DescribeInstanceTypes, the lab writes the count its simulated
+    hardware has, so the EFA host check (tests/hosts/test_fabric.py) holds the lab to the same number."""
+    from infra.model.fleet import fleet_config_from_stack, parse_fleet
+    from lab.hardware import hardware_from_hostvars
+    from lab.inventory import lab_endpoints
+    from lab.layout import Layout, Ports
+    from tests.stack_mocks import stack_config
+
+    fleet = parse_fleet(fleet_config_from_stack(stack_config("lab")), "Pulumi.lab.yaml", "config.fleet:")
+    endpoints = lab_endpoints(fleet, Layout.for_stack("lab", tmp_path), Ports.plan(fleet))
+    inventory = build_inventory(fleet, endpoints)["all"]["hosts"]
+    efa = {n: v["fleet_efa_devices"] for n, v in inventory.items() if "fleet_efa_devices" in v}
+    assert efa == {"v3-aws-0": 4, "v3-aws-1": 4}
+    assert all(hardware_from_hostvars(n, inventory[n])["efa_devices"] == 4 for n in efa)

@@ -183,3 +183,23 @@ def test_existing_subnet_is_used_instead_of_a_new_vpc():
     template = run.named(TEMPLATE, "v3-use1a-lt").inputs
     assert {n["subnetId"] for n in template["networkInterfaces"]} == {"subnet-0abc"}
     assert run.named("aws:ec2/securityGroup:SecurityGroup", "use1-az-a-sg").inputs["vpcId"] == "vpc-0abc"
+
+
+def test_each_host_exports_the_efa_devices_its_instance_type_gets(run):
+    hosts = run.outputs["ansible_inventory"]["all"]["hosts"]
+    efa = {name: v["fleet_efa_devices"] for name, v in hosts.items() if "fleet_efa_devices" in v}
+    assert efa == dict.fromkeys(P4D_HOSTS, 4)  # p4d.24xlarge: 4 network cards, one EFA each
+    assert all(hosts[n]["fleet_efa"] for n in efa)
+
+
+def test_an_instance_type_without_efa_is_refused_in_an_efa_cluster_site():
+    import pulumi
+
+    config = copy.deepcopy(stack_config())
+    pool = next(p for p in config["fleet:pools"] if p["name"] == "v3-use1a")
+    pool.update(instance_type="g5.xlarge", gpu_model="A10G", gpu_count=1)
+    with pytest.raises(pulumi.RunError) as info:
+        run_program(config, hybrid_secrets())
+    text = str(info.value)
+    assert "config.fleet:pools[0].instance_type" in text and "(value: 'g5.xlarge')" in text
+    assert "has no EFA (efaSupported false in us-east-1); site use1-az-a is an EFA cluster" in text
