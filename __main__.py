@@ -16,3 +16,4 @@ except InputError as exc:
 
 pulumi.export("ansible_inventory", stack.inventory)
 pulumi.export("hosts", sorted(fleet.hosts))
+pulumi.export("amis", stack.amis)

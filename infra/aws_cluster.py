@@ -101,6 +101,7 @@ class GpuCluster(pulumi.ComponentResource):
             f"{site.name}-cluster", strategy="cluster", tags=tags, region=region, opts=child)
         profile = ssm_instance_profile(site.name, self)
         ami = lookup_ami(fleet, site, self)
+        self.ami_id: str = ami.id
         if site.capacity_block:
             pulumi.log.warn(f"{site.name}: instances launch into Capacity Block {site.capacity_reservation_id}; "
                             "a Capacity Block cannot be deleted: destroy only drops it from state", resource=self)

@@ -1,4 +1,4 @@
-"""What the AWS GPU cluster and the Outpost site share: tags, the pinned AMI, the SSM instance profile, user data."""
+"""What the AWS GPU cluster and the Outpost site share: tags, the AMI, the SSM instance profile, user data."""
 
 from __future__ import annotations
 
@@ -55,17 +55,19 @@ def render_user_data(fleet: Fleet, host: Host, ssh_authorized_keys: list[str]) -
 
 
 def lookup_ami(fleet: Fleet, site: AwsSite | OutpostSite, parent: pulumi.Resource) -> Any:
-    """The site's pinned AMI (exact name, or id): one image, the same on every `pulumi up`."""
+    """The site's AMI (infra/model/fleet.py `AmiLookup`): by id (deprecated or not), by exact name and owner,
+    or the id its SSM public parameter holds now."""
     ami: AmiLookup = site.ami
-    if ami.id:
-        filters = [aws.ec2.GetAmiFilterArgs(name="image-id", values=[ami.id])]
-    elif ami.name:
-        filters = [aws.ec2.GetAmiFilterArgs(name="name", values=[ami.name])]
-    else:
-        raise InputError([Problem(fleet.source, fleet.field("sites", site.name, "ami"), None,
-                                  "give the AMI's exact name or its id")])
-    return aws.ec2.get_ami(owners=[ami.owner], filters=filters, most_recent=True, region=site.region,
-                           opts=pulumi.InvokeOptions(parent=parent))
+    invoke = pulumi.InvokeOptions(parent=parent)
+    if ami.id or (not ami.name and ami.ssm_parameter):
+        image_id = ami.id or aws.ssm.get_parameter(name=ami.ssm_parameter, region=site.region, opts=invoke).value
+        return aws.ec2.get_ami(filters=[aws.ec2.GetAmiFilterArgs(name="image-id", values=[image_id])],
+                               include_deprecated=True, most_recent=True, region=site.region, opts=invoke)
+    if ami.name:
+        return aws.ec2.get_ami(owners=[ami.owner], filters=[aws.ec2.GetAmiFilterArgs(name="name", values=[ami.name])],
+                               most_recent=True, region=site.region, opts=invoke)
+    raise InputError([Problem(fleet.source, fleet.field("sites", site.name, "ami"), None,
+                              "give the AMI's id, its exact name, or an SSM parameter that holds its id")])
 
 
 def ssm_instance_profile(name: str, parent: pulumi.Resource) -> aws.iam.InstanceProfile:

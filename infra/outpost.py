@@ -101,6 +101,7 @@ class OutpostSiteComponent(pulumi.ComponentResource):
             ingress=ingress, egress=egress, tags=tags, region=region, opts=child)
         profile = ssm_instance_profile(site.name, self)
         ami = lookup_ami(fleet, site, self)
+        self.ami_id: str = ami.id
 
         self.instances = {}
         self.endpoints = {}
@@ -115,7 +116,9 @@ class OutpostSiteComponent(pulumi.ComponentResource):
                                        "encrypted": True, "delete_on_termination": True},
                     user_data=render_user_data(fleet, host, site.ssh_authorized_keys),
                     tags=fleet_tags(fleet, host), volume_tags=fleet_tags(fleet, host),
-                    region=region, opts=child)
+                    # a newer image (the SSM parameter moved) is for instances launched from now on: replacing a
+                    # running GPU host is the patch pipeline's decision, not a side effect of `pulumi up`
+                    region=region, opts=pulumi.ResourceOptions(parent=self, ignore_changes=["ami"]))
                 self.instances[host.name] = instance
                 self.endpoints[host.name] = instance.private_ip.apply(lambda ip: {"address": ip})
 

@@ -29,6 +29,11 @@ class FleetStack:
     components: dict[str, SiteComponent]
     inventory: pulumi.Output[dict[str, Any]]
 
+    @property
+    def amis(self) -> dict[str, str]:
+        """The AMI id each cloud site launches from, as resolved by this `pulumi up`."""
+        return {name: c.ami_id for name, c in sorted(self.components.items()) if not isinstance(c, Hall)}
+
 
 def fleet_from_config(config: pulumi.Config, stack: str) -> Fleet:
     """The fleet from the stack's `fleet:*` config, validated (InputError names Pulumi.<stack>.yaml and the field)."""

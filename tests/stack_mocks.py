@@ -34,6 +34,7 @@ INSTANCE_TYPES: dict[str, dict[str, Any]] = {
 }
 OUTPOST_OFFERS = ("c5.2xlarge", "g4dn.12xlarge", "g4dn.metal", "m5.2xlarge", "r5.2xlarge")
 AMI_ID = "ami-0a1b2c3d4e5f60718"
+AMI_NAME = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20261120"
 
 
 @dataclass
@@ -108,8 +109,15 @@ class FleetMocks(pulumi.runtime.Mocks):
                     "efaMaximumInterfaces": spec["efa_max"]}, []
         if token == "aws:outposts/getOutpostInstanceTypes:getOutpostInstanceTypes":
             return {"arn": args.args["arn"], "id": args.args["arn"], "instanceTypes": list(self.outpost_offers)}, []
-        if token == "aws:ec2/getAmi:getAmi":
-            return {"id": AMI_ID, "rootDeviceName": "/dev/sda1", "name": args.args["filters"][0]["values"][0]}, []
+        if token == "aws:ssm/getParameter:getParameter":
+            return {"name": args.args["name"], "value": AMI_ID, "type": "String", "id": args.args["name"]}, []
+        if token == "aws:ec2/getAmi:getAmi":  # one image: found by its id or its name, as DescribeImages does
+            (flt,) = args.args["filters"]
+            (value,) = flt["values"]
+            if flt["name"] == "image-id" and value != AMI_ID:
+                raise ValueError(f"Your query returned no results (image-id {value})")
+            name = value if flt["name"] == "name" else AMI_NAME
+            return {"id": AMI_ID, "rootDeviceName": "/dev/sda1", "name": name}, []
         if token == "aws:ec2/getLocalGatewayRouteTable:getLocalGatewayRouteTable":
             return {"localGatewayId": "lgw-0a1b2c3d4e5f60718",
                     "localGatewayRouteTableId": args.args["localGatewayRouteTableId"]}, []

@@ -75,15 +75,27 @@ class Bmc(StrictModel):
     verify_tls: bool = True
 
 
-class AmiLookup(StrictModel):
-    """A pinned machine image: an exact AMI name from one owner, or an AMI id.
+# Canonical's SSM public parameter for the current Ubuntu 22.04 LTS server image (amd64, EBS gp2 root)
+CANONICAL_UBUNTU_2204 = "/aws/service/canonical/ubuntu/server/22.04/stable/current/amd64/hvm/ebs-gp2/ami-id"
 
-    No wildcards: a pattern with `most_recent` would move under a running fleet on the next
-    `pulumi up`, and the bundle (driver, CUDA, ...) is what decides what runs on the host.
+
+class AmiLookup(StrictModel):
+    """The machine image of a site's instances: an AMI `id`, else an exact AMI `name` from `owner`, else the
+    image an SSM public parameter names (the default: Canonical's current Ubuntu 22.04 LTS; AWS publishes its
+    Deep Learning Base GPU AMIs the same way, under /aws/service/deeplearning/).
+
+    A parameter's image moves when its publisher releases a new one: each `pulumi up` resolves it, so instances
+    launched from then on start from the current image; running instances keep theirs (they launch from their
+    template's "$Default" version, and a template change never replaces one), and the bundle decides what runs
+    on them. The resolved id is a stack output (`amis`). A name search misses deprecated images (AWS deprecates
+    AMIs two years after creation by default): a dated public name stops resolving, so names are for images
+    you own, exact (no wildcards). An id is found even once deprecated.
     """
 
-    owner: str = "099720109477"  # Canonical
-    name: str | None = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20240301"
+    owner: str = Field(default="099720109477", description="the owner a `name` is looked up under (Canonical)")
+    ssm_parameter: str | None = Field(default=CANONICAL_UBUNTU_2204, pattern=r"^/[A-Za-z0-9_./-]+$",
+                                      description="an SSM parameter whose value is the AMI id")
+    name: str | None = None
     id: str | None = Field(default=None, pattern=r"^ami-[0-9a-f]{8,17}$")
 
     @field_validator("name")

@@ -9,7 +9,8 @@ import copy
 import pytest
 
 from infra.aws_cluster import efa_network_interfaces
-from tests.stack_mocks import AMI_ID, hybrid_secrets, run_program, stack_config
+from infra.model.fleet import CANONICAL_UBUNTU_2204, AmiLookup
+from tests.stack_mocks import AMI_ID, AMI_NAME, hybrid_secrets, run_program, stack_config
 
 INSTANCE = "aws:ec2/instance:Instance"
 TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
@@ -75,13 +76,43 @@ def test_imdsv2_required_and_encrypted_gp3_root(run):
     assert len(checked) == 2
 
 
-def test_ami_is_a_pinned_lookup(run):
+def test_the_ami_is_the_one_canonicals_ssm_parameter_names_now(run):
+    params = [args for token, args in run.calls if token == "aws:ssm/getParameter:getParameter"]
+    assert [(a["name"], a["region"]) for a in params] == [(CANONICAL_UBUNTU_2204, "us-east-1")] * 2 + [
+        (CANONICAL_UBUNTU_2204, "eu-central-1")]  # two AWS sites, one Outpost
     lookups = [args for token, args in run.calls if token == "aws:ec2/getAmi:getAmi"]
-    assert len(lookups) == 3   # two AWS sites, one Outpost
-    for args in lookups:
-        assert args["owners"] == ["099720109477"]
-        (name,) = args["filters"][0]["values"]
-        assert "*" not in name and name.startswith("ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-")
+    assert len(lookups) == 3
+    for args in lookups:  # by the id the parameter holds, found even after AWS deprecates the image
+        assert args["filters"] == [{"name": "image-id", "values": [AMI_ID]}] and args["includeDeprecated"] is True
+    assert {t.inputs["imageId"] for t in run.of_type(TEMPLATE)} == {AMI_ID}
+    assert {i.inputs["ami"] for i in run.of_type(INSTANCE) if "ami" in i.inputs} == {AMI_ID}  # the Outpost's
+    assert run.outputs["amis"] == {"outpost-fra1": AMI_ID, "use1-az-a": AMI_ID, "use1-az-b": AMI_ID}
+
+
+@pytest.mark.parametrize(("ami", "token", "flt"), [
+    ({"id": AMI_ID}, None, {"name": "image-id", "values": [AMI_ID]}),
+    ({"name": AMI_NAME}, None, {"name": "name", "values": [AMI_NAME]}),
+    ({"ssm_parameter": "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"},
+     "aws:ssm/getParameter:getParameter", {"name": "image-id", "values": [AMI_ID]}),
+], ids=["id", "exact-name", "dlami-parameter"])
+def test_an_explicit_ami_id_name_or_parameter(ami, token, flt):
+    config = copy.deepcopy(stack_config())
+    for site in config["fleet:sites"]:
+        if site["kind"] in ("aws", "outpost"):
+            site["ami"] = ami
+    run = run_program(config, hybrid_secrets())
+    asked = [t for t, _ in run.calls if t == "aws:ssm/getParameter:getParameter"]
+    assert len(asked) == (3 if token else 0)
+    lookups = [args for t, args in run.calls if t == "aws:ec2/getAmi:getAmi"]
+    assert len(lookups) == 3 and all(a["filters"] == [flt] for a in lookups)
+    assert all(a.get("owners") == (["099720109477"] if "name" in ami else None) for a in lookups)
+
+
+def test_a_dated_ami_name_search_is_no_longer_the_default():
+    """Canonical's dated names go out of a name search once AWS deprecates them (two years by default)."""
+    assert AmiLookup().name is None and AmiLookup().ssm_parameter == CANONICAL_UBUNTU_2204
+    with pytest.raises(ValueError, match="no wildcards"):
+        AmiLookup(name="ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-*")
 
 
 def test_instance_profile_has_ssm(run):

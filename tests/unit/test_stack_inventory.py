@@ -27,7 +27,7 @@ def listed(run, tmp_path_factory):
 
 
 def test_exports(run):
-    assert set(run.outputs) == {"ansible_inventory", "hosts"}
+    assert set(run.outputs) == {"ansible_inventory", "hosts", "amis"}
     assert run.secret_outputs == set()      # nothing secret went in, so the inventory stays readable
     assert len(run.outputs["hosts"]) == 14 and run.outputs["hosts"] == sorted(run.outputs["hosts"])
 
