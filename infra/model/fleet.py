@@ -165,6 +165,9 @@ class OnpremSite(_Site):
 
     kind: Literal["onprem"]
     ups: list[Ups] = []
+    ups_monitor_user: str | None = Field(
+        None, min_length=1, description="upsd's account the hosts' upsmon logs in with (upsd.users); its password "
+                                        "reaches Ansible as fleet_ups_monitor_password, from a vault, never here")
     ups_derating: float = Field(0.8, gt=0, le=1)
     require_n_plus_one: bool = False
     ib_rail_aligned: bool = False

@@ -38,6 +38,7 @@ HOST_VARS = (
     "fleet_artifacts_url",
     "fleet_bmc",
     "fleet_ups",
+    "fleet_ups_monitor_user",
     "fleet_ib_hcas",
 )
 
@@ -90,6 +91,8 @@ def host_vars(fleet: Fleet, host: Host, endpoint: Endpoint | None = None) -> dic
         "fleet_ups": _ups(fleet, host),
         "fleet_ib_hcas": [h.model_dump() for h in host.ib_hcas],
     }
+    if hv["fleet_ups"] and isinstance(site, OnpremSite) and site.ups_monitor_user:
+        hv["fleet_ups_monitor_user"] = site.ups_monitor_user
     if endpoint:
         hv |= dict(endpoint.extra_vars)
     return hv
