@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,23 @@ def bundle_ref(fleet: Fleet, project_dir: Path) -> BundleRef:
         digest = hashlib.sha256(full.read_bytes()).hexdigest()
     except OSError as exc:
         raise InputError([Problem(fleet.source, field, path, f"cannot read the bundle: {exc.strerror}")]) from exc
+    if problems := release_check_problems(full, project_dir):
+        raise InputError([Problem(fleet.source, field, path, f"`fleet release check` refuses it: {problem}")
+                          for problem in problems])
     return BundleRef(path, digest)
+
+
+def release_check_problems(bundle: Path, project_dir: Path) -> list[str]:
+    """What `fleet release check` refuses in the bundle: its schema and every compatibility rule of
+    patching/release/compat.yaml (the one source; site.yml's first play applies the same). Run as the command
+    users run, at preview, before any host exists: infra/ imports nothing of patching/."""
+    proc = subprocess.run([sys.executable, "-c", "from patching.cli.app import main; main()", "release", "check",
+                           str(bundle)], capture_output=True, text=True, cwd=project_dir, timeout=120)
+    if proc.returncode == 0:
+        return []
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    found = [line.removeprefix(f"{bundle}: ") for line in lines if "compatibility rule(s) broken" not in line]
+    return found or [f"exit {proc.returncode}: {proc.stdout.strip()[-500:]}"]
 
 
 def single_host_inventory(inventory: dict[str, Any], host: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pulumi
 import pytest
+import yaml
 
 from infra.converge import converge_script, single_host_inventory
 from tests.stack_mocks import ROOT, hybrid_secrets, run_program, stack_config
@@ -107,3 +108,20 @@ def test_the_day0_converge_checks_host_keys_whatever_the_environment_says():
     script = converge_script("h", "releases/x.yaml")
     assert "export ANSIBLE_HOST_KEY_CHECKING=True\n" in script
     assert script.index("ANSIBLE_HOST_KEY_CHECKING") < script.index('"$pb" -i')
+
+
+def test_a_bundle_that_breaks_a_compatibility_rule_is_refused_at_preview(tmp_path):
+    """CUDA 13.0.2 with an R570 driver: `fleet release check`'s rules (compat.yaml) refuse it before any host
+    exists, naming the config key, the file and the rule."""
+    bad = yaml.safe_load((ROOT / "releases/2026-11.yaml").read_text())
+    bad.update(release="2026-11.9", driver={"version": "570.172.08"}, fabric_manager="570.172.08",
+               nscq="570.172.08")
+    path = tmp_path / "2026-11.9.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    config = converge_config()
+    config["fleet:bundle"] = str(path)
+    with pytest.raises(pulumi.RunError) as info:
+        run_program(config, hybrid_secrets())
+    text = str(info.value)
+    assert "config.fleet:bundle: `fleet release check` refuses it: error: driver.version: CUDA 13.0.2 needs driver" \
+           in text and "[cuda-driver-minimum;" in text and f"(value: '{path}')" in text
