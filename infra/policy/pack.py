@@ -18,6 +18,7 @@ from pulumi_policy import (
     StackValidationArgs,
     StackValidationPolicy,
 )
+from pulumi_policy.proxy import UnknownValueError
 
 from infra.policy.rules import DEFAULTS, RULES, RuleSpec, Subject
 
@@ -48,7 +49,11 @@ def _validate(rule: RuleSpec):
     def validate(args: StackValidationArgs, report_violation: ReportViolation) -> None:
         config: Mapping[str, Any] = {**DEFAULTS, **args.get_config()}
         for resource in args.resources:
-            for message in rule.check(subject(resource), config):
+            try:
+                messages = rule.check(subject(resource), config)
+            except UnknownValueError as exc:  # one resource's unknown must not skip the rule for the others
+                messages = [f"{resource.name}: cannot be checked at preview: {exc.message}"]
+            for message in messages:
                 report_violation(message, resource.urn)
 
     return validate

@@ -8,6 +8,11 @@ Pulumi's engine names (camelCase), as a policy pack and `pulumi preview --json` 
 Mandatory: IMDSv2, encrypted volumes, no SSH from anywhere, GPU-cluster instances in a `cluster`
 placement group with EFA, the `fleet:*` tags. Advisory: a Capacity Block (cannot be deleted), an
 instance type outside the allowed list.
+
+At `pulumi preview` the properties that come from resources not created yet are unknown. The rules read only
+what the program sets itself (known at preview) and, of references, only whether they are set (`_set`); a rule
+that still meets an unknown fails closed (pack.py reports it on that resource, at the rule's level) instead of
+the SDK's default, which turns the whole policy into an advisory note for every resource.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pulumi_policy.proxy import UnknownValueError
 
 INSTANCE = "aws:ec2/instance:Instance"
 LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
@@ -57,6 +64,15 @@ class Subject:
 
 
 Rule = Callable[[Subject, Mapping[str, Any]], list[str]]
+
+
+def _set(props: Mapping[str, Any], key: str) -> bool:
+    """Whether a property has a value. At preview a reference to a resource not created yet (a placement
+    group's generated name) is unknown: it is set, only its value is not known yet."""
+    try:
+        return bool(props.get(key))
+    except UnknownValueError:
+        return True
 
 
 def _truthy(value: Any) -> bool:
@@ -155,8 +171,8 @@ def gpu_cluster_placement_and_efa(s: Subject, config: Mapping[str, Any]) -> list
     template = s.template or {}
     groups = s.related_of(PLACEMENT_GROUP)
     placement = template.get("placement") or {}
-    group_named = (s.props.get("placementGroup") or s.props.get("placementGroupId") or placement.get("groupName")
-                   or placement.get("groupId"))
+    group_named = (_set(s.props, "placementGroup") or _set(s.props, "placementGroupId")
+                   or _set(placement, "groupName") or _set(placement, "groupId"))
     if not groups and not group_named:
         out.append(f"{s.name}: {itype} is not in a placement group (needs strategy 'cluster')")
     for group in groups:

@@ -18,6 +18,7 @@ import pytest
 from google.protobuf import empty_pb2, json_format, struct_pb2
 from pulumi.runtime import proto
 from pulumi_policy import EnforcementLevel, PolicyResource, StackValidationPolicy
+from pulumi_policy.proxy import UNKNOWN_STRING_VALUE
 
 from infra.policy.pack import CONFIG_SCHEMA, DEPTH, NAME, policies, subject
 from infra.policy.rules import (
@@ -604,3 +605,77 @@ def test_example_hybrid_with_a_spread_group_fails(analyzer, hybrid):
     assert mandatory == [("gpu-cluster-placement-efa", urn(INSTANCE, f"v3-use1a-{i}")) for i in range(4)]
     assert all("with strategy 'spread', not 'cluster'" in d.message for d in response.diagnostics
                if d.enforcementLevel == proto.MANDATORY)
+
+
+# --- at preview: what is not created yet is unknown ------------------------------------------------------------
+
+
+def preview_request(resources: list[Registered]) -> proto.AnalyzeStackRequest:
+    """`stack_request` as a real `pulumi preview` sends it: every input that refers to another resource (its id,
+    ARN, or a placement group's generated name) is unknown, since nothing is created yet."""
+    refs = {v for r in resources for v in (r.id, r.state["arn"], r.state.get("name") if r.type == PLACEMENT_GROUP
+                                           else None) if v}
+    request = stack_request(resources)
+    for resource, r in zip(request.resources, resources, strict=True):
+        resource.properties.Clear()
+        resource.properties.update(_unknown_refs(r.inputs, refs))
+    return request
+
+
+def _unknown_refs(value: Any, refs: set[str]) -> Any:
+    if isinstance(value, str):
+        return UNKNOWN_STRING_VALUE if value in refs else value
+    if isinstance(value, dict):
+        return {k: _unknown_refs(v, refs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unknown_refs(v, refs) for v in value]
+    return value
+
+
+def test_at_preview_unknown_references_neither_block_nor_silence_the_pack(analyzer, hybrid):
+    request = preview_request(hybrid)
+    unknown = [r.name for r in request.resources if UNKNOWN_STRING_VALUE in strings(json_format.MessageToDict(
+        r.properties))]
+    assert {"v3-use1a-lt", "v3-use1b-lt", "v3-use1a-0", "r1-outpost-0"} <= set(unknown)  # as a real preview
+    template = next(r for r in request.resources if r.name == "v3-use1a-lt")
+    assert json_format.MessageToDict(template.properties)["placement"]["groupName"] == UNKNOWN_STRING_VALUE
+    response = analyzer.AnalyzeStack(request, None)
+    found = [(d.policyName, d.enforcementLevel, d.urn, d.message) for d in response.diagnostics]
+    # no policy turned into a "can't run during preview" note, and the advisory one still ran
+    assert found == [("capacity-block-present", proto.ADVISORY, urn(LAUNCH_TEMPLATE, "v3-use1b-lt"),
+                      f"A Capacity Block cannot be deleted\nv3-use1b-lt: {CAPACITY_BLOCK_WARNING}")]
+
+
+@pytest.mark.parametrize(("change", "rule", "where"), [
+    (("placement", "use1-az-a-cluster", "strategy", "spread"), "gpu-cluster-placement-efa", "v3-use1a-0"),
+    (("template", "v3-use1a-lt", "metadataOptions", {"httpTokens": "optional"}), "imdsv2-required", "v3-use1a-lt"),
+    (("template", "v3-use1a-lt", "placement", {"availabilityZone": "us-east-1a"}), "gpu-cluster-placement-efa",
+     "v3-use1a-0"),
+], ids=["spread-group", "imds-optional", "no-placement-group"])
+def test_at_preview_the_mandatory_policies_still_block(analyzer, hybrid, change, rule, where):
+    resources = copy.deepcopy(hybrid)
+    _kind, name, key, value = change
+    (target,) = [r for r in resources if r.name == name]
+    target.inputs[key] = value
+    response = analyzer.AnalyzeStack(preview_request(resources), None)
+    mandatory = {(d.policyName, d.urn.rsplit("::", 1)[1]) for d in response.diagnostics
+                 if d.enforcementLevel == proto.MANDATORY}
+    assert (rule, where) in mandatory, [d.message for d in response.diagnostics]
+    assert not [d for d in response.diagnostics if "during preview" in d.message]
+
+
+def test_a_rule_that_needs_an_unknown_value_fails_closed_on_that_resource_only(analyzer):
+    """An IMDS setting only known after create would be a program bug: the resource is blocked, saying why; the
+    rule still judges every other resource."""
+    unknown_tokens = policy_resource(INSTANCE, "i-unknown", changed(standalone().props, {
+        "metadataOptions": {"httpTokens": UNKNOWN_STRING_VALUE}}))
+    bad = policy_resource(INSTANCE, "i-bad", changed(standalone().props,
+                                                      {"metadataOptions": {"httpTokens": "optional"}}))
+    request = proto.AnalyzeStackRequest(resources=[analyzer_resource(r, []) for r in (unknown_tokens, bad)])
+    diagnostics = [(d.policyName, d.enforcementLevel, d.message.splitlines()[-1]) for d in
+                   analyzer.AnalyzeStack(request, None).diagnostics if d.policyName == "imdsv2-required"]
+    assert diagnostics == [
+        ("imdsv2-required", proto.MANDATORY, "i-unknown: cannot be checked at preview: string value at "
+                                             ".metadataOptions.httpTokens can't be known during preview"),
+        ("imdsv2-required", proto.MANDATORY, "i-bad: IMDSv2 is not required (metadataOptions.httpTokens is "
+                                             "'optional', must be 'required')")]
