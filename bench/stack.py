@@ -53,7 +53,8 @@ def fleet_config(hosts: int) -> dict[str, Any]:
          "outpost_arn": "arn:aws:outposts:eu-central-1:123456789012:outpost/op-0a1b2c3d4e5f60718",
          "local_gateway_route_table_id": "lgw-rtb-0a1b2c3d4e5f60718", "haproxy_api": "10.43.0.5:9999"},
         {"name": "hall-a", "kind": "onprem", "haproxy_api": "10.64.0.5:9999", "require_n_plus_one": True,
-         "ib_rail_aligned": True, "ups": ups},
+         "ib_rail_aligned": True, "ups": ups,
+         "ib_rails": {f"leaf-su{su}-rail{r}": f"mlx5_{r}" for su in range(onprem // 32 + 1) for r in range(8)}},
     ]
     v3 = {"model": "deepseek-ai/DeepSeek-V3", "gpu_count": 8, "max_unavailable": "10%", "min_serving": 1}
     pools = [

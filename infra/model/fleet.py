@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from infra.model.amount import NonZeroAmount
 from infra.model.errors import InputError, Problem, field_path, load_yaml, nearest
@@ -171,10 +171,20 @@ class OnpremSite(_Site):
     ups_derating: float = Field(0.8, gt=0, le=1)
     require_n_plus_one: bool = False
     ib_rail_aligned: bool = False
+    ib_rails: dict[str, str] = Field(
+        {}, description="each leaf switch and its rail: the HCA name every host cables to it (mlx5_0, ...); "
+                        "required when ib_rail_aligned")
     # What `pulumi up` may do to a bare-metal host through its BMC; all off: registering only reads.
     bmc_pxe_once_on_create: bool = False
     bmc_power_on_create: bool = False
     bmc_power_off_on_delete: bool = False
+
+    @model_validator(mode="after")
+    def _rails_declared(self) -> OnpremSite:
+        if self.ib_rail_aligned and not self.ib_rails:
+            raise ValueError("ib_rail_aligned needs ib_rails: each leaf switch and the HCA name (rail) cabled to it, "
+                             "e.g. {leaf-rail0: mlx5_0}")
+        return self
 
 
 Site = Annotated[AwsSite | OutpostSite | OnpremSite, Field(discriminator="kind")]

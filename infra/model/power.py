@@ -8,9 +8,10 @@ carry the whole draw. The N+1 report says, for each UPS failing, what every othe
 it fails the preview only when the hall sets `require_n_plus_one`.
 
 Fabric: every HCA is cabled to its own switch port; in a rail-aligned hall each leaf switch is one
-rail, so `mlx5_3` of every host lands on a leaf that carries only `mlx5_3`s (hence no host puts two
-HCAs on one leaf, and several scalable units may each have their own rail leaves); all HCAs of a pool
-run at one rate (a slower link drags every collective down to its speed).
+rail, declared in the site's `ib_rails` (leaf -> HCA name), so `mlx5_3` of every host lands on a leaf
+that carries only `mlx5_3`s (hence no host puts two HCAs on one leaf, and several scalable units may
+each have their own rail leaves); all HCAs of a pool run at one rate (a slower link drags every
+collective down to its speed).
 
 Every violation names the host, the UPS or the switch port, and the config field to fix.
 """
@@ -178,26 +179,25 @@ def _cabling(fleet: Fleet, site: OnpremSite, hosts: list[Host]):
                          f"{guids[hca.guid][0]} {guids[hca.guid][1]}")
             guids.setdefault(hca.guid, (host.name, hca.name))
     if site.ib_rail_aligned:
-        yield from _rails(fleet, hosts)
+        yield from _rails(fleet, site, hosts)
     yield from _rates(fleet, hosts)
 
 
-def _rails(fleet: Fleet, hosts: list[Host]):
-    # Each leaf is one rail: the HCA name most hosts put on a leaf is that leaf's rail.
-    seen: dict[str, Counter[str]] = defaultdict(Counter)
-    for host in hosts:
-        for hca in host.ib_hcas:
-            seen[hca.switch][hca.name] += 1
-    rail_of = {switch: names.most_common(1)[0][0] for switch, names in seen.items()}
-    # A leaf carrying two HCA names is miscabled on the hosts where it carries the minority name; that
-    # also catches a host with two HCAs on one leaf.
+def _rails(fleet: Fleet, site: OnpremSite, hosts: list[Host]):
+    # Each leaf is one rail, as the hall declares it (ib_rails): inferring a leaf's rail from what most hosts put
+    # there would blame the one correctly cabled host when most are miscabled.
     for host in hosts:
         for i, hca in enumerate(host.ib_hcas):
             where = f"{hca.switch} port {hca.port}"
-            if rail_of[hca.switch] != hca.name:
+            rail = site.ib_rails.get(hca.switch)
+            if rail is None:
+                yield _p(fleet, "hosts", host.name, ("ib_hcas", i, "switch"), hca.switch,
+                         f"{host.name} {hca.name} is cabled to {where}, a leaf site {site.name}'s ib_rails does not "
+                         f"declare (it declares {', '.join(sorted(site.ib_rails)) or 'none'})")
+            elif rail != hca.name:
                 yield _p(fleet, "hosts", host.name, ("ib_hcas", i, "switch"), where,
-                         f"not rail-aligned: {host.name} {hca.name} is cabled to {where}, the rail of "
-                         f"{rail_of[hca.switch]} on other hosts")
+                         f"not rail-aligned: {host.name} {hca.name} is cabled to {where}, the rail of {rail} "
+                         f"(ib_rails of site {site.name})")
 
 
 def _rates(fleet: Fleet, hosts: list[Host]):

@@ -113,7 +113,8 @@ def test_not_rail_aligned_names_host_hca_and_port():
         h = host(c, "dgx-h03")
         h["ib_hcas"][2]["switch"], h["ib_hcas"][5]["switch"] = "leaf-rail5", "leaf-rail2"
     text = violations(swapped)
-    assert "not rail-aligned: dgx-h03 mlx5_2 is cabled to leaf-rail5 port 4, the rail of mlx5_5" in text
+    assert "not rail-aligned: dgx-h03 mlx5_2 is cabled to leaf-rail5 port 4, the rail of mlx5_5 (ib_rails of site " \
+           "hall-a)" in text
     assert "not rail-aligned: dgx-h03 mlx5_5 is cabled to leaf-rail2 port 4, the rail of mlx5_2" in text
 
     def swapped_not_required(c):
@@ -153,3 +154,32 @@ def test_every_violation_is_reported_at_once():
     fields = [p.field for p in info.value.problems]
     assert fields == ["config.fleet:hosts[1].psus", "config.fleet:hosts[2].ib_hcas[0].port",
                       "config.fleet:hosts[3].ib_hcas[6].rate"]
+
+
+def test_rails_are_declared_so_a_majority_miscabled_does_not_blame_the_one_right_host():
+    """Three of four hosts swap mlx5_2 and mlx5_5: the three are named, dgx-h01 (cabled right) is not."""
+    def mostly_swapped(c):
+        for name in ("dgx-h02", "dgx-h03", "dgx-h04"):
+            h = host(c, name)
+            h["ib_hcas"][2]["switch"], h["ib_hcas"][5]["switch"] = "leaf-rail5", "leaf-rail2"
+    text = violations(mostly_swapped)
+    for name in ("dgx-h02", "dgx-h03", "dgx-h04"):
+        assert f"not rail-aligned: {name} mlx5_2 is cabled to leaf-rail5" in text
+        assert f"not rail-aligned: {name} mlx5_5 is cabled to leaf-rail2" in text
+    assert "dgx-h01" not in text
+
+
+def test_a_leaf_the_hall_does_not_declare_is_named():
+    def extra_leaf(c):
+        host(c, "dgx-h02")["ib_hcas"][7]["switch"] = "leaf-rail9"
+    text = violations(extra_leaf)
+    assert "dgx-h02 mlx5_7 is cabled to leaf-rail9 port 3, a leaf site hall-a's ib_rails does not declare" in text
+    assert "config.fleet:hosts[1].ib_hcas[7].switch" in text
+
+
+def test_rail_alignment_without_declared_rails_is_refused():
+    config = copy.deepcopy(stack_config())
+    hall(config).pop("ib_rails")
+    with pytest.raises(InputError) as info:
+        parse_fleet(fleet_config_from_stack(config), "Pulumi.example-hybrid.yaml", "config.fleet:")
+    assert "ib_rail_aligned needs ib_rails" in str(info.value)
