@@ -97,10 +97,13 @@ class Lab:
     @classmethod
     def open(cls, stack: str = "lab", project_dir: str | Path = ".", state_dir: str | Path | None = None,
              port_base: int | None = None) -> Lab:
-        """The lab of a stack; when it is up, the stack, project directory and ports it was started with."""
+        """The lab of a stack; when it is up, the stack, project directory and ports it was started with. A lab
+        that is down (its daemon gone) is the caller's when the caller has the stack file: the recorded project
+        directory may be another checkout, whose stack file says something else."""
         layout = Layout.for_stack(stack, state_dir)
         state = LabState.load(layout)
-        if state is not None:
+        mine = (Path(project_dir) / f"Pulumi.{stack}.yaml").exists()
+        if state is not None and (_pid_alive(state.daemon_pid) or not mine):
             stack, project_dir, port_base = state.stack, state.project_dir, port_base or state.port_base
         fleet = load_stack(stack, project_dir)
         ports = Ports.plan(fleet, port_base or DEFAULT_PORT_BASE)
