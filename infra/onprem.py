@@ -2,7 +2,9 @@
 
 `BareMetalHost` is a Pulumi dynamic resource. Its provider talks to the host's BMC with the `sushy`
 client library: create reads the system (serial, model, power state) and, when the hall asks, sets a
-one-time PXE boot and powers the host on; delete powers it off when asked; read refreshes it.
+one-time PXE boot and powers the host on; diff compares the BMC's live power state and boot target with
+what the host should be (drift shows in `pulumi preview`); update powers a managed host back on; delete
+powers it off when asked; read refreshes it.
 
 Two things about where the provider runs shape this module:
 
@@ -73,11 +75,27 @@ class BareMetalHostProvider(ResourceProvider):
         return CheckResult(news, failures)
 
     def diff(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
-        """Another endpoint or system id is another machine: replace; other inputs only update."""
+        """Another endpoint or system id is another machine: replace; other inputs only update. The machine as the
+        BMC reports it now counts too (`drift`): a host powered off out of band is a change `pulumi preview`
+        shows, and `update` acts on."""
         inputs = sorted(k for k in {*olds, *news} if not k.startswith("__") and k not in READ_OUTPUTS)
         changed = [k for k in inputs if olds.get(k) != news.get(k)]
         replaces = [k for k in changed if k in IDENTITY_INPUTS]
-        return DiffResult(changes=bool(changed), replaces=replaces, delete_before_replace=True)
+        drifted = [] if replaces else self.drift(olds, news)
+        return DiffResult(changes=bool(changed or drifted), replaces=replaces, delete_before_replace=True)
+
+    def drift(self, olds: dict[str, Any], news: dict[str, Any]) -> list[str]:
+        """The read outputs whose live value differs from what the host should be: its power state from `power_on`
+        when the hall manages power (else from what was recorded), its boot target from what was recorded. A BMC
+        that cannot be asked shows no drift here: `pulumi refresh` (read) says what it is."""
+        try:
+            system = self._system(news)
+        except Exception:
+            return []
+        live = {"power_state": _value(system.power_state), "boot_target": _boot_target(system)}
+        want = {"power_state": "On" if news.get("power_on") else olds.get("power_state"),
+                "boot_target": olds.get("boot_target")}
+        return [k for k in live if k in olds and want[k] is not None and live[k] != want[k]]
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         """Read the system; set a one-time PXE boot and power on when asked, waiting until the BMC reports On."""
@@ -101,8 +119,12 @@ class BareMetalHostProvider(ResourceProvider):
         return ReadResult(id_, self._outs(props, system))
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        """Knobs changed (PXE, power on create/delete, timeout): nothing to do on the machine; re-read it."""
-        return UpdateResult(self._outs(news, self._system(news)))
+        """Power the host back on when the hall manages its power (`power_on`) and it is off (powered off out of
+        band); other changes (knobs, a boot target the BMC reset) need nothing on the machine: re-read it."""
+        system = self._system(news)
+        if news.get("power_on"):
+            self._power(system, on=True, timeout=float(news.get("timeout_s", 300)))
+        return UpdateResult(self._outs(news, system))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
         """Forget the host; power it off first when asked (graceful, then forced if it does not go down)."""
@@ -159,7 +181,6 @@ class BareMetalHostProvider(ResourceProvider):
 
     @staticmethod
     def _outs(props: dict[str, Any], system: Any) -> dict[str, Any]:
-        boot = getattr(system, "boot", None)
         read = {
             "system_path": system.path,
             "serial_number": system.serial_number,
@@ -167,7 +188,7 @@ class BareMetalHostProvider(ResourceProvider):
             "manufacturer": system.manufacturer,
             "uuid": system.uuid,
             "power_state": _value(system.power_state),
-            "boot_target": _value(boot.target) if boot is not None else None,
+            "boot_target": _boot_target(system),
         }
         return {**{k: v for k, v in props.items() if not k.startswith("__")}, **read}
 
@@ -181,6 +202,11 @@ def _poll(system: Any, want: Any, timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(1.0)
+
+
+def _boot_target(system: Any) -> Any:
+    boot = getattr(system, "boot", None)
+    return _value(boot.target) if boot is not None else None
 
 
 def _value(enum_or_none: Any) -> Any:

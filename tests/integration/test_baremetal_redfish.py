@@ -5,6 +5,7 @@ provider polls for it (bounded by `timeout_s`), and these tests check the state 
 afterwards with their own request, not with the provider's word for it.
 """
 
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from lab.redfish import RedfishEmulator
 from tests.dynamic_provider import DynamicProviderProcess, serialized
 
 USER, PASSWORD = "admin", "redfish-Lab-pw"
-SYSTEMS = ["dgx-a1", "dgx-a2", "dgx-a3"]
+SYSTEMS = ["dgx-a1", "dgx-a2", "dgx-a3", "dgx-a4"]
 TIMEOUT = 40   # the fake driver lands a change within 11 s; a real BMC may need minutes (timeout_s default 300)
 
 
@@ -77,6 +78,44 @@ def test_wrong_password_is_refused_by_the_bmc(bmc):
     provider.configure(ConfigureRequest(Config({"fleet:bmcPassword": "wrong"}, "gpu-fleet")))
     with pytest.raises(sushy.exceptions.AccessError):
         provider.create(props(bmc, "dgx-a2"))
+
+
+def out_of_band(bmc, system_id: str, reset: str, want: str) -> None:
+    """Someone at the BMC (its own client, not the provider) resets the system; wait until the BMC reports it."""
+    client = sushy.Sushy(f"{bmc.url}/redfish/v1", username=USER, password=PASSWORD, verify=False)
+    client.get_system(f"/redfish/v1/Systems/{system_id}").reset_system(reset)
+    deadline = time.monotonic() + TIMEOUT
+    while bmc.power_state(system_id) != want:
+        assert time.monotonic() < deadline, f"{system_id} never reported {want}"
+        time.sleep(0.5)
+
+
+def test_a_host_powered_off_out_of_band_is_drift_and_update_powers_it_back_on(bmc):
+    provider = configured()
+    inputs = props(bmc, "dgx-a4", power_on=True)
+    created = provider.create(inputs)
+    assert bmc.power_state("dgx-a4") == "On"
+    assert provider.diff(created.id, created.outs, inputs).changes is False
+
+    out_of_band(bmc, "dgx-a4", sushy.ResetType.FORCE_OFF, "Off")
+    diff = provider.diff(created.id, created.outs, inputs)   # what `pulumi preview` asks
+    assert diff.changes is True and diff.replaces == []
+    updated = provider.update(created.id, created.outs, inputs)
+    assert bmc.power_state("dgx-a4") == "On" and updated.outs["power_state"] == "On"
+    assert provider.diff(created.id, updated.outs, inputs).changes is False
+
+
+def test_a_registered_only_host_shows_drift_and_update_only_records_it(bmc):
+    provider = configured()
+    inputs = props(bmc, "dgx-a2")
+    created = provider.create(inputs)
+    assert created.outs["power_state"] == "Off"
+    out_of_band(bmc, "dgx-a2", sushy.ResetType.ON, "On")
+    assert provider.diff(created.id, created.outs, inputs).changes is True
+    updated = provider.update(created.id, created.outs, inputs)
+    assert updated.outs["power_state"] == "On" and bmc.power_state("dgx-a2") == "On"  # not ours to power off
+    assert provider.diff(created.id, updated.outs, inputs).changes is False
+    out_of_band(bmc, "dgx-a2", sushy.ResetType.FORCE_OFF, "Off")  # as the other tests left it
 
 
 def test_serialized_provider_in_a_fresh_pulumi_dynamic_process(bmc, tmp_path: Path):

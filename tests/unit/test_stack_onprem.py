@@ -4,6 +4,7 @@ and the provider surviving Pulumi's serialization into a fresh `python -m pulumi
 import base64
 import copy
 import json
+from types import SimpleNamespace
 
 import pulumi
 import pytest
@@ -96,8 +97,28 @@ def test_provider_pickles_by_reference_without_state():
     assert PASSWORD.encode() not in base64.b64decode(serialized(BareMetalHostProvider()))
 
 
-def test_provider_check_and_diff():
+class FakeSystem:
+    """What sushy's System gives the provider: a power state and a boot target (enum-like: `.value`)."""
+
+    def __init__(self, power: str = "On", boot: str | None = None):
+        self.power_state = SimpleNamespace(value=power)
+        self.boot = SimpleNamespace(target=SimpleNamespace(value=boot) if boot else None)
+
+
+def provider_seeing(system: FakeSystem | Exception) -> BareMetalHostProvider:
     provider = BareMetalHostProvider()
+
+    def answer(_props):
+        if isinstance(system, Exception):
+            raise system
+        return system
+
+    provider._system = answer  # the BMC the provider asks, as a fake (the emulator: tests/integration)
+    return provider
+
+
+def test_provider_check_and_diff():
+    provider = provider_seeing(FakeSystem("On"))
     good = {"host": "h", "endpoint": "https://10.0.0.1", "username": "admin", "timeout_s": 60}
     assert provider.check({}, good).failures == []
     failures = provider.check({}, dict(good, endpoint="10.0.0.1", password="x", timeout_s=0)).failures
@@ -129,3 +150,27 @@ def test_provider_from_the_program_runs_in_a_fresh_pulumi_dynamic_process(run, t
     finally:
         stderr = proc.stop()
     assert "Traceback" not in stderr, stderr
+
+
+def test_diff_shows_a_host_powered_off_out_of_band():
+    good = {"host": "h", "endpoint": "https://10.0.0.1", "username": "admin", "power_on": True}
+    recorded = dict(good, serial_number="SN1", power_state="On", boot_target=None)
+    assert provider_seeing(FakeSystem("On")).diff("id", recorded, good).changes is False
+    off = provider_seeing(FakeSystem("Off"))
+    assert off.drift(recorded, good) == ["power_state"] and off.diff("id", recorded, good).changes is True
+
+
+def test_diff_of_a_registered_only_host_compares_with_what_was_recorded():
+    """power_on false: the hall does not manage power, but a change since the last read still shows."""
+    good = {"host": "h", "endpoint": "https://10.0.0.1", "username": "admin"}
+    recorded = dict(good, power_state="Off", boot_target="Pxe")
+    assert provider_seeing(FakeSystem("Off", "Pxe")).drift(recorded, good) == []
+    assert provider_seeing(FakeSystem("On", "Pxe")).drift(recorded, good) == ["power_state"]
+    assert provider_seeing(FakeSystem("Off", "Hdd")).drift(recorded, good) == ["boot_target"]
+
+
+def test_a_bmc_that_cannot_be_asked_shows_no_drift():
+    good = {"host": "h", "endpoint": "https://10.0.0.1", "username": "admin", "power_on": True}
+    recorded = dict(good, power_state="On")
+    provider = provider_seeing(ConnectionError("no route to host"))
+    assert provider.drift(recorded, good) == [] and provider.diff("id", recorded, good).changes is False
