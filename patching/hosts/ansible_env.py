@@ -1,8 +1,8 @@
 """How every Ansible run of ours starts: host keys verified, and only the environment Ansible needs.
 
-ansible-runner sets `ANSIBLE_HOST_KEY_CHECKING=False` for every run unless told otherwise, and
-Ansible then puts `-o StrictHostKeyChecking=no` ahead of the inventory's own `=yes` (OpenSSH takes
-the first value): a changed host key would go unnoticed. It also writes the whole environment of
+ansible-runner turns Ansible's host-key checking off for every run unless told otherwise, and Ansible
+then puts an SSH option that skips the check ahead of the inventory's own (OpenSSH takes the first
+value): a changed host key would go unnoticed. It also writes the whole environment of
 the run into its artifacts (`artifacts/<id>/command`). So every run here forces checking on and is
 given an environment cut to what Ansible and its SSH need: no exported AWS key, token or password
 reaches Ansible or its artifacts (use an AWS profile or role: the pointers to them pass).

@@ -318,7 +318,7 @@ def _judge_hardware(outcome: Outcome, policy: Policy, limits: dict[str, Any]) ->
                                 f"below its own {float(own):.1f} GB/s before the patch (tolerated "
                                 f"{hw.busbw_tolerance:.0%})")
         if pool:
-            median = stats.quantile(sorted(float(v) for v in pool.values()), 0.5)
+            median = stats.quantile((float(v) for v in pool.values()), 0.5)
             compared.append(f"its pool's median {median:.1f} GB/s ({len(pool)} host(s))")
             if busbw < floor * median:
                 problems.append(f"NCCL all-reduce bus bandwidth {busbw:.1f} GB/s is {1 - busbw / median:.0%} "

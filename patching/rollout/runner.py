@@ -602,8 +602,7 @@ class Runner:
         pools = {n: h.pool for n, h in self.inventory.hosts.items()}
         judged = {}
         for name, outcome in figures.items():
-            nccl = outcome.measurements.get("nccl") or {}
-            kind = (nccl.get("gpus"), tuple(nccl.get("devices") or ()))
+            _, kind = _bandwidth(outcome.measurements.get("nccl") or {})
             pool = {peer: busbw for peer, (busbw, peer_kind) in seen.items()
                     if peer != name and pools.get(peer) == pools.get(name) and peer_kind == kind}
             before, before_kind = own.get(name, (None, None))
@@ -626,7 +625,7 @@ class Runner:
             if event.kind not in ("baseline", "gate") or not isinstance(nccl := data["measurements"].get("nccl"),
                                                                         Mapping):
                 continue
-            figure = (float(nccl["busbw_gbps"]), (nccl.get("gpus"), tuple(nccl.get("devices") or ())))
+            figure = _bandwidth(nccl)
             seen[event.host] = figure
             if event.kind == "baseline":
                 own[event.host] = figure
@@ -968,6 +967,11 @@ HANDLERS: dict[HostState, Callable[[Runner, list[str], _Wave], dict[str, Outcome
     HostState.SOAKING: Runner._soaking,
 }
 assert tuple(HANDLERS) == PIPELINE
+
+
+def _bandwidth(nccl: Mapping[str, Any]) -> tuple[float, tuple]:
+    """An all-reduce figure and what it was measured on: (bus bandwidth GB/s, (GPU count, GPU names))."""
+    return float(nccl.get("busbw_gbps") or 0.0), (nccl.get("gpus"), tuple(nccl.get("devices") or ()))
 
 
 def _with_baseline(outcome: Outcome, answers: Mapping[str, str | None] | None) -> Outcome:
