@@ -93,7 +93,8 @@ class GpuCluster(pulumi.ComponentResource):
         vpc_id, subnet_id, vpc_cidr = self._network(tags)
         ingress, egress = security_group_rules(
             self_all=True, ssh_cidrs=site.ssh_cidrs,
-            serving=[(port, [vpc_cidr, *site.serving_cidrs]) for port in sorted({p.serving_port for p in pools})])
+            serving=[(port, [vpc_cidr, *site.serving_cidrs]) for port in sorted({p.serving_port for p in pools})],
+            gpu_metrics_cidrs=[vpc_cidr, *site.ssh_cidrs])
         self.security_group = aws.ec2.SecurityGroup(
             f"{site.name}-sg", vpc_id=vpc_id, description=f"fleet {fleet.name} GPU cluster {site.name}",
             ingress=ingress, egress=egress, tags=tags, region=region, opts=child)

@@ -82,13 +82,17 @@ def ssm_instance_profile(name: str, parent: pulumi.Resource) -> aws.iam.Instance
     return aws.iam.InstanceProfile(f"{name}-profile", role=role.name, opts=opts)
 
 
-def security_group_rules(self_all: bool, ssh_cidrs: list[str], serving: list[tuple[int, list[str]]]
-                         ) -> tuple[list[Any], list[Any]]:
+DCGM_EXPORTER_PORT = 9400  # NVIDIA's dcgm-exporter default; the soak reads each GPU's memory there
+
+
+def security_group_rules(self_all: bool, ssh_cidrs: list[str], serving: list[tuple[int, list[str]]],
+                         gpu_metrics_cidrs: list[str] | None = None) -> tuple[list[Any], list[Any]]:
     """(ingress, egress) for a fleet security group.
 
     All traffic to and from the group itself when `self_all` (EFA's requirement: its SRD traffic is not
     TCP/UDP on known ports), SSH only from the configured CIDRs (none: no SSH rule at all), each
-    serving port from the given CIDRs, and egress anywhere (package mirrors, SSM, S3).
+    serving port from the given CIDRs, the DCGM exporter's port from `gpu_metrics_cidrs` (the network's
+    own and the controllers' that run the soak), and egress anywhere (package mirrors, SSM, S3).
     """
     ingress: list[dict[str, Any]] = []
     egress: list[dict[str, Any]] = [{"description": "package mirrors, SSM, S3", "protocol": "-1", "from_port": 0,
@@ -104,4 +108,8 @@ def security_group_rules(self_all: bool, ssh_cidrs: list[str], serving: list[tup
     for port, cidrs in serving:
         ingress.append({"description": f"serving port {port}", "protocol": "tcp", "from_port": port, "to_port": port,
                         "cidr_blocks": cidrs})
+    if gpu_metrics_cidrs:
+        ingress.append({"description": f"DCGM exporter {DCGM_EXPORTER_PORT}", "protocol": "tcp",
+                        "from_port": DCGM_EXPORTER_PORT, "to_port": DCGM_EXPORTER_PORT,
+                        "cidr_blocks": list(dict.fromkeys(gpu_metrics_cidrs))})
     return ingress, egress

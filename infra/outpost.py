@@ -95,7 +95,8 @@ class OutpostSiteComponent(pulumi.ComponentResource):
 
         ingress, egress = security_group_rules(
             self_all=False, ssh_cidrs=site.ssh_cidrs,
-            serving=[(port, [str(net)]) for port in sorted({p.serving_port for p in pools})])
+            serving=[(port, [str(net)]) for port in sorted({p.serving_port for p in pools})],
+            gpu_metrics_cidrs=[str(net), *site.ssh_cidrs])
         self.security_group = aws.ec2.SecurityGroup(
             f"{site.name}-sg", vpc_id=vpc.id, description=f"fleet {fleet.name} Outpost {site.name}",
             ingress=ingress, egress=egress, tags=tags, region=region, opts=child)

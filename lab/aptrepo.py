@@ -217,13 +217,22 @@ def _diagnostics_debs() -> list[Deb]:
                "(memory, pcie, diagnostic, stress tests)",
                role=f"dcgm-{plugins}", depends=[f"datacenter-gpu-manager-4-core (= {version})"])
 
+    exporter_version = str(dcgm["exporter"]["version"])
+    exporter = Deb("datacenter-gpu-manager-exporter", f"{exporter_version}-{dcgm['exporter']['revision']}",
+                   exporter_version, f"NVIDIA DCGM exporter {exporter_version}: GPU telemetry for Prometheus on :9400",
+                   role="dcgm-exporter", depends=[f"datacenter-gpu-manager-4-core (= {version})"])
+    exporter.add_tool("dcgm/dcgm_exporter.py", "/usr/bin/dcgm-exporter")
+    exporter.add("/etc/dcgm-exporter/default-counters.csv", (VENDOR / "dcgm/default-counters.csv").read_bytes())
+    exporter.add("/lib/systemd/system/nvidia-dcgm-exporter.service",
+                 (VENDOR / "dcgm/nvidia-dcgm-exporter.service").read_bytes())
+
     nccl = _vendor_yaml("nccl/nccl-versions.yaml")["nccl_tests"]
     tests_version = str(nccl["version"])
     tests = Deb("nccl-tests", f"{tests_version}-1", tests_version,
                 f"NCCL tests {tests_version} (a from-source build in /opt/nccl-tests/build)", role="nccl-tests",
                 depends=["python3"], info={"nccl_headers": int(nccl["nccl_headers"])})
     tests.add_tool("nccl/all_reduce_perf.py", "/opt/nccl-tests/build/all_reduce_perf")
-    return [core, cuda, tests]
+    return [core, cuda, exporter, tests]
 
 
 def _container_toolkit_debs(release: dict) -> list[Deb]:

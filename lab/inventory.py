@@ -37,6 +37,8 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
                          "server": name},
             "fleet_artifacts_url": f"http://127.0.0.1:{ports.http}/artifacts",
             "fleet_ups": [dict(u, host="127.0.0.1", port=ports.upsd) for u in ups],
+            # hosts share one network namespace: each DCGM exporter needs its own port (9400 on a real host)
+            "fleet_gpu_metrics_port": hp.gpu_metrics,
         }
         if (efa := EFA_DEVICES.get(fleet.pool_of(host).instance_type or "")) and fleet.site_of(host).kind == "aws":
             extra["fleet_efa_devices"] = efa  # what `pulumi up` exports from DescribeInstanceTypes

@@ -22,10 +22,11 @@ CONTAINER_HW_DIR = "/var/lib/fleet-lab/hw"
 
 @dataclass(frozen=True)
 class HostPorts:
-    """A lab host's loopback SSH and serving ports."""
+    """A lab host's loopback SSH, serving and DCGM exporter ports."""
 
     ssh: int
     serving: int
+    gpu_metrics: int
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class Ports:
             raise ValueError("the lab supports at most 99 hosts and 90 pools")
         return cls(
             base=base,
-            hosts={n: HostPorts(ssh=base + 1 + i, serving=base + 101 + i) for i, n in enumerate(names)},
+            hosts={n: HostPorts(ssh=base + 1 + i, serving=base + 101 + i, gpu_metrics=base + 401 + i)
+                   for i, n in enumerate(names)},
             frontends={p: base + 201 + i for i, p in enumerate(sorted(fleet.pools))},
             haproxy_api=base + 300,
             upsd=base + 301,
@@ -58,7 +60,7 @@ class Ports:
 
     def all(self) -> list[int]:
         """Every port the lab listens on."""
-        ports = [p for hp in self.hosts.values() for p in (hp.ssh, hp.serving)]
+        ports = [p for hp in self.hosts.values() for p in (hp.ssh, hp.serving, hp.gpu_metrics)]
         return [*ports, *self.frontends.values(), self.haproxy_api, self.upsd, self.redfish, self.http]
 
 

@@ -406,7 +406,7 @@ class FleetActions:
             try:
                 figures = probe.soak(f"http://{h.serving_address}", h.model, soak.duration.total_seconds(),
                                      soak.probe_interval.total_seconds(), requests_per_probe=5, timeout=30,
-                                     limit_s=timeout_s)
+                                     metrics_url=f"http://{h.gpu_metrics_address}", limit_s=timeout_s)
             except (OSError, ValueError) as exc:
                 return Outcome(False, f"could not measure: {exc}", measured=False)
             if figures.timed_out:

@@ -305,18 +305,18 @@ def slo_probe(base_url: str, model: str | None, warmup: int, requests: int, time
     return figures
 
 
-def gpu_memory_by_gpu(base_url: str, timeout: float = 10, deadline: float | None = None) -> dict[str, float]:
-    """MiB used on each GPU of the host, from the serving endpoint's /metrics (DCGM's metric).
+def gpu_memory_by_gpu(metrics_url: str, timeout: float = 10, deadline: float | None = None) -> dict[str, float]:
+    """MiB used on each GPU of the host, from its DCGM exporter's /metrics (`metrics_url`, port 9400 by default).
 
     Keyed by the exporter's `gpu` label (the index), else its `UUID`, else the sample's position;
     samples with the same key (the MIG instances of one GPU) are added up. Raises ValueError when the
     scrape has no GPU memory at all.
     """
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=time_left(deadline, timeout)) as resp:
+    with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=time_left(deadline, timeout)) as resp:
         metrics = parse_prometheus(_read(resp, deadline).decode(errors="replace"))
     samples = metrics.find(GPU_MEMORY_METRIC)
     if not samples:
-        raise ValueError(f"{base_url}/metrics has no {GPU_MEMORY_METRIC}")
+        raise ValueError(f"{metrics_url}/metrics has no {GPU_MEMORY_METRIC}")
     used: dict[str, float] = {}
     for i, s in enumerate(samples):
         gpu = s.labels.get("gpu") or s.labels.get("UUID") or f"#{i}"
@@ -387,8 +387,11 @@ class SoakFigures:
 
 
 def soak(base_url: str, model: str | None, duration_s: float, interval_s: float, requests_per_probe: int,
-         timeout: float, stop: Callable[[], bool] = lambda: False, limit_s: float | None = None) -> SoakFigures:
-    """Probe every `interval_s` for `duration_s` and read each GPU's memory each time (at least twice).
+         timeout: float, *, metrics_url: str, stop: Callable[[], bool] = lambda: False,
+         limit_s: float | None = None) -> SoakFigures:
+    """Probe every `interval_s` for `duration_s` and read each GPU's memory each time (at least twice), from
+    the host's DCGM exporter at `metrics_url` (the serving endpoint has no GPU memory: vLLM's /metrics is
+    its own `vllm:` figures).
 
     `limit_s` bounds the whole soak: past it no request starts, each one's timeout is cut to what is
     left, and the figures measured so far come back `timed_out`.
@@ -405,7 +408,7 @@ def soak(base_url: str, model: str | None, duration_s: float, interval_s: float,
             timed_out = True
             break
         try:
-            memory = gpu_memory_by_gpu(base_url, timeout, deadline)
+            memory = gpu_memory_by_gpu(metrics_url, timeout, deadline)
         except OSError:
             if not past(deadline):
                 raise

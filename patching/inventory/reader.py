@@ -47,11 +47,17 @@ class InventoryHost:
     model: str | None = None
     gpu_model: str | None = None
     gpu_count: int | None = None
+    gpu_metrics_port: int = 9400
 
     @property
     def serving_address(self) -> str:
         """host:port of the serving endpoint, for probes that go straight to the host."""
         return f"{self.address}:{self.serving_port}"
+
+    @property
+    def gpu_metrics_address(self) -> str:
+        """host:port of the host's DCGM exporter (GPU memory, utilisation), 9400 unless the inventory says."""
+        return f"{self.address}:{self.gpu_metrics_port}"
 
 
 # what VariableManager adds to every host that is not inventory data
@@ -100,6 +106,7 @@ class _HostVars(BaseModel):
     fleet_model: str | None = None
     fleet_gpu_model: str | None = None
     fleet_gpu_count: int | None = Field(default=None, ge=0)
+    fleet_gpu_metrics_port: int = Field(default=9400, ge=1, le=65535)
 
     @field_validator("fleet_lb")
     @classmethod
@@ -298,6 +305,7 @@ def _record(name: str, v: _HostVars) -> InventoryHost:
         ring=v.fleet_patch_ring,
         address=v.ansible_host or name,
         serving_port=v.fleet_serving_port,
+        gpu_metrics_port=v.fleet_gpu_metrics_port,
         max_unavailable=v.fleet_max_unavailable,
         min_serving=v.fleet_min_serving,
         lb=v.fleet_lb,

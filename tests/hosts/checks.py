@@ -77,6 +77,25 @@ class HostReadings:
         except ValueError:
             return f"GET /v1/models: not JSON: {result.stdout[:200]!r}"
 
+    def served_version(self, port: int, address: str) -> dict[str, Any] | str:
+        """/version as the host itself reaches its server ({"version": ...}), or the error."""
+        url = f"http://{address}:{int(port)}/version"
+        result = self.run(f"curl -fsS --max-time 10 {shlex.quote(url)}")
+        if result.rc != 0:
+            return _error(f"GET http://{address}:{port}/version", result)
+        try:
+            answer = json.loads(result.stdout)
+        except ValueError:
+            return f"GET /version: not JSON: {result.stdout[:200]!r}"
+        return answer if isinstance(answer, dict) else f"GET /version: not an object: {result.stdout[:200]!r}"
+
+    def sha256(self, path: str) -> str:
+        """The sha256 of a file on the host, or the error."""
+        result = self.run(f"sha256sum -- {shlex.quote(path)}")
+        if result.rc != 0:
+            return _error(f"sha256sum {path}", result)
+        return result.stdout.split()[0] if result.stdout.split() else "no output from sha256sum"
+
     def upsc(self, ups: dict[str, Any]) -> hostfacts.UpsStatus:
         target = f"{ups['name']}@{ups['host']}:{ups.get('port', 3493)}"
         result = self.run(f"upsc {shlex.quote(target)}")

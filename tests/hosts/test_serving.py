@@ -1,8 +1,13 @@
-"""The serving unit runs and serves the bundle's release and weights (sha256 as the server computed it)."""
+"""The serving unit runs and serves the bundle's release and weights, read as a real vLLM host gives them:
+/v1/models' `root` (the path the server loaded), that file's sha256 on disk, /version."""
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from tests.hosts.checks import expect
+
+WEIGHTS_DIR = "/var/lib/model-serving/weights"  # the model_serving role's default
 
 
 def _address(hostvars) -> str:
@@ -30,13 +35,30 @@ def test_serving_model(name, facts, hostvars):
     _served(name, facts, hostvars, "served model", hostvars["fleet_model"])
 
 
+def _weights_file(hostvars, bundle) -> str:
+    """Where the role stages this bundle's weights for the host's model: <dir>/<model>/<revision>/<file>."""
+    weights = bundle.model(hostvars["fleet_model"]).weights
+    base = hostvars.get("model_serving_weights_dir") or WEIGHTS_DIR
+    return f"{base}/{hostvars['fleet_model']}/{weights.revision}/{PurePosixPath(weights.path).name}"
+
+
+def test_serving_weights_path(name, facts, hostvars, bundle):
+    want = _weights_file(hostvars, bundle)
+    found = _served(name, facts, hostvars, "served weights path", want).get("root")
+    expect(found == want, name, "served weights path (/v1/models root)", want, found)
+
+
 def test_serving_weights_sha256(name, facts, hostvars, bundle):
     want = bundle.model(hostvars["fleet_model"]).weights.sha256
-    found = _served(name, facts, hostvars, "served weights sha256", want).get("weights_sha256")
-    expect(found == want, name, "served weights sha256", want, found)
+    path = _served(name, facts, hostvars, "served weights sha256", want).get("root")
+    expect(isinstance(path, str) and path.startswith("/"), name, "served weights sha256", want,
+           f"/v1/models root is {path!r}, not a path on the host")
+    found = facts.sha256(path)
+    expect(found == want, name, f"served weights sha256 ({path})", want, found)
 
 
 def test_serving_version(name, facts, hostvars, bundle):
     want = bundle.serving.version
-    found = _served(name, facts, hostvars, "serving version", want).get("serving_version")
-    expect(found == want, name, "serving version", want, found)
+    answer = facts.served_version(hostvars["fleet_serving_port"], _address(hostvars))
+    found = answer.get("version") if isinstance(answer, dict) else answer
+    expect(found == want, name, "serving version (/version)", want, found)

@@ -182,7 +182,7 @@ def test_wrong_weights_fail_before_the_server_is_touched(converged, hostvars, tm
         while not stop.is_set():
             try:
                 with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
-                    served.append(json.load(response)["data"][0]["weights_sha256"])
+                    served.append(json.load(response)["data"][0]["root"])  # the weights path it loaded
             except OSError as exc:
                 errors.append(str(exc))
             time.sleep(0.2)
@@ -200,12 +200,14 @@ def test_wrong_weights_fail_before_the_server_is_touched(converged, hostvars, tm
     failure = json.loads(report.read_text())["hosts"][host]["first_failure"]
     assert failure.startswith("Fetch the model weights and check their sha256:")
     assert "deadbeef" * 8 in failure
-    assert errors == [] and served and set(served) == {_sha(RELEASE, hostvars[host]["fleet_model"])}
+    assert errors == [] and served and set(served) == {_weights_file(RELEASE, hostvars[host]["fleet_model"])}
     assert converged.ssh(host, state).stdout == before  # same server process, no reboot
     staged = f"/var/lib/model-serving/weights/{hostvars[host]['fleet_model']}/{weights['revision']}/model.safetensors"
     assert converged.ssh(host, f"test -e {staged}", check=False).returncode != 0
     assert fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
 
 
-def _sha(release: Path, model: str) -> str:
-    return next(m for m in yaml.safe_load(release.read_text())["models"] if m["name"] == model)["weights"]["sha256"]
+def _weights_file(release: Path, model: str) -> str:
+    """Where the role stages a model's weights for `release` (the path its server loads)."""
+    weights = next(m for m in yaml.safe_load(release.read_text())["models"] if m["name"] == model)["weights"]
+    return f"/var/lib/model-serving/weights/{model}/{weights['revision']}/{Path(weights['path']).name}"

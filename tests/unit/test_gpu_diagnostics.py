@@ -314,6 +314,13 @@ def test_packages_layout():
     assert "useradd -Urs /usr/sbin/nologin ${service_user}" in core.scripts["postinst"]
     assert set(tests.links) == {"/opt/nccl-tests/build/all_reduce_perf"} and tests.version == "2.19.6-1"
     assert deb("libnccl2", f"{NEW['nccl']}+cuda13.0").info == {"busbw_factor": 1.0}
+    # NVIDIA's host package of dcgm-exporter: its binary, counters file and (not enabled) unit, paired with DCGM
+    exporter = deb("datacenter-gpu-manager-exporter")
+    assert exporter.version == "4.1.3-1" and exporter.depends == ["datacenter-gpu-manager-4-core (= 1:4.2.3-1)"]
+    assert set(exporter.links) == {"/usr/bin/dcgm-exporter"}
+    unit = exporter.files["/lib/systemd/system/nvidia-dcgm-exporter.service"][0].decode()
+    assert "ExecStart=/usr/bin/dcgm-exporter -f /etc/dcgm-exporter/default-counters.csv" in unit
+    assert "DCGM_FI_DEV_FB_USED" in exporter.files["/etc/dcgm-exporter/default-counters.csv"][0].decode()
 
 
 # ---- fidelity: nothing the real tools do not print ----------------------------------------------------------

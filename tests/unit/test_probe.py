@@ -15,7 +15,7 @@ from patching.rollout import gates
 from patching.rollout.actions import Outcome
 from patching.rollout.policy import Policy
 from patching.states import Gate, Verdict
-from tests.unit.test_vendor_sim import dgx, serving, sim  # noqa: F401 - fixtures
+from tests.unit.test_vendor_sim import dgx, exporter, serving, sim  # noqa: F401 - fixtures
 
 MODEL = "deepseek-ai/DeepSeek-V3"
 SLOW_S = 30.0  # how long the fake's slow answers take: every call under test must return long before
@@ -190,26 +190,28 @@ def test_erroring_release_has_an_error_rate(serving):  # noqa: F811
     assert figures.errors == 2 and figures.error_rate == 0.1 and figures.first_error == "HTTP 500"
 
 
-def test_soak_measures_the_leak(serving):  # noqa: F811
+def test_soak_measures_the_leak(serving, exporter):  # noqa: F811
     leaking = serving("0.11.3")
     assert leaking.health_codes()[-1] == 200
-    leak = probe.soak(url(leaking), MODEL, duration_s=0.6, interval_s=0.2, requests_per_probe=3, timeout=5)
+    leak = probe.soak(url(leaking), MODEL, duration_s=0.6, interval_s=0.2, requests_per_probe=3, timeout=5,
+                      metrics_url=exporter.url)
     used = [mib for _, mib in leak.memory_mib["0"]]
     assert leak.samples >= 3 and len(used) == leak.samples and used[-1] > used[0]
     assert leak.gpu_memory_slope_mib_per_hour > 10_000
 
 
-def test_soak_of_a_good_release_is_flat(serving):  # noqa: F811
+def test_soak_of_a_good_release_is_flat(serving, exporter):  # noqa: F811
     good = serving()
     assert good.health_codes()[-1] == 200
-    flat = probe.soak(url(good), MODEL, duration_s=0.6, interval_s=0.2, requests_per_probe=3, timeout=5)
+    flat = probe.soak(url(good), MODEL, duration_s=0.6, interval_s=0.2, requests_per_probe=3, timeout=5,
+                      metrics_url=exporter.url)
     assert flat.samples >= 3 and flat.gpu_memory_slope_mib_per_hour == 0.0
 
 
-def test_soak_with_zero_duration_still_samples_twice(serving):  # noqa: F811
+def test_soak_with_zero_duration_still_samples_twice(serving, exporter):  # noqa: F811
     server = serving()
     assert server.health_codes()[-1] == 200
-    assert probe.soak(url(server), MODEL, 0, 1, 1, 5).samples == 2
+    assert probe.soak(url(server), MODEL, 0, 1, 1, 5, metrics_url=exporter.url).samples == 2
 
 
 def test_traffic_generator_is_bounded_and_counts_failures(serving):  # noqa: F811
@@ -331,7 +333,7 @@ def test_soak_stops_at_its_limit(fake_serving):
     server = fake_serving(delay=SLOW_S)
     started = time.monotonic()
     figures = probe.soak(server.url, MODEL, duration_s=0.2, interval_s=0.1, requests_per_probe=2, timeout=SLOW_S,
-                         limit_s=1)
+                         metrics_url=server.url, limit_s=1)
     assert time.monotonic() - started < SLOW_S / 2
     assert figures.timed_out and figures.samples == 0 and figures.gpu_memory_slope_mib_per_hour is None
 
@@ -341,7 +343,8 @@ def test_soak_stops_at_its_limit(fake_serving):
 def test_the_soak_takes_each_gpus_slope_and_a_leak_on_the_smaller_gpu_fails(fake_serving):
     # GPU0 large and flat, GPU1 smaller and growing 500 MiB per scrape: the old "largest GPU" series is flat
     server = fake_serving(gpus=lambda n: {"0": 70_000.0, "1": 2_000.0 + 500 * n})
-    figures = probe.soak(server.url, MODEL, duration_s=0.6, interval_s=0.2, requests_per_probe=1, timeout=5)
+    figures = probe.soak(server.url, MODEL, duration_s=0.6, interval_s=0.2, requests_per_probe=1, timeout=5,
+                         metrics_url=server.url)  # the fake plays the DCGM exporter too
     assert figures.samples >= 3 and not figures.timed_out
     slopes = figures.gpu_memory_slopes
     assert set(slopes) == {"0", "1"} and slopes["0"] == 0.0 and slopes["1"] > 10_000

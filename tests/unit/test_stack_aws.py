@@ -137,6 +137,9 @@ def test_security_group_self_traffic_and_ssh_only_from_configured_cidrs(run):
             assert any(r.get("self") and r["protocol"] == "-1" for r in egress)
             serving = [r for r in ingress if r["fromPort"] == 8000]
             assert serving and serving[0]["cidrBlocks"][0] in ("10.42.0.0/16", "10.44.0.0/16")
+        # the soak reads GPU memory from the DCGM exporter: its port from the network and the controllers only
+        exporter = [r for r in ingress if r["fromPort"] == 9400]
+        assert len(exporter) == 1 and exporter[0]["toPort"] == 9400 and "10.0.0.0/8" in exporter[0]["cidrBlocks"]
         checked.append(sg.name)
     assert sorted(checked) == ["outpost-fra1-sg", "use1-az-a-sg", "use1-az-b-sg"]
 

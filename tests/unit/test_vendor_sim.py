@@ -8,7 +8,6 @@ Output is read with the same parsers the host checks use (patching.hosts.facts).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -399,6 +398,51 @@ class Serving:
             self.proc.communicate()
 
 
+class Exporter:
+    """A dcgm-exporter process on a free loopback port, collecting every 50 ms."""
+
+    def __init__(self, sim: Sim):
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, str(VENDOR / "dcgm/dcgm_exporter.py"), "-f",
+                                      str(VENDOR / "dcgm/default-counters.csv"), "-a", f"127.0.0.1:{self.port}",
+                                      "-c", "50"], env=sim.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                http(self.port, "/metrics", timeout=2)
+                break
+            except OSError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, self.proc.communicate()
+                time.sleep(0.05)
+
+    def metrics(self) -> hostfacts.Metrics:
+        status, body = http(self.port, "/metrics")
+        assert status == 200
+        return hostfacts.parse_prometheus(body.decode())
+
+    def fresh_metrics(self) -> hostfacts.Metrics:
+        """A scrape after the next collection (the exporter answers with its last one)."""
+        time.sleep(0.2)
+        return self.metrics()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        finally:
+            self.proc.communicate()
+
+
+@pytest.fixture
+def exporter(dgx):
+    e = Exporter(dgx)
+    yield e
+    e.stop()
+
+
 @pytest.fixture
 def serving(dgx):
     started: list[Serving] = []
@@ -413,36 +457,51 @@ def serving(dgx):
         server.stop()
 
 
-def test_serving_endpoints(serving, dgx):
+MODEL_CARD_KEYS = {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"}
+
+
+def test_serving_endpoints(serving, dgx, exporter):
     server = serving(warmup_requests=1, load_seconds=0.5)
     codes = server.health_codes()
     assert codes[0] == 503 and codes[-1] == 200
 
     status, body = http(server.port, "/v1/models")
-    model = json.loads(body)["data"][0]
-    assert status == 200 and model["id"] == "deepseek-ai/DeepSeek-V3"
-    assert model["revision"] == "9651aace813f8cf728f4162533a65d6853d85532"
-    assert model["weights_sha256"] == hashlib.sha256(server.weights.read_bytes()).hexdigest()
-    assert model["serving_version"] == NEW["serving"]["version"]
+    models = json.loads(body)
+    model = models["data"][0]
+    # vLLM's ModelCard, and nothing else: the path it loaded is `root`, no checksum, no release
+    assert status == 200 and models["object"] == "list" and set(model) == MODEL_CARD_KEYS
+    assert model["id"] == "deepseek-ai/DeepSeek-V3" and model["root"] == str(server.weights)
+    assert (model["object"], model["owned_by"], model["parent"]) == ("model", "vllm", None)
+    assert model["permission"][0]["object"] == "model_permission"
     assert json.loads(http(server.port, "/version")[1]) == {"version": NEW["serving"]["version"]}
 
     status, body = chat(server.port)
     reply = json.loads(body)
     assert status == 200 and reply["object"] == "chat.completion" and reply["id"].startswith("chatcmpl-")
     assert reply["choices"][0]["message"]["role"] == "assistant" and reply["choices"][0]["finish_reason"] == "stop"
-    assert reply["usage"] == {"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10}
+    assert reply["usage"] == {"prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10,
+                              "prompt_tokens_details": None}
+    status, body = http(server.port, "/v1/completions", {"model": "deepseek-ai/DeepSeek-V3", "prompt": "say hello",
+                                                         "max_tokens": 4})
+    completion = json.loads(body)
+    assert status == 200 and completion["object"] == "text_completion" and completion["id"].startswith("cmpl-")
+    assert len(completion["choices"][0]["text"].split()) == 4 and completion["usage"]["completion_tokens"] == 4
     assert chat(server.port, model="nope")[0] == 404
     assert http(server.port, "/v1/chat/completions", b"{not json")[0] == 400
     assert http(server.port, "/nope")[0] == 404
 
     metrics = server.metrics()
-    assert metrics.value("vllm:request_success_total") == 1
+    assert metrics.value("vllm:request_success_total") == 2
     assert metrics.value("vllm:num_requests_running") == 0
-    assert metrics.value("vllm:e2e_request_latency_seconds_count") == 1
+    assert metrics.value("vllm:e2e_request_latency_seconds_count") == 2
     assert metrics.histogram_quantile("vllm:e2e_request_latency_seconds", 0.99) > 0.3  # the warm-up request
-    used = {s.labels["gpu"]: s.value for s in metrics.find("DCGM_FI_DEV_FB_USED")}
-    assert used == {str(i): round(81920 * 0.9) for i in range(8)}
     assert metrics.value("http_requests_total", handler="/v1/chat/completions", status="4xx") == 2
+    assert not metrics.find("DCGM_FI_DEV_FB_USED")  # GPU memory is the DCGM exporter's, on its own port
+    gpu = exporter.fresh_metrics()
+    used = {s.labels["gpu"]: s.value for s in gpu.find("DCGM_FI_DEV_FB_USED")}
+    assert used == {str(i): round(81920 * 0.9) for i in range(8)}
+    assert {s.labels["gpu"]: s.value for s in gpu.find("DCGM_FI_DEV_FB_FREE")} == {
+        str(i): 81920 - round(81920 * 0.9) for i in range(8)}
     # nvidia-smi sees the server's GPU memory too.
     gpus = hostfacts.gpus_from_csv(hostfacts.parse_smi_csv(dgx.smi_csv().stdout))
     assert {g.memory_used_mib for g in gpus} == {round(81920 * 0.9)}
@@ -525,13 +584,29 @@ def test_slow_release_has_a_slow_tail(serving):
     assert max(slow.gaps_ms) < 100 and slow.latency_ms - slow.ttft_ms < 100
 
 
-def test_leaking_release_grows_gpu_memory(serving):
+def test_leaking_release_grows_gpu_memory(serving, exporter):
     server = serving("0.11.3")
     assert server.health_codes()[-1] == 200
-    before = server.metrics().value("DCGM_FI_DEV_FB_USED", gpu="0")
+    before = exporter.fresh_metrics().value("DCGM_FI_DEV_FB_USED", gpu="0")
     for _ in range(3):
         assert chat(server.port)[0] == 200
-    assert server.metrics().value("DCGM_FI_DEV_FB_USED", gpu="0") == before + 3 * 16
+    assert exporter.fresh_metrics().value("DCGM_FI_DEV_FB_USED", gpu="0") == before + 3 * 16
+
+
+def test_dcgm_exporter_labels_and_collection_interval(dgx):
+    e = Exporter(dgx)
+    try:
+        sample = e.metrics().find("DCGM_FI_DEV_FB_USED")[0]
+        assert set(sample.labels) == {"gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname",
+                                      "DCGM_FI_DRIVER_VERSION"}
+        assert (sample.labels["device"], sample.labels["modelName"]) == ("nvidia0", "NVIDIA A100-SXM4-80GB")
+        assert http(e.port, "/v1/models")[0] == 404
+    finally:
+        e.stop()
+    # without a loaded driver the exporter does not start, as the real one cannot reach NVML
+    shutil.rmtree(dgx.run_dir)
+    proc = dgx.tool("dcgm/dcgm_exporter.py", "-f", str(VENDOR / "dcgm/default-counters.csv"), "-a", "127.0.0.1:1")
+    assert proc.returncode == 1 and "NVIDIA driver" in proc.stderr
 
 
 def test_erroring_release_fails_one_in_ten(serving):

@@ -4,15 +4,16 @@
 Config (JSON): {"host": "0.0.0.0", "port": 8000, "model": "deepseek-ai/DeepSeek-V3",
 "weights": {"path": "/var/lib/vllm-serving/models/model.safetensors", "revision": "<commit>"}}.
 
-Endpoints: GET /health (503 while loading, 200 when ready), GET /version, GET /v1/models (model id,
-weights revision, weights sha256 computed from the file at startup, serving version),
-POST /v1/chat/completions (OpenAI response shape; with "stream": true, Server-Sent Events as vLLM
-streams them: `data: {chat.completion.chunk}` per token, a usage chunk when `stream_options` asks,
-`data: [DONE]`), GET /metrics (Prometheus text: vLLM's request metrics, its time-to-first-token and
-inter-token-latency histograms, and DCGM's per-GPU memory gauge). Latency, errors and GPU memory growth
-per request come from the release profile baked into the package (package.json "release"); a request
-takes latency_ms(n) streamed or not, and streamed its first token comes after all of it but the decode
-(token_times_ms), so a slow release is slow to its first token too.
+Endpoints, those of vLLM's OpenAI-compatible server only: GET /health (503 while loading, 200 when
+ready), GET /version ({"version": ...}), GET /v1/models (vLLM's ModelCard: `id` the served model name,
+`root` the weights path the server loaded, `max_model_len`, `permission`; nothing a real server lacks),
+POST /v1/chat/completions and POST /v1/completions (vLLM's response shapes; with "stream": true,
+Server-Sent Events as vLLM streams them: `data: {chunk}` per token, a usage chunk when `stream_options`
+asks, `data: [DONE]`), GET /metrics (Prometheus text: vLLM's `vllm:` request metrics, its
+time-to-first-token and inter-token-latency histograms; GPU memory is the DCGM exporter's, not here).
+Latency, errors and GPU memory growth per request come from the release profile baked into the package
+(package.json "release"); a request takes latency_ms(n) streamed or not, and streamed its first token
+comes after all of it but the decode (token_times_ms), so a slow release is slow to its first token too.
 
 Loading needs a working driver (NVML) as the real engine does. SIGTERM drains: the listening socket
 closes, in-flight requests finish, the process exits 0.
@@ -45,6 +46,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 40.0, 80.0, 160.0, 640.0, 2560.0)
 ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
                80.0)
+MAX_MODEL_LEN = 32768
 DECODE_SHARE = 0.5  # of base_ms, spent generating the tokens after the first (the rest is before it)
 ANSWER_TEXT = ("The simulated model considered the question carefully and answers with this deterministic text "
                "so that every probe sees the same number of tokens")
@@ -154,7 +156,6 @@ class Engine:
         self.release = package["release"]
         self.lock = threading.Lock()
         self.ready = False
-        self.weights_sha256: str | None = None
         self.created = int(time.time())
         self.hostname = "localhost"
         self.gpus: list[fleetsim.Gpu] = []
@@ -177,11 +178,9 @@ class Engine:
         self.gpus = hw.gpus()
         if not self.gpus:
             raise fleetsim.SimError("RuntimeError: No CUDA GPUs are available")
-        digest = hashlib.sha256()
-        with open(self.config["weights"]["path"], "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        self.weights_sha256 = digest.hexdigest()
+        with open(self.config["weights"]["path"], "rb") as f:  # "loading" reads the weights once
+            while f.read(1 << 20):
+                pass
         if stop.wait(self.release["load_seconds"]):
             return
         share = self.release["gpu_memory_utilization"]
@@ -189,6 +188,18 @@ class Engine:
             self.fb = {g.index: round(g.memory_mib * share) for g in self.gpus}
             fleetsim.register_fb_usage(self.fb)
             self.ready = True
+
+    def model_card(self) -> dict:
+        """The served model as vLLM's ModelCard (entrypoints/openai/protocol.py): `id` the served model name,
+        `root` the path the server loaded, one default ModelPermission. Nothing about checksums or releases:
+        a real server reports neither."""
+        return {"id": self.model, "object": "model", "created": self.created, "owned_by": "vllm",
+                "root": self.config["weights"]["path"], "parent": None, "max_model_len": MAX_MODEL_LEN,
+                "permission": [{
+                    "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": self.created,
+                    "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                    "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                    "organization": "*", "group": None, "is_blocking": False}]}
 
     def latency_ms(self, n: int) -> float:
         """The latency of the n-th chat request: deterministic jitter, warm-up and slow-release extras."""
@@ -281,11 +292,6 @@ class Engine:
             ]
             out += [f'http_requests_total{{handler="{h}",method="{m}",status="{s}"}} {float(n)}\n'
                     for (h, m, s), n in sorted(self.http.items())]
-            out += ["# HELP DCGM_FI_DEV_FB_USED Framebuffer memory used (in MiB).\n",
-                    "# TYPE DCGM_FI_DEV_FB_USED gauge\n"]
-            out += [f'DCGM_FI_DEV_FB_USED{{gpu="{g.index}",UUID="{g.uuid}",device="nvidia{g.index}",'
-                    f'modelName="{g.product_name}",Hostname="{self.hostname}"}} {self.fb.get(g.index, 0)}\n'
-                    for g in self.gpus]
         return "".join(out)
 
 
@@ -338,30 +344,31 @@ class Handler(BaseHTTPRequestHandler):
         elif not engine.ready and path in ("/v1/models", "/metrics"):
             self.error(503, "ServiceUnavailableError", "the model is still loading")
         elif path == "/v1/models":
-            self.reply(200, {"object": "list", "data": [{
-                "id": engine.model, "object": "model", "created": engine.created, "owned_by": "vllm",
-                "root": engine.model, "parent": None, "max_model_len": 32768,
-                "revision": engine.config["weights"]["revision"], "weights_sha256": engine.weights_sha256,
-                "serving_version": engine.version,
-            }]})
+            self.reply(200, {"object": "list", "data": [engine.model_card()]})
         elif path == "/metrics":
             self.reply(200, engine.metrics(), "text/plain; version=0.0.4; charset=utf-8")
         else:
             self.reply(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
-        if self.path.split("?")[0] != "/v1/chat/completions":
+        path = self.path.split("?")[0]
+        if path not in ("/v1/chat/completions", "/v1/completions"):
             self.reply(404, {"detail": "Not Found"})
             return
+        self.chat = path == "/v1/chat/completions"
         engine = self.server.engine
         if not engine.ready:
             self.error(503, "ServiceUnavailableError", "the model is still loading")
             return
         try:
             request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            messages = request["messages"]
-            self.words = answer_words("\n".join(str(m.get("content", "")) for m in messages), engine.release)
-            prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+            if self.chat:
+                texts = [str(m.get("content", "")) for m in request["messages"]]
+            else:  # a prompt is a string or a list of them (token-id prompts are not simulated)
+                prompt = request["prompt"]
+                texts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+            self.words = answer_words("\n".join(texts), engine.release)
+            prompt_tokens = sum(len(t.split()) for t in texts)
             max_tokens = int(request.get("max_tokens") or len(ANSWER))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             self.error(400, "BadRequestError", f"invalid request: {exc}")
@@ -400,14 +407,25 @@ class Handler(BaseHTTPRequestHandler):
                 # the same text as the answer below, token by token
                 self.stream(start, prompt_tokens, " ".join(self.words[:tokens]), gap_ms, stream["include_usage"])
                 return
-            self.reply(200, {
-                "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": engine.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": " ".join(self.words[:tokens])},
-                             "logprobs": None, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
-                          "total_tokens": prompt_tokens + tokens},
-            })
+            text = " ".join(self.words[:tokens])
+            usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + tokens,
+                     "completion_tokens": tokens, "prompt_tokens_details": None}
+            if self.chat:
+                self.reply(200, {
+                    "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                    "model": engine.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "logprobs": None, "finish_reason": "stop"}],
+                    "usage": usage,
+                })
+            else:  # vLLM's CompletionResponse
+                self.reply(200, {
+                    "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                    "model": engine.model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop",
+                                 "stop_reason": None, "prompt_logprobs": None}],
+                    "usage": usage,
+                })
             engine.observe(time.monotonic() - start)
             engine.observe_tokens(ttft_ms / 1000, [gap_ms / 1000] * (tokens - 1))
         finally:
@@ -421,11 +439,12 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.engine
         words = text.split(" ")
         pieces = [words[0], *(" " + w for w in words[1:])]
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        cid = f"chatcmpl-{uuid.uuid4().hex}" if self.chat else f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
 
         def event(choices: list, **extra) -> bytes:
-            chunk = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": engine.model,
-                     "choices": choices, **extra}
+            chunk = {"id": cid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": created, "model": engine.model, "choices": choices, **extra}
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
         # each event goes out as it is written, as uvicorn sends them (no Nagle delay between small writes)
@@ -435,14 +454,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         sent: list[float] = []
         try:
-            self.wfile.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}]))
+            if self.chat:  # a completion stream has no role chunk
+                self.wfile.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]))
             for i, piece in enumerate(pieces):
                 if i:
                     time.sleep(gap_ms / 1000)
                 last = i == len(pieces) - 1
-                choice = {"index": 0, "delta": {"content": piece}, "logprobs": None,
-                          "finish_reason": "stop" if last else None}
+                content = {"delta": {"content": piece}} if self.chat else {"text": piece}
+                choice = {"index": 0, **content, "logprobs": None, "finish_reason": "stop" if last else None}
                 if last:
                     choice["stop_reason"] = None
                 self.wfile.write(event([choice]))
