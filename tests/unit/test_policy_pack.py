@@ -601,7 +601,8 @@ def test_example_hybrid_with_a_spread_group_fails(analyzer, hybrid):
     (group,) = [r for r in resources if r.type == PLACEMENT_GROUP and r.name == "use1-az-a-cluster"]
     group.inputs["strategy"] = "spread"
     response = analyzer.AnalyzeStack(stack_request(resources), None)
-    mandatory = [(d.policyName, d.urn) for d in response.diagnostics if d.enforcementLevel == proto.MANDATORY]
+    # the mocks register resources concurrently: the diagnostics come in no fixed order
+    mandatory = sorted((d.policyName, d.urn) for d in response.diagnostics if d.enforcementLevel == proto.MANDATORY)
     assert mandatory == [("gpu-cluster-placement-efa", urn(INSTANCE, f"v3-use1a-{i}")) for i in range(4)]
     assert all("with strategy 'spread', not 'cluster'" in d.message for d in response.diagnostics
                if d.enforcementLevel == proto.MANDATORY)
