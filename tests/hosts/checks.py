@@ -66,28 +66,25 @@ class HostReadings:
         result = self.run(f"cat {MANIFEST_PATH}")
         return parse_manifest(result.stdout) if result.rc == 0 else None
 
-    def served_models(self, port: int, address: str) -> dict[str, Any] | str:
-        """/v1/models as the host itself reaches its server, or the error."""
-        url = f"http://{address}:{int(port)}/v1/models"
+    def _get_json(self, port: int, address: str, path: str) -> Any:
+        """GET `path` from the server as the host itself reaches it, as JSON, or the error text."""
+        url = f"http://{address}:{int(port)}{path}"
         result = self.run(f"curl -fsS --max-time 10 {shlex.quote(url)}")
         if result.rc != 0:
-            return _error(f"GET http://{address}:{port}/v1/models", result)
+            return _error(f"GET {url}", result)
         try:
             return json.loads(result.stdout)
         except ValueError:
-            return f"GET /v1/models: not JSON: {result.stdout[:200]!r}"
+            return f"GET {path}: not JSON: {result.stdout[:200]!r}"
+
+    def served_models(self, port: int, address: str) -> dict[str, Any] | str:
+        """/v1/models as the host itself reaches its server, or the error."""
+        return self._get_json(port, address, "/v1/models")
 
     def served_version(self, port: int, address: str) -> dict[str, Any] | str:
         """/version as the host itself reaches its server ({"version": ...}), or the error."""
-        url = f"http://{address}:{int(port)}/version"
-        result = self.run(f"curl -fsS --max-time 10 {shlex.quote(url)}")
-        if result.rc != 0:
-            return _error(f"GET http://{address}:{port}/version", result)
-        try:
-            answer = json.loads(result.stdout)
-        except ValueError:
-            return f"GET /version: not JSON: {result.stdout[:200]!r}"
-        return answer if isinstance(answer, dict) else f"GET /version: not an object: {result.stdout[:200]!r}"
+        answer = self._get_json(port, address, "/version")
+        return answer if isinstance(answer, dict | str) else f"GET /version: not an object: {answer!r}"
 
     def sha256(self, path: str) -> str:
         """The sha256 of a file on the host, or the error."""

@@ -40,7 +40,8 @@ import yaml
 
 from lab.services import UPS_ON_BATTERY, UPS_ON_LINE, write_ups_state
 from patching.hosts import facts as hf
-from tests.unit.test_vendor_sim import NEW, P4D, Sim, package
+from tests.unit.test_gpu_diagnostics import key_paths
+from tests.unit.test_vendor_sim import NEW, P4D, dgx, exporter, http, package, serving, sim  # noqa: F401
 
 HERE = Path(__file__).parent
 FORMATS = HERE / "formats"
@@ -75,29 +76,13 @@ def read(path: Path) -> str:
     return path.read_text()
 
 
-def key_paths(value: object, path: tuple = ()) -> set[tuple]:
-    """Every key path of a JSON document, list positions collapsed ("[]")."""
-    if isinstance(value, dict):
-        return {(*path, k) for k in value} | {p for k, v in value.items() for p in key_paths(v, (*path, k))}
-    if isinstance(value, list):
-        return {p for v in value for p in key_paths(v, (*path, "[]"))}
-    return set()
-
-
 def kinds_of(obj: object) -> dict[str, str]:
     """Field name -> the kind of its value (None, bool, int, str...), for a dataclass instance."""
     return {k: type(v).__name__ for k, v in vars(obj).items() if k != "values"}
 
 
 @pytest.fixture
-def sim(tmp_path):
-    s = Sim(tmp_path)
-    yield s
-    s.stop_daemons()
-
-
-@pytest.fixture
-def h200(sim):
+def h200(sim):  # noqa: F811
     """The H200 host of the captures, driver installed and loaded, persistence daemon running."""
     sim.host(H200, "h200-device").install(package(NEW, "cuda-drivers-"))
     sim.boot()
@@ -202,7 +187,7 @@ def ibstat_shape(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def test_ibstat_prints_the_captured_lines(sim):
+def test_ibstat_prints_the_captured_lines(sim):  # noqa: F811
     real_text = read(FORMATS / "ibstat-hdr.txt")
     sim.host(HDR).install(package(NEW, "mlnx-ofed-basic"))
     lab_text = sim.tool("ofed/ibstat.py").stdout
@@ -228,7 +213,7 @@ def fi_blocks(text: str) -> list[list[tuple[str, str]]]:
     return blocks
 
 
-def test_fi_info_entries_match_the_capture(sim):
+def test_fi_info_entries_match_the_capture(sim):  # noqa: F811
     real_text = read(FORMATS / "fi_info-efa-rdm.txt")
     sim.host(P4D, "v3-aws-0").install(package(NEW, "aws-efa-installer"))
     proc = sim.tool("efa/fi_info.py", "-p", "efa", "-t", "FI_EP_RDM")
@@ -427,44 +412,25 @@ def test_collected_samples_parse():
 
 # ---- vLLM's OpenAI-compatible server and NVIDIA's dcgm-exporter ----------------------------------------------
 
-def _json_keys(value: object, prefix: str = "") -> set[str]:
-    """Every key path of a JSON value (list items share their parent's path)."""
-    if isinstance(value, dict):
-        return {f"{prefix}{k}" for k in value} | {p for k, v in value.items() for p in _json_keys(v, f"{prefix}{k}.")}
-    if isinstance(value, list):
-        return {p for item in value for p in _json_keys(item, prefix)}
-    return set()
-
-
 @pytest.fixture
-def vllm(tmp_path):
+def vllm(serving, exporter):  # noqa: F811
     """The lab's vLLM server of the new bundle on a loopback port, and the host's DCGM exporter."""
-    from tests.unit.test_vendor_sim import DGX, Exporter, Serving
-
-    s = Sim(tmp_path).host(DGX).install(package(NEW, "cuda-drivers-")).install(package(NEW, "nvidia-fabricmanager"))
-    s.boot()
-    server = Serving(s, str(NEW["serving"]["version"]), load_seconds=0.3, warmup_requests=0)
+    server = serving()
     assert server.health_codes()[-1] == 200
-    exporter = Exporter(s)
-    yield server, exporter
-    exporter.stop()
-    server.stop()
-    s.stop_daemons()
+    return server, exporter
 
 
 def test_vllm_api_answers_with_the_real_servers_fields(vllm):
-    from tests.unit.test_vendor_sim import http
-
     server, _ = vllm
     real_models = json.loads(read(FORMATS / "vllm-v1-models.json"))
     lab_models = json.loads(http(server.port, "/v1/models")[1])
-    assert _json_keys(lab_models) == _json_keys(real_models)  # the ModelCard, permission and all, nothing more
+    assert key_paths(lab_models) == key_paths(real_models)  # the ModelCard, permission and all, nothing more
     assert set(json.loads(http(server.port, "/version")[1])) == set(json.loads(read(FORMATS / "vllm-version.json")))
 
     real_completion = json.loads(read(FORMATS / "vllm-completions.json"))
     status, body = http(server.port, "/v1/completions", {"model": "deepseek-ai/DeepSeek-V3", "prompt": "hi",
                                                          "max_tokens": 4})
-    assert status == 200 and _json_keys(json.loads(body)) == _json_keys(real_completion)
+    assert status == 200 and key_paths(json.loads(body)) == key_paths(real_completion)
 
     real_chunks = [json.loads(e.removeprefix("data: ")) for e in read(FORMATS / "vllm-chat-stream.txt").split("\n\n")
                    if e.startswith("data: {")]
@@ -473,14 +439,14 @@ def test_vllm_api_answers_with_the_real_servers_fields(vllm):
     events = http(server.port, "/v1/chat/completions", request)[1].decode().split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
     lab_chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
-    assert set().union(*map(_json_keys, lab_chunks)) == set().union(*map(_json_keys, real_chunks))
+    assert set().union(*map(key_paths, lab_chunks)) == set().union(*map(key_paths, real_chunks))
     # the first chunk carries the role, the last the finish and stop reasons, as the capture's do
-    assert _json_keys(lab_chunks[0]) == _json_keys(real_chunks[0])
-    assert _json_keys(lab_chunks[-1]) == _json_keys(real_chunks[-1])
+    assert key_paths(lab_chunks[0]) == key_paths(real_chunks[0])
+    assert key_paths(lab_chunks[-1]) == key_paths(real_chunks[-1])
 
 
 def test_vllm_metrics_are_vllm_metrics_and_gpu_memory_is_the_exporters(vllm):
-    server, exporter = vllm
+    server, dcgm = vllm
     lab = server.metrics()
     families = {s.name for s in lab.samples}
     # vLLM's own figures and the HTTP front end's counter; no GPU memory: a real vLLM /metrics has none
@@ -489,11 +455,10 @@ def test_vllm_metrics_are_vllm_metrics_and_gpu_memory_is_the_exporters(vllm):
     assert not any(n.startswith("DCGM_") for n in families)
     real = hf.parse_prometheus(read(FORMATS / "dcgm-exporter-metrics.txt"))
     real_names = {s.name for s in real.samples}
-    gpu = exporter.metrics()
+    gpu = dcgm.metrics()
     assert {s.name for s in gpu.samples} <= real_names
     assert all(set(s.labels) == set(real.samples[0].labels) for s in gpu.samples)
     helps = dict(re.findall(r"^# HELP (\S+) (.*)$", read(FORMATS / "dcgm-exporter-metrics.txt"), re.MULTILINE))
-    lab_text = subprocess.run(["curl", "-fsS", f"{exporter.url}/metrics"], capture_output=True, text=True,
-                              timeout=10).stdout
+    lab_text = http(dcgm.port, "/metrics")[1].decode()
     for name, text in re.findall(r"^# HELP (\S+) (.*)$", lab_text, re.MULTILINE):
         assert helps.get(name, text) == text, name

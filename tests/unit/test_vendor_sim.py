@@ -353,7 +353,27 @@ def sse_chunks(body: bytes) -> list[dict]:
     return [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
 
 
-class Serving:
+class LoopbackProcess:
+    """A simulated daemon on a loopback port (`self.port`, `self.proc`): its /metrics, and a SIGTERM stop."""
+
+    port: int
+    proc: subprocess.Popen
+
+    def metrics(self) -> hostfacts.Metrics:
+        status, body = http(self.port, "/metrics")
+        assert status == 200
+        return hostfacts.parse_prometheus(body.decode())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        finally:
+            self.proc.communicate()
+
+
+class Serving(LoopbackProcess):
     """A vllm-serving process on a free loopback port, with a weights file in tmp."""
 
     def __init__(self, sim: Sim, version: str, **profile_overrides):
@@ -384,21 +404,9 @@ class Serving:
             time.sleep(0.02)
         return codes
 
-    def metrics(self) -> hostfacts.Metrics:
-        status, body = http(self.port, "/metrics")
-        assert status == 200
-        return hostfacts.parse_prometheus(body.decode())
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        finally:
-            self.proc.communicate()
 
 
-class Exporter:
+class Exporter(LoopbackProcess):
     """A dcgm-exporter process on a free loopback port, collecting every 50 ms."""
 
     def __init__(self, sim: Sim):
@@ -417,23 +425,10 @@ class Exporter:
                 assert self.proc.poll() is None and time.monotonic() < deadline, self.proc.communicate()
                 time.sleep(0.05)
 
-    def metrics(self) -> hostfacts.Metrics:
-        status, body = http(self.port, "/metrics")
-        assert status == 200
-        return hostfacts.parse_prometheus(body.decode())
-
     def fresh_metrics(self) -> hostfacts.Metrics:
         """A scrape after the next collection (the exporter answers with its last one)."""
         time.sleep(0.2)
         return self.metrics()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        finally:
-            self.proc.communicate()
 
 
 @pytest.fixture
