@@ -122,6 +122,36 @@ class Baseline:
         return cls(source, pooled) if pooled else None
 
 
+    def drift_corrected(self, reference: str, before: Mapping[str, float], now: Outcome | None) -> Baseline:
+        """These figures (a host's own, from before its drain) scaled, figure by figure, by how much a reference
+        host's median moved between then (`before`, its medians measured beside them) and `now` (its figures
+        measured beside the candidate): what the machine, the network or the load did in between, which is not
+        the bundle's doing. A figure the reference lacks in either interval stays as it was, and says so."""
+        after = medians(now.measurements) if now is not None and now.ok and now.measured else {}
+        scaled: dict[str, Sequence[float]] = {}
+        factors, missing = [], []
+        for key, samples in self.samples.items():
+            then, later = before.get(key), after.get(key)
+            if not then or not later:
+                scaled[key] = samples
+                missing.append(key.removesuffix("_ms"))
+                continue
+            factor = later / then
+            scaled[key] = [v * factor for v in samples]
+            factors.append(f"{key.removesuffix('_ms').replace('latencies', 'latency')} x{factor:.2f}")
+        parts = [f"{self.source}, scaled by the drift of {reference} measured beside it then and now"
+                 + (f" ({', '.join(factors)})" if factors else "")]
+        if missing:
+            parts.append(f"not scaled: {', '.join(missing)} ({reference} did not answer now)" if not after
+                         else f"not scaled: {', '.join(missing)}")
+        return Baseline("; ".join(parts), scaled)
+
+
+def medians(measurements: Mapping[str, Any]) -> dict[str, float]:
+    """The median of each per-request figure a probe measured (COMPARED), where it has samples."""
+    return {key: stats.quantile(values, 0.5) for key in COMPARED if (values := measurements.get(key))}
+
+
 # the per-request figures compared with the baseline: whole-request latency, time to first token, inter-token gaps
 COMPARED = ("latencies_ms", "ttft_ms", "itl_ms")
 

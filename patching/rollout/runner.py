@@ -64,6 +64,8 @@ from patching.states import (
 )
 
 KILL_ENV = "FLEET_KILL_AT"
+# where a host may be to serve as the reference probed beside a host's own SLO baseline (Runner._reference_host)
+REFERENCE_STATES = frozenset({HostState.PENDING, HostState.DONE, HostState.ROLLED_BACK})
 
 __all__ = ["FINISHED", "KILL_ENV", "RunResult", "RunStatus", "Runner", "abort", "window_refusal"]
 
@@ -641,6 +643,10 @@ class Runner:
         gate_s = self.policy.timeouts.gate.total_seconds()
         peers = self._peers(names, bundle) if phase == Phase.ROLLOUT else {}
         own = self._own_baselines() if phase == Phase.ROLLOUT else {}
+        # a host judged against its own figures from before the drain: the reference probed beside them then is
+        # probed beside it now, so the machine's drift between the two intervals is measured, not blamed on it
+        references = {n: ref["host"] for n in names if not peers.get(n) and n in own
+                      and (ref := own[n].measurements.get("reference")) and ref["host"] not in names}
         measured: dict[str, Outcome] = {}
         peer_figures: dict[str, Outcome] = {}
         decisions: dict[str, gates.Decision] = {}
@@ -648,7 +654,9 @@ class Runner:
         total = 0
         while pending and asked > 0:
             probe = slo.model_copy(update={"requests": asked})
-            extra = sorted({p for n in pending for p in peers.get(n, ())} - set(pending))
+            compared_with = {p for n in pending for p in peers.get(n, ())} | {references[n] for n in pending
+                                                                              if n in references}
+            extra = sorted(compared_with - set(pending))
             answers = self._call(self.actions.probe_slo, pending + extra, probe, gate_s)  # one interval
             total += asked
             for name in extra:
@@ -696,24 +704,53 @@ class Runner:
         if mine and (base := gates.Baseline.of(f"peers {', '.join(mine)} on the previous bundle, same interval",
                                                [peer_figures[p] for p in mine if p in peer_figures])):
             return base
-        if name in own:
-            return gates.Baseline.of("its own figures before the drain", [own[name]])
-        return None
+        if name not in own:
+            return None
+        base = gates.Baseline.of("its own figures before the drain", [own[name]])
+        reference = own[name].measurements.get("reference")
+        if base is None or not reference:
+            return base
+        return base.drift_corrected(reference["host"], reference.get("medians") or {},
+                                    peer_figures.get(reference["host"]))
 
     def _record_own_baselines(self, names: list[str]) -> None:
-        """Probe the hosts while they still serve; journaled as `baseline` events (read back on resume)."""
+        """Probe the hosts while they still serve; journaled as `baseline` events (read back on resume).
+
+        A host whose pool has no peer left to compare with after its patch will be judged against these figures,
+        taken minutes earlier; on a shared machine (or a fleet whose load moves) that interval alone can move a
+        P95 by tens of percent. So a reference host outside the batch, serving and not in flight, is probed in
+        the same interval, its medians journaled beside the figures: the SLO gate probes it again beside the
+        patched host and scales the baseline by its drift (gates.Baseline.drift_corrected). Hosts with peers
+        are judged against those instead (same interval already); the reference rides in the same probe call."""
         slo = self.policy.gates.slo
         if not slo.enabled or not names:
             return
         # enough for the quantile at the confidence whatever `requests` says: a short baseline decides nothing
         enough = max(slo.needed_requests(), stats.samples_for_quantile(slo.quantile, slo.confidence))
         probe = slo.model_copy(update={"requests": enough})
-        figures = self._call(self.actions.probe_slo, names, probe, self.policy.timeouts.gate.total_seconds())
+        reference = self._reference_host(names)
+        figures = self._call(self.actions.probe_slo, names + ([reference] if reference else []), probe,
+                             self.policy.timeouts.gate.total_seconds())
+        ref = figures.get(reference) if reference else None
+        medians = gates.medians(ref.measurements) if ref is not None and ref.ok and ref.measured else {}
         for name in names:
             outcome = figures.get(name)
             if outcome is not None and outcome.ok and outcome.measured:
-                self._event("baseline", {"gate": Gate.SLO.value, "measurements": dict(outcome.measurements)},
-                            host=name)
+                data = dict(outcome.measurements)
+                if medians:
+                    data["reference"] = {"host": reference, "medians": medians}
+                self._event("baseline", {"gate": Gate.SLO.value, "measurements": data}, host=name)
+
+    def _reference_host(self, batch: list[str]) -> str | None:
+        """A host outside `batch` that the run will not touch before the batch's SLO gate and that was last seen
+        serving (pending, done, rolled back), of the batch's site first; None when there is none. Nothing is read
+        to choose it: a reference that does not answer its probe is simply not recorded."""
+        states = self.run.latest_states()
+        sites = {self.inventory.hosts[n].site for n in batch}
+        candidates = sorted((h for h in self.inventory.hosts.values() if h.name not in batch
+                             and states.get(h.name, HostState.PENDING) in REFERENCE_STATES),
+                            key=lambda h: (h.site not in sites, h.name))
+        return candidates[0].name if candidates else None
 
     def _own_baselines(self) -> dict[str, Outcome]:
         """The latest pre-drain SLO figures of each host, from the journal."""

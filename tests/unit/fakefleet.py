@@ -71,6 +71,7 @@ class FakeFleet:
     slow: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> p99 ms
     leaky: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> MiB/h
     busbw: dict[tuple[str, str], float] = field(default_factory=dict)  # (host, release) -> NCCL GB/s (else 235)
+    drift: float = 1.0  # every host's latencies multiplied by this: the machine (or the load) slower for everyone
     path: Path | None = None
     clock: FakeClock | None = None
     calls: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
@@ -200,7 +201,8 @@ class FakeFleet:
             # per-request samples: 20-45 ms, and a tail at the host's P99 (a slow release: 5 % of requests)
             rng = random.Random(f"{n}:{release}:{len(self.calls)}")
             tail = 0.05 if p99 > 48.0 else 0.0
-            latencies = [p99 if rng.random() < tail else 20.0 + 25.0 * rng.random() for _ in range(requests)]
+            latencies = [self.drift * (p99 if rng.random() < tail else 20.0 + 25.0 * rng.random())
+                         for _ in range(requests)]
             out[n] = fault or Outcome(True, measurements={
                 "requests": requests, "errors": 0, "error_rate": 0.0, "p50_ms": 20.0, "p99_ms": p99,
                 "latencies_ms": latencies,

@@ -10,6 +10,7 @@ import datetime as dt
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 from collections import Counter
 from pathlib import Path
@@ -527,11 +528,59 @@ def test_the_slo_gate_judges_against_peers_else_the_hosts_own_figures(tmp_path):
     gates = slo_gates(h)
     # a2's pool still has a3 and a4 on 2026-10 when it is verified; a4, the last of pool a, has none left
     assert gates["a2"]["measurements"]["baseline"]["source"].startswith("peers a3, a4 on the previous bundle")
-    assert gates["a4"]["measurements"]["baseline"]["source"] == "its own figures before the drain"
+    assert gates["a4"]["measurements"]["baseline"]["source"].startswith("its own figures before the drain")
     assert gates["a2"]["measurements"]["comparisons"]["latencies_ms"]["verdict"] == "same"
     assert gates["a2"]["verdict"] == "passed" and gates["a2"]["thresholds"]["tolerance"] == 0.2
     baselines = {e.host for e in h.journal.of_run(1).events() if e.kind == "baseline"}
     assert baselines == set(h.inventory.hosts)  # every host probed while it still served, before its drain
+
+
+def slower_for_everyone_once(h: Harness, host: str, factor: float) -> None:
+    """From `host`'s apply on, every host answers `factor` times slower (the shared machine got busy)."""
+    def on_call(action: str, names: list[str]) -> None:
+        if action == "apply" and host in names:
+            h.fleet.drift = factor
+    h.fleet.on_call = on_call
+
+
+def test_a_host_with_no_peer_is_judged_with_the_drift_of_a_reference_measured_beside_it(tmp_path):
+    h = Harness(tmp_path, {"waves": {"size": 1}})
+    slower_for_everyone_once(h, "a4", 1.6)  # a4, the last of pool a, has no peer left when it is verified
+    assert h.run().exit_code == ExitCode.OK
+    gate = slo_gates(h)["a4"]
+    source = gate["measurements"]["baseline"]["source"]
+    # a1 (its site's, done in the canary and not touched again) is probed beside a4 before and after
+    assert source.startswith("its own figures before the drain, scaled by the drift of a1"), source
+    factor = float(re.search(r"latency x(\d+\.\d+)", source)[1])
+    assert 1.4 < factor < 1.8, source  # the reference's medians moved as the machine did (x1.6), give or take
+    assert gate["verdict"] == "passed", gate["detail"]
+    [baseline] = [e for e in h.journal.of_run(1).events() if e.kind == "baseline" and e.host == "a4"
+                  and e.data["gate"] == "slo"]
+    reference = baseline.data["measurements"]["reference"]
+    assert reference["host"] == "a1" and reference["medians"]["latencies_ms"] > 0
+    # the reference was probed in the same call as a4, before its drain and at its gate
+    together = [names for action, names, _ in h.fleet.calls if action == "slo" and names[0] == "a4"]
+    assert len(together) >= 2 and all(names == ("a4", "a1") for names in together), together
+
+
+def test_without_the_reference_the_same_drift_fails_the_host(tmp_path, monkeypatch):
+    """The counterfactual of the test above: the gate is what catches the drift, not a lenient fake."""
+    monkeypatch.setattr(Runner, "_reference_host", lambda self, batch: None)
+    h = Harness(tmp_path, {"waves": {"size": 1}})
+    slower_for_everyone_once(h, "a4", 1.6)
+    assert h.run().exit_code == ExitCode.FAILED
+    gate = slo_gates(h)["a4"]
+    assert gate["measurements"]["baseline"]["source"] == "its own figures before the drain"
+    assert gate["verdict"] == "failed", gate["detail"]
+
+
+def test_the_reference_does_not_excuse_a_host_that_alone_got_slower(tmp_path):
+    h = Harness(tmp_path, {"waves": {"size": 1}, "gates": {"slo": {"p99_ms": 10_000}}})
+    h.fleet.slow[("a4", NEW)] = 480.0  # only a4's new release has the slow tail; the reference is unchanged
+    assert h.run().exit_code == ExitCode.FAILED
+    gate = slo_gates(h)["a4"]
+    assert "scaled by the drift of a1" in gate["measurements"]["baseline"]["source"]
+    assert gate["verdict"] == "failed" and "worse than the 20 % tolerated" in gate["detail"]
 
 
 def test_a_slow_tail_against_the_same_interval_fails_the_canary(tmp_path):
