@@ -32,9 +32,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
 
-def converge(inventory: Path, release: str) -> None:
+def converge(inventory: Path, release: Path) -> None:
     subprocess.run([BIN / "ansible-playbook", "-i", inventory, "playbooks/site.yml", "-e",
-                    f"bundle_file=releases/{release}.yaml"], cwd=ROOT, check=True, capture_output=True)
+                    f"bundle_file={release}"], cwd=ROOT, check=True, capture_output=True)
 
 
 class TimedActions:
@@ -57,7 +57,8 @@ class TimedActions:
         return timed
 
 
-def pipeline(inventory: Path, policy: Path, work: Path) -> tuple[float, dict[str, float], list[list[str]]]:
+def pipeline(inventory: Path, policy: Path, work: Path, release: Path
+             ) -> tuple[float, dict[str, float], list[list[str]]]:
     from patching.cli import patch as host_actions  # where `fleet patch run` gets its host actions
     from patching.cli.app import app
 
@@ -72,7 +73,7 @@ def pipeline(inventory: Path, policy: Path, work: Path) -> tuple[float, dict[str
     reports = work / "reports"
     started = time.monotonic()
     try:
-        rc = app(["patch", "run", "--release", str(ROOT / "releases/2026-11.yaml"), "-i", str(inventory),
+        rc = app(["patch", "run", "--release", str(release), "-i", str(inventory),
                   "--policy", str(policy), "--journal", str(work / "journal.db"), "--report-dir", str(reports),
                   "--ignore-window"],
                  standalone_mode=False)
@@ -88,11 +89,11 @@ def pipeline(inventory: Path, policy: Path, work: Path) -> tuple[float, dict[str
     return total, dict(made[0].seconds) if made else {}, waves
 
 
-def baseline(inventory: Path, waves: list[list[str]]) -> float:
+def baseline(inventory: Path, waves: list[list[str]], release: Path) -> float:
     started = time.monotonic()
     for hosts in waves:
         subprocess.run([BIN / "ansible-playbook", "-i", inventory, "playbooks/patch.yml", "-e",
-                        "bundle_file=releases/2026-11.yaml", "--limit", ",".join(hosts)], cwd=ROOT, check=True,
+                        f"bundle_file={release}", "--limit", ",".join(hosts)], cwd=ROOT, check=True,
                        capture_output=True)
     return time.monotonic() - started
 
@@ -104,19 +105,20 @@ def rollout_bench(work: Path) -> None:
     lab.up(fresh=True, log=lambda line: print(f"  [lab] {line}", flush=True))
     try:
         inventory = lab.inventory_path()
+        october, november = lab.releases_dir / "2026-10.yaml", lab.releases_dir / "2026-11.yaml"
         policy_data = yaml.safe_load((ROOT / "lab/policy.yaml").read_text())
         policy_data["gates"]["soak"]["duration"] = "0s"
         policy = work / "policy.yaml"
         policy.write_text(yaml.safe_dump(policy_data))
 
         print("converging the lab to 2026-10 (not timed) ...", flush=True)
-        converge(inventory, "2026-10")
+        converge(inventory, october)
         print("fleet patch run 2026-10 -> 2026-11, gates on, soak 0 ...", flush=True)
-        total, inside, waves = pipeline(inventory, policy, work / "pipeline")
+        total, inside, waves = pipeline(inventory, policy, work / "pipeline", november)
         print("converging back to 2026-10 (not timed) ...", flush=True)
-        converge(inventory, "2026-10")
+        converge(inventory, october)
         print(f"baseline: ansible-playbook patch.yml, the same {len(waves)} waves, no gates ...", flush=True)
-        plain = baseline(inventory, waves)
+        plain = baseline(inventory, waves, november)
     finally:
         lab.down(log=lambda _: None)
     in_actions = sum(inside.values())

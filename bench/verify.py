@@ -102,12 +102,13 @@ def main() -> None:
 
     lab = Lab.open("lab", ROOT, args.state_dir, args.port_base)
     lab.up(fresh=True)
+    release = lab.releases_dir / args.release.name  # the lab's copy: its serving image is the lab's build
     try:
-        first = run_converge(args.release, lab.inventory_path())
+        first = run_converge(release, lab.inventory_path())
         if not first.succeeded:
             raise SystemExit(f"first converge failed: {[h.first_failure for h in first.hosts.values()]}")
         print(f"first converge of a fresh lab: {first.seconds:.0f} s")
-        bench(args.release, lab.inventory_path(), args.rounds, args.converge_rounds)
+        bench(release, lab.inventory_path(), args.rounds, args.converge_rounds)
     finally:
         lab.down()
 

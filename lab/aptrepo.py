@@ -2,10 +2,10 @@
 
 `build_repo(out_dir, releases_dir)` builds, with dpkg-deb, every package version the release files
 name (driver, fabric manager, libnvidia-nscq, CUDA toolkit, NCCL, the four container-toolkit
-packages, MLNX OFED, the AWS EFA installer, the serving engine), the GPU diagnostics every release
-gets at the versions fixed in lab/vendor (DCGM: datacenter-gpu-manager-4-core and -4-cuda12, from
-lab/vendor/dcgm/dcgm.yaml; nccl-tests, from lab/vendor/nccl/nccl-versions.yaml), plus the known-bad
-serving releases of lab/vendor/serving/releases.yaml and the known-bad NCCL releases of
+packages, MLNX OFED; EFA is an installer tarball, lab/efa_installer.py, and the serving engine an image,
+lab/images.py), the GPU diagnostics every release gets at the versions fixed in lab/vendor (DCGM:
+datacenter-gpu-manager-4-core and -4-cuda12, from lab/vendor/dcgm/dcgm.yaml; nccl-tests, from
+lab/vendor/nccl/nccl-versions.yaml), plus the known-bad NCCL releases of
 lab/vendor/nccl/nccl-versions.yaml (libnccl2 for every CUDA minor the release files use), into a flat
 repository like NVIDIA's CUDA repository:
 
@@ -263,38 +263,9 @@ def _network_debs(release: dict) -> list[Deb]:
     ofed.add_tool("ofed/ibstat.py", "/usr/sbin/ibstat")
     ofed.add_tool("ofed/ofed_info.py", "/usr/bin/ofed_info")
 
-    efa_version = str(release["efa_installer"])
-    shipped = _vendor_yaml("efa/efa-versions.yaml").get(efa_version)
-    if shipped is None:
-        raise RepoBuildError(f"no data for EFA installer {efa_version}: add it to {VENDOR / 'efa/efa-versions.yaml'}")
-    efa = Deb("aws-efa-installer", f"{efa_version}-1", efa_version, f"AWS EFA installer {efa_version}",
-              role="aws-efa-installer", depends=["python3"],
-              info={"libfabric": shipped["libfabric"], "provider_version": shipped["provider_version"]})
-    efa.add_tool("efa/fi_info.py", "/opt/amazon/efa/bin/fi_info")
-    efa.add("/opt/amazon/efa_installed_packages",
-            f"# EFA installer version: {efa_version}\n# Debug packages installed: no\n# Packages installed:\n"
-            + "".join(f"{p}\n" for p in shipped["packages"]))
-    efa.add("/etc/profile.d/efa.sh", "PATH=$PATH:/opt/amazon/efa/bin\n")
-    efa.conffiles.append("/etc/profile.d/efa.sh")
-    return [ofed, efa]
-
-
-def _serving_deb(engine: str, version: str) -> Deb:
-    if engine != "vllm":
-        raise RepoBuildError(f"the lab simulates the vllm serving engine only, not {engine!r}")
-    profiles = _vendor_yaml("serving/releases.yaml")
-    profile = {**profiles["default"], **profiles["bad"].get(version, {})}
-    deb = Deb("vllm-serving", f"{version}-1", version, f"vLLM {version} OpenAI-compatible model server",
-              role="vllm-serving", depends=["python3"], info={"release": profile})
-    deb.add_tool("serving/vllm_serving.py", "/usr/bin/vllm-serving")
-    deb.add("/usr/share/doc/vllm-serving/examples/vllm-serving.service",
-            (VENDOR / "serving/vllm-serving.service").read_bytes())
-    return deb
-
-
-def bad_serving_versions() -> list[str]:
-    """The known-bad serving releases the repository carries besides those the bundles name."""
-    return sorted(_vendor_yaml("serving/releases.yaml")["bad"])
+    # EFA is not a package of this repository: AWS ships it as an installer tarball (lab/efa_installer.py,
+    # served from the artifact store), whose packages the installer installs from its own folder.
+    return [ofed]
 
 
 def load_releases(releases_dir: Path) -> list[dict]:
@@ -304,16 +275,12 @@ def load_releases(releases_dir: Path) -> list[dict]:
 
 def plan_packages(releases: list[dict]) -> list[Deb]:
     """Every package the release files call for, once per (name, version), the GPU diagnostics, and the bad
-    serving and NCCL releases (libnccl2 for every CUDA minor a release uses)."""
+    NCCL releases (libnccl2 for every CUDA minor a release uses)."""
     debs: dict[tuple[str, str], Deb] = {}
     for release in releases:
-        serving = release["serving"]
         for deb in [*_driver_debs(release), *_cuda_debs(release), *_container_toolkit_debs(release),
-                    *_network_debs(release), _serving_deb(serving["engine"], str(serving["version"]))]:
+                    *_network_debs(release)]:
             debs.setdefault((deb.name, deb.version), deb)
-    for version in bad_serving_versions():
-        deb = _serving_deb("vllm", version)
-        debs.setdefault((deb.name, deb.version), deb)
     cuda_minors = sorted({".".join(str(r["cuda"]).split(".")[:2]) for r in releases})
     for deb in [*_diagnostics_debs(), *(_nccl_deb(v, m) for v in bad_nccl_versions() for m in cuda_minors)]:
         debs.setdefault((deb.name, deb.version), deb)
@@ -416,7 +383,7 @@ def _index(repo: Path, home: Path, fpr: str) -> None:
     options = []
     for key, value in (("Origin", "Fleet Lab"), ("Label", "Fleet Lab simulated vendor packages"),
                        ("Suite", "fleet-lab"), ("Codename", "fleet-lab"), ("Architectures", "amd64 all"),
-                       ("Description", "Simulated NVIDIA, Mellanox, AWS EFA and serving packages for the fleet lab")):
+                       ("Description", "Simulated NVIDIA and Mellanox packages for the fleet lab")):
         options += ["-o", f"APT::FTPArchive::Release::{key}={value}"]
     release = _run(["apt-ftparchive", *options, "release", "."], cwd=repo)
     (repo / "Release").write_text(release)

@@ -30,10 +30,12 @@ RECIPE: Recipe = {
     "suite": "bookworm",
     "variant": "minbase",
     # what a real server of ours has before Ansible: systemd, sshd, python for Ansible, apt tooling,
-    # and the NUT client the UPS role configures
+    # and the NUT client the UPS role configures; podman and crun are Debian's, which the model_serving
+    # role installs (present here so a lab converge needs no package mirror)
     "include": [
         "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-apt", "iproute2",
-        "procps", "ca-certificates", "curl", "nut-client", "sudo", "less", "gnupg",
+        "procps", "ca-certificates", "curl", "nut-client", "sudo", "less", "gnupg", "podman", "crun",
+        "netavark",  # podman needs a container-network-stack; debootstrap resolves no virtual package
     ],
     # bump when the post-install setup in `_configure` changes
     "setup": 2,

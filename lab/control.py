@@ -29,7 +29,7 @@ HOST_FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "nvlink-degraded", "
 UPS_FAULTS = ("ups-on-battery",)
 FAULTS = HOST_FAULTS + UPS_FAULTS
 NEEDED_COMMANDS = ["debootstrap", "systemd-nspawn", "haproxy", "ssh-keygen", "ssh", "dpkg-deb", "gpg",
-                   "apt-ftparchive", "upsc"]
+                   "apt-ftparchive", "upsc", "docker-registry"]
 
 Log = Callable[[str], None]
 
@@ -137,6 +137,11 @@ class Lab:
         """The folder of the lab's Ansible inventory."""
         return self.layout.inventory_dir
 
+    @property
+    def releases_dir(self) -> Path:
+        """The lab's copies of the bundles, pinning the serving images the lab built (lab/releases.py)."""
+        return self.layout.releases_dir
+
     # --- up ----------------------------------------------------------------------------------------
 
     def up(self, log: Log = print, fresh: bool = False, timeout: float = 180) -> None:
@@ -194,6 +199,7 @@ class Lab:
                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                              cwd=Path(__file__).resolve().parents[1])
         self._wait_daemon(timeout=60)
+        self._publish_images(base, log)
         self.wait_hosts(sorted(self.fleet.hosts), timeout, log)
         for _, ups in services.ups_units(self.fleet):  # upsd answers WAIT until dummy-ups has read its file
             self._wait_ups(ups, {"OL", "OB"}, 30, "on line or battery power")
@@ -219,6 +225,17 @@ class Lab:
                 link.unlink()
             link.symlink_to(target)
         log(f"apt repository: {info.served_dir}")
+
+    def _publish_images(self, base: Path, log: Log) -> None:
+        """Build the serving images (one per simulated release), push them to the lab's registry (the daemon
+        runs it), and write the lab's copies of the bundles pinning their digests (lab/releases.py)."""
+        from lab import images
+        from lab.releases import SOURCES, write_releases
+
+        digests = images.push_all(f"127.0.0.1:{self.ports.registry}", base, self.layout.cache,
+                                  [self.project_dir / d for d in SOURCES], log=log)
+        written = write_releases(self.project_dir, self.layout.releases_dir, digests)
+        log(f"the lab's bundles ({len(written)}), pinning its serving images: {self.layout.releases_dir}")
 
     def _ssh_key(self) -> str:
         self.layout.ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from infra.model.fleet import load_stack
-from lab import services
+from lab import images, services
 from lab.hosts import HostSupervisor, unmount_overlay
 from lab.layout import LabState, Layout, Ports
 from lab.redfish import RedfishEmulator
@@ -77,7 +77,8 @@ class Daemon:
         secrets = json.loads((self.layout.root / "secrets.json").read_text())
         self.services = [services.http_service(self.layout, self.ports),
                          *services.nut_services(self.layout, self.fleet, self.ports, secrets["ups_monitor"]),
-                         services.haproxy_service(self.layout, self.fleet, self.ports)]
+                         services.haproxy_service(self.layout, self.fleet, self.ports),
+                         images.registry_service(self.layout.service_dir("registry"), self.ports.registry)]
         systems = sorted(h.name for h in self.fleet.hosts.values() if h.bmc)
         if systems:
             self.log("starting the Redfish emulator")

@@ -31,7 +31,7 @@ def is_mounted(path: Path) -> bool:
 
 def mount_overlay(base: Path, dirs: HostDirs) -> None:
     """Mount a host's root: its upper dir over the base image, unless it is mounted already."""
-    for d in (dirs.upper, dirs.work, dirs.merged, dirs.hw):
+    for d in (dirs.upper, dirs.work, dirs.merged, dirs.hw, dirs.containers):
         d.mkdir(parents=True, exist_ok=True)
     if is_mounted(dirs.merged):
         return
@@ -76,10 +76,17 @@ def write_host_files(dirs: HostDirs, name: str, ssh_port: int, authorized_key: s
 
 
 def nspawn_command(name: str, dirs: HostDirs) -> list[str]:
-    """The systemd-nspawn command that boots a lab host, its hardware folder bound read-only."""
+    """The systemd-nspawn command that boots a lab host, its hardware folder bound read-only.
+
+    What podman needs inside it: its storage on a plain folder (bound over /var/lib/containers, as a real
+    host's disk), and the kernel keyring calls (crun joins a session keyring; nspawn's default filter
+    refuses them). nspawn mounts the cgroup controllers read-only, so the lab's inventory turns podman's
+    cgroups off (fleet_container_cgroups); a real host keeps them.
+    """
     return [
         "systemd-nspawn", "-D", str(dirs.merged), "-M", name, "--boot", "--register=no", "--keep-unit",
         "--console=read-only", "--quiet", f"--bind-ro={dirs.hw}:{CONTAINER_HW_DIR}",
+        f"--bind={dirs.containers}:/var/lib/containers", "--system-call-filter=@keyring",
     ]
 
 

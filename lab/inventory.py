@@ -55,6 +55,12 @@ def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, secrets: dict[st
     inv["all"]["vars"].update({
         "fleet_apt_repo_url": f"http://127.0.0.1:{ports.http}/apt/repo/",
         "fleet_apt_repo_keyring_url": f"http://127.0.0.1:{ports.http}/apt/fleet-lab-archive-keyring.gpg",
+        # the serving images come from the lab's registry, as a site's pull-through mirror of docker.io (plain
+        # HTTP on loopback); the hosts pull by digest only, which a mirror serves
+        "fleet_image_mirrors": [{"prefix": "docker.io/vllm", "location": f"127.0.0.1:{ports.registry}/vllm",
+                                 "insecure": True}],
+        # nspawn mounts the cgroup controllers read-only: podman runs the server without cgroups
+        "fleet_container_cgroups": "disabled",
     })
     target = layout.inventory_dir
     (target / "group_vars/all").mkdir(parents=True, exist_ok=True)

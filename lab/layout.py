@@ -40,6 +40,7 @@ class Ports:
     upsd: int
     redfish: int
     http: int  # apt repository and model-weights artifacts
+    registry: int  # the OCI registry of the serving images (Debian's docker-registry)
 
     @classmethod
     def plan(cls, fleet: Fleet, base: int = DEFAULT_PORT_BASE) -> Ports:
@@ -56,12 +57,13 @@ class Ports:
             upsd=base + 301,
             redfish=base + 302,
             http=base + 303,
+            registry=base + 304,
         )
 
     def all(self) -> list[int]:
         """Every port the lab listens on."""
         ports = [p for hp in self.hosts.values() for p in (hp.ssh, hp.serving, hp.gpu_metrics)]
-        return [*ports, *self.frontends.values(), self.haproxy_api, self.upsd, self.redfish, self.http]
+        return [*ports, *self.frontends.values(), self.haproxy_api, self.upsd, self.redfish, self.http, self.registry]
 
 
 @dataclass
@@ -145,6 +147,11 @@ class Layout:
         return self.root / "www"
 
     @property
+    def releases_dir(self) -> Path:
+        """The lab's copies of the bundles, pinning the serving images it built (written at `lab up`)."""
+        return self.root / "releases"
+
+    @property
     def repo_dir(self) -> Path:
         """Where the simulated vendor apt repository is built."""
         return self.root / "apt"
@@ -183,6 +190,12 @@ class HostDirs:
     def hw(self) -> Path:
         """The host's simulated hardware (hardware.json, faults), bound into the container."""
         return self.root / "hw"
+
+    @property
+    def containers(self) -> Path:
+        """The host's container storage (/var/lib/containers), a plain folder: podman's overlay driver
+        refuses an overlayfs below it."""
+        return self.root / "containers"
 
     @property
     def desired(self) -> Path:

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from infra.model.fleet import Fleet, OnpremSite
+from lab import efa_installer
 from lab.artifacts import synthetic_weights
 from lab.layout import Layout, Ports
 
@@ -171,7 +172,10 @@ def haproxy_service(layout: Layout, fleet: Fleet, ports: Ports) -> Service:
 # --- HTTP: apt repository + model weights ------------------------------------------------------
 
 def publish_artifacts(layout: Layout, releases_dir: Path) -> int:
-    """Synthetic weights for every model a release names, under www/artifacts; returns the count."""
+    """Synthetic weights for every model a release names, under www/artifacts, and the EFA installer
+    tarball of every EFA release the release files and the lab's bundles name (www/artifacts/efa/,
+    lab/efa_installer.py); returns the count of weights files."""
+    efa_installer.publish(layout.www / "artifacts", [releases_dir, efa_installer.BUNDLE_DIRS[1]])
     count = 0
     for release in sorted(releases_dir.glob("*.yaml")):
         data = yaml.safe_load(release.read_text()) or {}
@@ -210,7 +214,8 @@ def require_commands(commands: list[str]) -> list[str]:
     """The commands the lab needs that are missing, with the Debian package that has each."""
     packages = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "haproxy": "haproxy",
                 "ssh-keygen": "openssh-client", "ssh": "openssh-client", "dpkg-deb": "dpkg-dev",
-                "gpg": "gnupg", "apt-ftparchive": "apt-utils", "upsc": "nut-client"}
+                "gpg": "gnupg", "apt-ftparchive": "apt-utils", "upsc": "nut-client",
+                "docker-registry": "docker-registry"}
     missing = [f"{c} (Debian package {packages.get(c, c)})" for c in commands if not shutil.which(c)]
     if not (NUT_DIR / "upsd").exists():
         missing.append("/lib/nut/upsd (Debian package nut-server)")

@@ -51,23 +51,25 @@ def run_demo(stack: str = "lab") -> None:
     _fleet("lab", "up", "--stack", stack, "--fresh")
     lab = Lab.open(stack, ROOT)
     inventory = lab.inventory_path()
+    # the lab's copies of the bundles: the same files, pinning the serving images the lab built and serves
+    releases = lab.releases_dir
 
     _step("3. Day 0: converge every host to the October bundle, then verify and look for drift")
-    _fleet("converge", "--release", "releases/2026-10.yaml", "--inventory", inventory)
-    _fleet("verify", "--release", "releases/2026-10.yaml", "--inventory", inventory)
-    _fleet("drift", "--release", "releases/2026-10.yaml", "--inventory", inventory)
+    _fleet("converge", "--release", releases / "2026-10.yaml", "--inventory", inventory)
+    _fleet("verify", "--release", releases / "2026-10.yaml", "--inventory", inventory)
+    _fleet("drift", "--release", releases / "2026-10.yaml", "--inventory", inventory)
 
     journal = state / "journal.db"
     for old in state.glob("journal.db*"):
         old.unlink()
     _step("4. The plan for November: canary first, then waves within every pool's budget")
-    _fleet("plan", "--release", "releases/2026-11.yaml", "-i", inventory, "--policy", "lab/policy.yaml",
+    _fleet("plan", "--release", releases / "2026-11.yaml", "-i", inventory, "--policy", "lab/policy.yaml",
            "-o", state / "plan.json")
 
     _step("5. Roll November out as planned (the approved plan), canary first, with live traffic through HAProxy")
     load = _traffic(lab)
     try:
-        _fleet("patch", "run", "--release", "releases/2026-11.yaml", "-i", inventory, "--policy", "lab/policy.yaml",
+        _fleet("patch", "run", "--release", releases / "2026-11.yaml", "-i", inventory, "--policy", "lab/policy.yaml",
                "--plan", state / "plan.json", "--journal", journal, "--report-dir", state / "reports-2026-11",
                "--ignore-window")
     finally:
@@ -78,14 +80,14 @@ def run_demo(stack: str = "lab") -> None:
     _step("6. A bad serving release: the canary's SLO gate catches it and rolls the canary back")
     load = _traffic(lab)
     try:
-        _fleet("patch", "run", "--release", "lab/bundles/2026-11.1-slow-serving.yaml", "-i", inventory,
+        _fleet("patch", "run", "--release", releases / "2026-11.1-slow-serving.yaml", "-i", inventory,
                "--policy", "lab/policy.yaml", "--journal", journal, "--report-dir", state / "reports-bad",
                "--ignore-window", expect=(1,))
     finally:
         figures = load.stop()
     print(f"live traffic during the failed canary: {figures.sent} requests, {figures.failed} failed", flush=True)
     print((state / "reports-bad" / "summary.md").read_text(), flush=True)
-    _fleet("verify", "--release", "releases/2026-11.yaml", "--inventory", inventory)
+    _fleet("verify", "--release", releases / "2026-11.yaml", "--inventory", inventory)
 
     _step("7. The lab stays up")
     _fleet("lab", "status", "--stack", stack)

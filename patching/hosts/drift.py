@@ -1,8 +1,11 @@
 """`fleet drift`: what each host really has, against what the bundle pins, read in parallel over SSH.
 
 One command per host through Fabric (no Ansible, no fact gathering): dpkg's view of the pinned
-packages (version and hold) and of their families (a second driver branch left installed), and the
-host's manifest (/etc/fleet/bundle.json). SSH settings come from the inventory vars Ansible uses
+packages (version and hold) and of their families (a second driver branch left installed), the
+host's manifest (/etc/fleet/bundle.json) and, on EFA hosts, the EFA installer's record
+(/opt/amazon/efa_installed_packages: its release, and the packages it installed at their versions, held), and
+on GPU hosts the serving container's image digest as podman reports it (`podman container inspect`).
+SSH settings come from the inventory vars Ansible uses
 (ansible_host/port/user, ansible_ssh_private_key_file, UserKnownHostsFile and ConnectTimeout from
 ansible_ssh_common_args), with strict host-key checking: an unknown host key is an error, not a prompt.
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from patching.hosts.ansible_env import host_key_problem
+from patching.hosts.facts import container_image_command, image_digest, parse_container_image, serving_container
 from patching.inventory.hostkeys import ssh_options
 from patching.release.bundle import Bundle
 from patching.release.pins import (
@@ -23,13 +27,18 @@ from patching.release.pins import (
     PINNED_FAMILIES,
     all_pinned_packages,
     dpkg_query_command,
+    efa_differences,
+    efa_read_command,
     host_pins,
     parse_dpkg_query,
     parse_manifest,
+    split_efa_answer,
     unpinned_family_members,
 )
 
 SEPARATOR = "----- fleet manifest -----"
+EFA_SEPARATOR = "----- efa installer -----"
+CONTAINER_SEPARATOR = "----- serving container -----"
 
 
 @dataclass(frozen=True)
@@ -45,12 +54,16 @@ class Difference:
 def read_command(bundle: Bundle) -> str:
     """The one shell command drift runs on every host."""
     names = [*all_pinned_packages(bundle), *(glob for glob, _ in PINNED_FAMILIES)]
-    return f"{dpkg_query_command(names)}; echo {shlex.quote(SEPARATOR)}; cat {MANIFEST_PATH} 2>/dev/null || true"
+    return (f"{dpkg_query_command(names)}; echo {shlex.quote(SEPARATOR)}; cat {MANIFEST_PATH} 2>/dev/null; "
+            f"echo {shlex.quote(EFA_SEPARATOR)}; {efa_read_command()}; echo {shlex.quote(CONTAINER_SEPARATOR)}; "
+            f"{container_image_command(serving_container(bundle.serving.engine))}")
 
 
 def differences(host: str, bundle: Bundle, hostvars: Mapping[str, Any], output: str) -> list[Difference]:
     """What differs between the bundle and the host's answer to `read_command`."""
-    dpkg_text, _, manifest_text = output.partition(SEPARATOR)
+    dpkg_text, _, rest = output.partition(SEPARATOR)
+    manifest_text, _, rest = rest.partition(EFA_SEPARATOR)
+    efa_text, _, container_text = rest.partition(CONTAINER_SEPARATOR)
     installed = parse_dpkg_query(dpkg_text)
     pins = host_pins(bundle, hostvars)
     out = []
@@ -65,6 +78,15 @@ def differences(host: str, bundle: Bundle, hostvars: Mapping[str, Any], output: 
             out.append(Difference(host, f"{name} hold", "held", "not held"))
     for name in unpinned_family_members(installed, pins):
         out.append(Difference(host, name, "not installed (the bundle pins another)", installed[name].version))
+    if hostvars.get("fleet_efa"):  # EFA: the installer's record against the bundle, its packages held
+        record, efa_installed = split_efa_answer(efa_text)
+        out += [Difference(host, item, expected, found) for item, expected, found in
+                efa_differences(bundle, record, efa_installed)]
+    if int(hostvars.get("fleet_gpu_count") or 0) > 0:  # the serving container: the image the runtime runs
+        container = serving_container(bundle.serving.engine)
+        running, want = parse_container_image(container_text), image_digest(bundle.serving.image)
+        if not (running.running and running.digest == want):
+            out.append(Difference(host, f"{container} container image", want, running.describe()))
     manifest = parse_manifest(manifest_text.strip()) if manifest_text.strip() else None
     release = "no manifest" if manifest is None else str(manifest.get("release", "no release in it"))
     if release != bundle.release:

@@ -9,6 +9,8 @@ real host gets. Each parser accepts the real tools' output, quirks included (FOR
 - `ibstat`: `parse_ibstat`; `nvcc --version`: `parse_nvcc_version`
 - `fi_info -p efa`: `parse_fi_info`, `efa_device_count`
 - `upsc UPS@HOST`: `parse_upsc`; Prometheus text exposition: `parse_prometheus`
+- `podman container inspect --format '{{.State.Running}} {{.ImageDigest}}' NAME`: `container_image_command`,
+  `parse_container_image` (the serving container's image digest, as the runtime reports it)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass, field
 
 NA_VALUES = ("[N/A]", "N/A", "[Not Supported]", "[Unknown Error]", "[Insufficient Permissions]")
@@ -735,3 +738,57 @@ def parse_nccl_perf(text: str) -> NcclPerf:
         raise ParseError("nccl-tests output names no ranks (no nThread/nGpus header, no Using devices lines)")
     return NcclPerf(ranks, tuple(devices), tuple(rows), _nccl_number(summary["Avg bus bandwidth"][0], text),
                     int(out_of_bounds))
+
+
+# ---- the serving container, as podman reports it -------------------------------------------------------
+
+# podman >= 4.3 (`ImageDigest` in container inspect): "true sha256:<64 hex>"; the image's manifest digest, the
+# digest a bundle pins (NAME@sha256:...)
+CONTAINER_IMAGE_FORMAT = "{{.State.Running}} {{.ImageDigest}}"
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def serving_container(engine: str) -> str:
+    """The serving container's (and its unit's) name: <engine>-serving, as the model_serving role names it."""
+    return f"{engine}-serving"
+
+
+def image_digest(reference: str) -> str:
+    """The digest of an image reference by digest: 'docker.io/vllm/vllm-openai@sha256:ab..' -> 'sha256:ab..'."""
+    return reference.rpartition("@")[2]
+
+
+def container_image_command(container: str) -> str:
+    """The shell command whose output (stdout and stderr, then `rc=N`) `parse_container_image` reads."""
+    return (f"podman container inspect --format {shlex.quote(CONTAINER_IMAGE_FORMAT)} {shlex.quote(container)} 2>&1;"
+            " echo rc=$?")
+
+
+@dataclass(frozen=True)
+class ContainerImage:
+    """A container's state: running, the manifest digest of its image, or why podman could not say."""
+
+    running: bool
+    digest: str | None
+    error: str | None = None
+
+    def describe(self) -> str:
+        """What a check prints as found: the digest, 'stopped (digest)', or podman's error."""
+        if self.error:
+            return self.error
+        return str(self.digest) if self.running else f"not running (image {self.digest})"
+
+
+def parse_container_image(text: str) -> ContainerImage:
+    """The output of `container_image_command`: the state and digest, or the error podman printed."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    rc_line = lines.pop() if lines and lines[-1].startswith("rc=") else "rc=?"
+    if rc_line != "rc=0" or len(lines) != 1:
+        message = lines[-1] if lines else "no output"
+        if "no such container" in message.lower():
+            return ContainerImage(False, None, "no such container")
+        return ContainerImage(False, None, f"podman container inspect: {message} ({rc_line})")
+    running, _, digest = lines[0].partition(" ")
+    if running not in ("true", "false") or not _DIGEST.match(digest.strip()):
+        return ContainerImage(False, None, f"podman container inspect: unexpected output {lines[0][:120]!r}")
+    return ContainerImage(running == "true", digest.strip())

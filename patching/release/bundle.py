@@ -226,6 +226,8 @@ class Bundle(StrictModel):
     nccl: DebVersion = Field(description="libnccl2 version without the +cudaX.Y suffix")
     ofed: str = Field(pattern=r"^\d+\.\d+-\d+(\.\d+)+$")
     efa_installer: Version
+    efa_installer_sha256: Sha256 = Field(description="sha256 of aws-efa-installer-<efa_installer>.tar.gz, the "
+                                                     "installer tarball the efa role fetches from the artifact store")
     container_toolkit: dict[str, DebVersion]
     serving: Serving
     models: list[Model] = Field(min_length=1)
@@ -306,7 +308,6 @@ class Bundle(StrictModel):
             f"cuda-toolkit-{self.cuda_minor.replace('.', '-')}": f"{self.cuda}-1",
             "libnccl2": f"{self.nccl}+cuda{self.cuda_minor}",
             **self.container_toolkit,
-            f"{self.serving.engine}-serving": f"{self.serving.version}-1",
         }
         if nvswitch:
             pkgs[fabric_manager_package(branch)] = f"{self.fabric_manager}-1"

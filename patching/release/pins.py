@@ -17,7 +17,12 @@ from typing import Any
 from patching.release.bundle import Bundle
 
 MANIFEST_PATH = "/etc/fleet/bundle.json"
-EFA_PACKAGE = "aws-efa-installer"
+# What AWS's EFA installer (efa_installer.sh, write_package_file) records after it installed: three comment
+# lines, "# EFA installer version: 1.43.2", "# Debug packages installed: no", "# Packages installed:", then
+# the package files it installed, without .deb, space-separated (deb: NAME_VERSION_ARCH). EFA is no Debian
+# package of its own: the installer's packages are held by the efa role at the versions this names.
+EFA_RECORD_PATH = "/opt/amazon/efa_installed_packages"
+EFA_RECORD_SEPARATOR = "----- efa packages -----"
 # Installed packages of these families that the bundle does not pin are drift too (a second driver
 # branch, an old toolkit left behind): (dpkg-query glob, exact shape of a family member).
 PINNED_FAMILIES = (
@@ -44,17 +49,15 @@ def host_pins(bundle: Bundle, hostvars: Mapping[str, Any]) -> dict[str, str]:
     """Debian package -> exact version the bundle pins on a host with these inventory vars.
 
     The bundle's own packages for the host's kind (fabric manager and libnvidia-nscq on NVSwitch
-    boards, OFED on InfiniBand hosts) plus the EFA installer on EFA hosts.
+    boards, OFED on InfiniBand hosts). Not EFA: the bundle names an installer release, whose packages
+    are known from the installer's record on the host (`parse_efa_record`, `efa_differences`).
     """
-    pins = bundle.packages(nvswitch=bool(hostvars.get("fleet_nvswitch")), ib=bool(hostvars.get("fleet_ib")))
-    if hostvars.get("fleet_efa"):
-        pins[EFA_PACKAGE] = f"{bundle.efa_installer}-1"
-    return pins
+    return bundle.packages(nvswitch=bool(hostvars.get("fleet_nvswitch")), ib=bool(hostvars.get("fleet_ib")))
 
 
 def all_pinned_packages(bundle: Bundle) -> list[str]:
     """Every package the bundle can pin on some host, in a stable order."""
-    return list(host_pins(bundle, {"fleet_nvswitch": True, "fleet_ib": True, "fleet_efa": True}))
+    return list(host_pins(bundle, {"fleet_nvswitch": True, "fleet_ib": True}))
 
 
 @dataclass(frozen=True)
@@ -108,3 +111,77 @@ def parse_manifest(text: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class EfaRecord:
+    """What the EFA installer recorded in /opt/amazon/efa_installed_packages."""
+
+    installer_version: str
+    debug_packages: bool
+    packages: dict[str, str]  # Debian package -> the version the installer's package file had
+
+
+def parse_efa_record(text: str) -> EfaRecord | None:
+    """The EFA installer's record (EFA_RECORD_PATH), None when there is none (no installer version line).
+
+    Package entries are the installer's file names without .deb: NAME_VERSION_ARCH on Debian and Ubuntu
+    (`libfabric1-aws_2.1.0amzn5.0_amd64`). An entry without two underscores (an RPM name) is kept whole,
+    with an empty version.
+    """
+    version = None
+    debug = False
+    packages: dict[str, str] = {}
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            key, _, value = stripped.lstrip("#").partition(":")
+            if key.strip().lower() == "efa installer version":
+                version = value.strip() or None
+            elif key.strip().lower() == "debug packages installed":
+                debug = value.strip().lower() == "yes"
+            continue
+        for entry in stripped.split():
+            parts = entry.split("_")
+            name, pkg_version = (parts[0], parts[1]) if len(parts) >= 3 else (entry, "")
+            packages[name] = pkg_version
+    return None if version is None else EfaRecord(version, debug, packages)
+
+
+def efa_read_command() -> str:
+    """The shell command whose output `split_efa_answer` reads: the installer's record, then dpkg's view of
+    the packages it names (so one SSH round trip gives both)."""
+    return (f"cat {EFA_RECORD_PATH} 2>/dev/null; echo {shlex.quote(EFA_RECORD_SEPARATOR)}; "
+            f"grep -v '^#' {EFA_RECORD_PATH} 2>/dev/null | tr ' ' '\\n' | cut -d_ -f1 | grep . | "
+            f"xargs -r dpkg-query -W -f='{DPKG_FORMAT}' 2>/dev/null || true")
+
+
+def split_efa_answer(text: str) -> tuple[EfaRecord | None, dict[str, PackageState]]:
+    """The host's answer to `efa_read_command`: its record and the installed packages it names."""
+    record_text, _, dpkg_text = text.partition(EFA_RECORD_SEPARATOR)
+    return parse_efa_record(record_text), parse_dpkg_query(dpkg_text)
+
+
+def efa_differences(bundle: Bundle, record: EfaRecord | None,
+                    installed: Mapping[str, PackageState] | None = None) -> list[tuple[str, str, str]]:
+    """(what, expected, found) for every way an EFA host's installer record, and with `installed` dpkg's view
+    of the packages it names, differs from the bundle: the installer release first, then each recorded
+    package not installed at the version its installer shipped (the installer skips a package already
+    installed at a newer version) or not held."""
+    what = f"EFA installer ({EFA_RECORD_PATH})"
+    if record is None:
+        return [(what, bundle.efa_installer, f"no record (no {EFA_RECORD_PATH})")]
+    out = []
+    if record.installer_version != bundle.efa_installer:
+        out.append((what, bundle.efa_installer, record.installer_version))
+    for name, version in (record.packages.items() if installed is not None else ()):
+        state = installed.get(name) if installed is not None else None
+        shipped = f"{version} (recorded by the EFA installer {record.installer_version})"
+        if state is None:
+            out.append((name, shipped, "not installed"))
+            continue
+        if version and (state.version.partition(":")[2] or state.version) != version:  # files carry no epoch
+            out.append((name, shipped, state.version))
+        if not state.held:
+            out.append((f"{name} hold", "held", "not held"))
+    return out

@@ -56,8 +56,6 @@ _PACKAGE_FIELDS: tuple[tuple[str, re.Pattern[str], Callable[[str], str]], ...] =
     ("cuda", re.compile(r"cuda-toolkit-\d+-\d+"), _upstream),
     ("nccl", re.compile(r"libnccl2"), _nccl),
     ("ofed", re.compile(r"mlnx-ofed-basic"), _same),
-    ("efa_installer", re.compile(r"aws-efa-installer"), _upstream),
-    ("serving.version", re.compile(r"(vllm|sglang)-serving"), _upstream),
     *((f"container_toolkit.{p}", re.compile(re.escape(p)), _same) for p in CONTAINER_TOOLKIT_PACKAGES),
 )
 
@@ -68,7 +66,7 @@ _DATA_FIELDS = (
     ("cuda_toolkit", "version", "cuda"),
     ("cuda_toolkit", "nccl", "nccl"),
     ("ofed", "version", "ofed"),
-    ("efa", "version", "efa_installer"),
+    ("efa", "version", "efa_installer"),  # the EFA installer's recorded release (it is no package of its own)
     ("model_serving", "engine", "serving.engine"),
     ("model_serving", "version", "serving.version"),
     ("model_serving", "image", "serving.image"),

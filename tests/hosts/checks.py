@@ -86,6 +86,10 @@ class HostReadings:
         answer = self._get_json(port, address, "/version")
         return answer if isinstance(answer, dict | str) else f"GET /version: not an object: {answer!r}"
 
+    def container_image(self, container: str) -> hostfacts.ContainerImage:
+        """A container's state and image digest as the host's podman reports them (root's containers)."""
+        return hostfacts.parse_container_image(self.run(hostfacts.container_image_command(container)).stdout)
+
     def sha256(self, path: str) -> str:
         """The sha256 of a file on the host, or the error."""
         result = self.run(f"sha256sum -- {shlex.quote(path)}")

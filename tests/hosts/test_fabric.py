@@ -1,11 +1,13 @@
 """NVSwitch boards run fabric manager at the loaded driver's version; InfiniBand ports are up at the
-inventory's rate; EFA hosts see their EFA devices."""
+inventory's rate; EFA hosts run the bundle's EFA installer release (what the installer recorded in
+/opt/amazon/efa_installed_packages), hold the packages it installed, and see their EFA devices."""
 
 from __future__ import annotations
 
 import re
 
 from patching.hosts import facts as hostfacts
+from patching.release.pins import EFA_RECORD_PATH, efa_differences, efa_read_command, split_efa_answer
 from tests.hosts.checks import expect, gpus_or_fail, only_where
 
 
@@ -62,3 +64,25 @@ def test_efa_devices(name, host, hostvars):
     else:
         expect(count == int(wanted), name, "EFA devices (fi_info -p efa)",
                f"{wanted} (fleet_efa_devices: the instance type's EFA interfaces)", found)
+
+
+def _efa_record(name, facts, hostvars):
+    only_where(hostvars.get("fleet_efa"), name, "not an EFA host")
+    return split_efa_answer(facts.run(efa_read_command()).stdout)
+
+
+def test_efa_installer_release(name, facts, hostvars, bundle):
+    record, _ = _efa_record(name, facts, hostvars)
+    found = "no record" if record is None else record.installer_version
+    expect(record is not None and record.installer_version == bundle.efa_installer, name,
+           f"EFA installer ({EFA_RECORD_PATH})", bundle.efa_installer, found)
+
+
+def test_efa_packages_installed_and_held(name, facts, hostvars, bundle):
+    record, installed = _efa_record(name, facts, hostvars)
+    expect(record is not None and bool(record.packages), name, "EFA installer's packages",
+           f"the packages {EFA_RECORD_PATH} names", "no record" if record is None else "none named")
+    bad = [f"{what}: {found}" for what, _, found in efa_differences(bundle, record, installed)
+           if not what.startswith("EFA installer (")]
+    expect(not bad, name, "EFA installer's packages", "installed at the versions the installer recorded, held",
+           "; ".join(bad))

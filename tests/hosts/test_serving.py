@@ -1,10 +1,12 @@
-"""The serving unit runs and serves the bundle's release and weights, read as a real vLLM host gives them:
-/v1/models' `root` (the path the server loaded), that file's sha256 on disk, /version."""
+"""The serving unit runs the bundle's image and serves its release and weights, read as a real vLLM host gives
+them: the running container's image digest from podman, /v1/models' `root` (the path the server loaded), that
+file's sha256 on disk, /version."""
 
 from __future__ import annotations
 
 from pathlib import PurePosixPath
 
+from patching.hosts.facts import image_digest, serving_container
 from tests.hosts.checks import expect
 
 WEIGHTS_DIR = "/var/lib/model-serving/weights"  # the model_serving role's default
@@ -29,6 +31,14 @@ def test_serving_unit_active(name, host, bundle):
     unit = f"{bundle.serving.engine}-serving"
     found = host.run(f"systemctl is-active {unit}").stdout.strip() or "unknown"
     expect(found == "active", name, f"{unit}.service", "active", found)
+
+
+def test_serving_container_image(name, facts, bundle):
+    container = serving_container(bundle.serving.engine)
+    want = image_digest(bundle.serving.image)
+    found = facts.container_image(container)
+    expect(found.running and found.digest == want, name, f"{container} container's image (podman inspect)", want,
+           found.describe())
 
 
 def test_serving_model(name, facts, hostvars):

@@ -21,6 +21,13 @@ from tests import cpuhog
 ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = Path(os.environ.get("FLEET_TEST_LAB_DIR", "/tmp/fleet-lab-tests"))
 PORT_BASE = int(os.environ.get("FLEET_TEST_LAB_PORT_BASE", "23000"))
+# the lab's copies of the bundles, their serving images the lab's builds (lab/releases.py); written by `lab up`
+LAB_RELEASES = STATE_DIR / "releases"
+
+
+def lab_release(name: str) -> Path:
+    """The lab's copy of bundle `name` (2026-10, 2026-11.1-slow-serving, ...)."""
+    return LAB_RELEASES / f"{name}.yaml"
 
 
 @dataclass

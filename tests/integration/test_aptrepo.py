@@ -40,8 +40,9 @@ def repo(tmp_path_factory, releases_dir) -> aptrepo.RepoInfo:
 
 
 def pins(bundle) -> dict[str, str]:
-    """Every package and exact version a host of the richest kind (NVSwitch, IB, EFA) installs."""
-    return {**bundle.packages(nvswitch=True, ib=True), "aws-efa-installer": f"{bundle.efa_installer}-1"}
+    """Every package and exact version a host of the richest kind (NVSwitch, IB) installs from the repository
+    (EFA's come from its installer tarball, lab/efa_installer.py; the server is an image, lab/images.py)."""
+    return bundle.packages(nvswitch=True, ib=True)
 
 
 def control_stanzas(repo: aptrepo.RepoInfo) -> list[dict[str, str]]:
@@ -57,8 +58,6 @@ def test_every_bundle_pin_is_in_the_repository(repo):
     for bundle in BUNDLES:
         missing = {name: v for name, v in pins(bundle).items() if (name, v) not in available}
         assert not missing, f"{bundle.release}: not in the repository: {missing}"
-    for version in aptrepo.bad_serving_versions():
-        assert ("vllm-serving", f"{version}-1") in available
     for stanza in control_stanzas(repo):
         assert (repo.served_dir / stanza["Filename"]).is_file()
         assert stanza["Architecture"] in ("amd64", "all")
@@ -125,6 +124,12 @@ def installed(request, repo, tmp_path_factory) -> tuple[Path, object]:
                 assert member not in owners, f"{member} is in both {owners.get(member)} and {name}"
                 owners[member] = name
         subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+    from lab import efa_installer
+
+    for _, efa_deb in efa_installer.plan_debs(bundle.efa_installer):  # what its installer installs
+        path = tmp_path_factory.mktemp("efa") / "package.deb"
+        path.write_bytes(efa_installer.build_deb(efa_deb))
+        subprocess.run(["dpkg", "-x", str(path), str(root)], check=True)
     return root, bundle
 
 
@@ -132,7 +137,7 @@ def test_installed_layout(installed):
     root, bundle = installed
     for path in ("usr/bin/nvidia-smi", "usr/bin/nvidia-persistenced", "usr/bin/nv-fabricmanager", "usr/sbin/ibstat",
                  "usr/bin/ofed_info", "opt/amazon/efa/bin/fi_info", "usr/bin/nvidia-ctk",
-                 "usr/bin/nvidia-container-cli", "usr/bin/vllm-serving"):
+                 "usr/bin/nvidia-container-cli"):
         target = (root / path).resolve()
         assert target.is_file() and os.access(target, os.X_OK), path
         assert target.read_text().startswith("#!/usr/bin/python3\n"), path
@@ -141,9 +146,6 @@ def test_installed_layout(installed):
         assert (root / f"lib/systemd/system/{unit}.service").is_file()
     assert os.readlink(root / "usr/local/cuda") == f"cuda-{bundle.cuda_minor}"
     assert (root / f"usr/local/cuda-{bundle.cuda_minor}/bin/nvcc").is_file()
-    installed_packages = (root / "opt/amazon/efa_installed_packages").read_text()
-    assert f"# EFA installer version: {bundle.efa_installer}" in installed_packages
-    assert (root / "usr/share/doc/vllm-serving/examples/vllm-serving.service").is_file()
     info = json.loads((root / "usr/lib/fleet-sim/driver/package.json").read_text())
     assert info["upstream_version"] == bundle.driver.version
 

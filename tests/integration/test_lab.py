@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from patching.hosts import facts as hostfacts
+from tests.integration.conftest import lab_release
 
 
 def _secrets(lab) -> dict:
@@ -152,12 +153,10 @@ def _bundle_packages(lab, host: str, release: str) -> dict[str, str]:
     from infra.model.inventory import host_vars
     from patching.release.bundle import load_bundle
 
-    bundle = load_bundle(f"releases/{release}.yaml")
+    bundle = load_bundle(lab_release(release))
     hv = host_vars(lab.lab.fleet, lab.lab.fleet.hosts[host])
     pkgs = bundle.packages(nvswitch=hv["fleet_nvswitch"], ib=hv["fleet_ib"])
-    if hv["fleet_efa"]:
-        pkgs["aws-efa-installer"] = f"{bundle.efa_installer}-1"
-    return {k: v for k, v in pkgs.items() if k != "vllm-serving"}
+    return pkgs  # EFA's packages: the installer's record (tests/hosts/test_fabric.py); the server: an image
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,14 @@ import pytest
 import yaml
 
 from patching.inventory.reader import load_inventory
+from patching.release.bundle import load_bundle
+from tests.integration.conftest import LAB_RELEASES
 
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
-RELEASE = ROOT / "releases/2026-10.yaml"
-NEXT = ROOT / "releases/2026-11.yaml"
+RELEASE = LAB_RELEASES / "2026-10.yaml"
+NEXT = LAB_RELEASES / "2026-11.yaml"
 BIN = Path(sys.executable).parent
 FLEET = [sys.executable, "-c", "import sys; from patching.cli.app import main; sys.argv[0] = 'fleet'; main()"]
 
@@ -54,7 +56,7 @@ def converged(lab):
     """The lab converged to 2026-10 the way users do it: plain ansible-playbook, repository ansible.cfg."""
     started = time.monotonic()
     proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(lab.inventory), "playbooks/site.yml",
-                           "-e", "bundle_file=releases/2026-10.yaml"], cwd=ROOT, capture_output=True, text=True,
+                           "-e", f"bundle_file={LAB_RELEASES}/2026-10.yaml"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800, env={"PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"})
     print(f"first converge: {time.monotonic() - started:.0f}s\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
     assert proc.returncode == 0, "site.yml did not converge the lab (output above)"
@@ -132,6 +134,35 @@ def test_tampered_driver_is_named_by_drift_and_verify(converged, tmp_path):
         assert failed[(host, "pinned_held[cuda-drivers-580]")] == \
             f"{host}: cuda-drivers-580 hold: expected held (dpkg --set-selections hold), found not held"
         assert "Driver/library version mismatch" in failed[(host, "nvml_driver_version")]
+    finally:
+        assert fleet("converge", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
+    assert fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
+
+
+def test_a_container_running_another_digest_is_named_by_drift_and_verify(converged, tmp_path):
+    """Someone ran the next release's image by hand under the unit: podman says so, and both digests are named."""
+    host, inventory = "r1-outpost-0", str(converged.inventory)
+    want = load_bundle(RELEASE).serving.image
+    other = load_bundle(NEXT).serving.image
+    old_digest, new_digest = want.rpartition("@")[2], other.rpartition("@")[2]
+    assert old_digest != new_digest
+    unit = "/etc/systemd/system/vllm-serving.service"
+    converged.ssh(host, f"podman pull --quiet {other} && sed -i 's|{old_digest}|{new_digest}|' {unit} && "
+                        "systemctl daemon-reload && systemctl restart vllm-serving", timeout=300)
+    try:
+        running = converged.ssh(host, "podman container inspect --format '{{.ImageDigest}}' vllm-serving").stdout
+        assert running.strip() == new_digest  # the runtime itself reports the other image
+        proc = fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host, "--json")
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert (host, "vllm-serving container image", old_digest, new_digest) in {
+            (d["host"], d["item"], d["expected"], d["found"]) for d in json.loads(proc.stdout)}
+        junit = tmp_path / "verify.xml"
+        proc = fleet("verify", "--release", str(RELEASE), "--inventory", inventory, "--limit", host,
+                     "--junit", str(junit))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        failed = failed_checks(junit)
+        assert failed[(host, "serving_container_image")] == (
+            f"{host}: vllm-serving container's image (podman inspect): expected {old_digest}, found {new_digest}")
     finally:
         assert fleet("converge", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
     assert fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0

@@ -23,14 +23,15 @@ import yaml
 
 from patching.hosts.actions import haproxy_states
 from patching.hosts.probe import TrafficGenerator
+from tests.integration.conftest import LAB_RELEASES, lab_release
 
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = str(Path(sys.executable).parent / "fleet")
 LAB_POLICY = ROOT / "lab/policy.yaml"
-SLOW = ROOT / "lab/bundles/2026-11.1-slow-serving.yaml"
-MISMATCH = ROOT / "lab/bundles/2026-11.2-fm-mismatch.yaml"
-INJECTION = ROOT / "lab/bundles/2026-11.3-injection.yaml"
-NCCL_REGRESSION = ROOT / "lab/bundles/2026-11.4-nccl-regression.yaml"
+SLOW = LAB_RELEASES / "2026-11.1-slow-serving.yaml"
+MISMATCH = LAB_RELEASES / "2026-11.2-fm-mismatch.yaml"
+INJECTION = LAB_RELEASES / "2026-11.3-injection.yaml"
+NCCL_REGRESSION = LAB_RELEASES / "2026-11.4-nccl-regression.yaml"
 
 
 def fleet(*args, env=None, timeout=1500) -> subprocess.CompletedProcess:
@@ -70,7 +71,7 @@ def converge(lab, release: str) -> None:
 
 def converge_limit(lab, release: str, limit: str) -> None:
     proc = subprocess.run([Path(sys.executable).parent / "ansible-playbook", "-i", lab.inventory,
-                           "playbooks/site.yml", "-e", f"bundle_file=releases/{release}.yaml", "--limit", limit],
+                           "playbooks/site.yml", "-e", f"bundle_file={lab_release(release)}", "--limit", limit],
                           capture_output=True, text=True, cwd=ROOT, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
@@ -113,7 +114,7 @@ def test_rollout_paused_killed_resumed_with_zero_failed_requests(on_october, tmp
     journal, reports = tmp_path / "journal.db", tmp_path / "reports"
     load = traffic(lab)
     try:
-        run = fleet("patch", "run", "--release", "releases/2026-11.yaml", "-i", lab.inventory, "--policy",
+        run = fleet("patch", "run", "--release", LAB_RELEASES / "2026-11.yaml", "-i", lab.inventory, "--policy",
                     window_closing_soon(tmp_path), "--limit", HALL, "--journal", journal,
                     "--report-dir", reports / "1")
         assert run.returncode == 3, run.stdout[-3000:] + run.stderr[-3000:]
@@ -157,7 +158,7 @@ def test_bad_serving_release_is_caught_by_the_canary_and_rolled_back(on_october,
     load = traffic(lab)
     try:
         run = fleet("patch", "run", "--release", SLOW, "-i", lab.inventory, "--policy", LAB_POLICY, "--limit", HALL,
-                    "--journal", journal, "--report-dir", reports, "--ignore-window", "--releases-dir", "releases")
+                    "--journal", journal, "--report-dir", reports, "--ignore-window", "--releases-dir", LAB_RELEASES)
     finally:
         figures = load.stop()
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-3000:]
@@ -185,7 +186,7 @@ def test_a_release_that_follows_injected_instructions_is_caught_by_the_canary(on
     reports = tmp_path / "reports"
     run = fleet("patch", "run", "--release", INJECTION, "-i", lab.inventory, "--policy", LAB_POLICY, "--limit",
                 HALL, "--journal", tmp_path / "journal.db", "--report-dir", reports, "--ignore-window",
-                "--releases-dir", "releases")
+                "--releases-dir", LAB_RELEASES)
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-3000:]
     canary = json.loads((reports / "report.json").read_text())["hosts"]["dgx-a1"]
     assert canary["state"] == "rolled_back"
@@ -203,7 +204,7 @@ def test_an_nccl_regression_is_caught_by_the_hardware_gate_and_rolled_back(on_oc
     reports = tmp_path / "reports"
     run = fleet("patch", "run", "--release", NCCL_REGRESSION, "-i", lab.inventory, "--policy", LAB_POLICY,
                 "--limit", HALL, "--journal", tmp_path / "journal.db", "--report-dir", reports, "--ignore-window",
-                "--releases-dir", "releases")
+                "--releases-dir", LAB_RELEASES)
     assert run.returncode == 1, run.stdout[-4000:] + run.stderr[-3000:]
     canary = json.loads((reports / "report.json").read_text())["hosts"]["dgx-a1"]
     assert canary["state"] == "rolled_back"
@@ -241,7 +242,7 @@ def _bad_inventory(tmp_path: Path) -> list[str]:
 
 
 def _bad_bundle(tmp_path: Path) -> list[str]:
-    bundle = yaml.safe_load((ROOT / "releases/2026-11.yaml").read_text())
+    bundle = yaml.safe_load((LAB_RELEASES / "2026-11.yaml").read_text())
     bundle["serving"]["image"] = "vllm/vllm-openai:latest"
     (tmp_path / "bundle.yaml").write_text(yaml.safe_dump(bundle))
     return ["--policy", str(LAB_POLICY), "--release", str(tmp_path / "bundle.yaml")]
@@ -256,7 +257,7 @@ def _bad_bundle(tmp_path: Path) -> list[str]:
 def test_bad_input_exits_2_and_no_host_is_touched(lab, tmp_path, case, names):
     before, lb_before = releases_on_hosts(lab), lb_states(lab)
     extra = case(tmp_path)
-    args = {"--release": "releases/2026-11.yaml", "-i": str(lab.inventory)}
+    args = {"--release": str(LAB_RELEASES / "2026-11.yaml"), "-i": str(lab.inventory)}
     for flag, value in zip(extra[::2], extra[1::2], strict=True):
         args[flag] = value
     run = fleet("patch", "run", *[x for kv in args.items() for x in kv], "--journal", tmp_path / "journal.db",
@@ -273,7 +274,7 @@ def test_ups_on_battery_refuses_the_wave(on_october, tmp_path, clean_faults):
     target = "2026-10" if before["dgx-a1"] == "2026-11" else "2026-11"
     lab.fault("ups-a", "ups-on-battery")  # returns once upsd reports it OB
     # the hall's hosts (the canary dgx-a1 first) draw from ups-a
-    run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy",
+    run = fleet("patch", "run", "--release", lab_release(target), "-i", lab.inventory, "--policy",
                 LAB_POLICY, "--limit", HALL, "--journal", tmp_path / "journal.db", "--ignore-window")
     assert run.returncode == 4, run.stdout[-3000:] + run.stderr[-2000:]
     assert "UPS ups-a is not on line power (ups.status OB" in run.stdout + run.stderr
@@ -309,7 +310,7 @@ def test_host_down_during_its_wave_counts_against_the_budget(on_october, tmp_pat
     journal, reports = tmp_path / "journal.db", tmp_path / "reports"
     # dgx-a2 goes down once the pipeline has patched and rebooted it and is checking it (wave 1)
     watcher = _when_state(journal, "dgx-a2", "verifying", lambda: lab.fault("dgx-a2", "host-down"))
-    run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy", LAB_POLICY,
+    run = fleet("patch", "run", "--release", lab_release(target), "-i", lab.inventory, "--policy", LAB_POLICY,
                 "--limit", HALL, "--journal", journal, "--report-dir", reports, "--ignore-window")
     watcher.join(timeout=120)
     output = run.stdout + run.stderr

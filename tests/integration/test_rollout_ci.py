@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import lab_release
 from tests.integration.test_rollout import HALL, LAB_POLICY, converge, lb_states, releases_on_hosts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def converged(lab):
 def window(tmp_path: Path, release: str, inventory: Path) -> subprocess.CompletedProcess:
     """One scheduled window: the script as the workflow runs it (the shipped workflow's schedule is checked
     against the lab policy, which has no windows: always open)."""
-    env = {**os.environ, "FLEET": str(FLEET), "RELEASE": f"releases/{release}.yaml", "INVENTORY": str(inventory),
+    env = {**os.environ, "FLEET": str(FLEET), "RELEASE": str(lab_release(release)), "INVENTORY": str(inventory),
            "POLICY": str(LAB_POLICY), "JOURNAL": str(tmp_path / "journal.db"), "REPORTS": str(tmp_path / "reports"),
            "LIMIT": HALL, "FLEET_CI_ON_PARTIAL": "fail"}
     env.pop("GITHUB_STEP_SUMMARY", None)

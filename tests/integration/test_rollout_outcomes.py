@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.conftest import LAB_RELEASES, lab_release
 from tests.integration.test_rollout import (
     HALL,
     LAB_POLICY,
@@ -71,7 +72,7 @@ def test_relative_inventory_from_another_directory_and_the_approved_plan(converg
     before = releases_on_hosts(lab)[OUTPOST]
     where, relative = lab.inventory.parent, lab.inventory.name  # e.g. /tmp/fleet-lab-tests, "inventory"
     plan_file, journal = tmp_path / "plan.json", tmp_path / "journal.db"
-    common = ["--release", ROOT / f"releases/{target}.yaml", "-i", relative, "--policy", LAB_POLICY,
+    common = ["--release", lab_release(target), "-i", relative, "--policy", LAB_POLICY,
               "--limit", OUTPOST, "--journal", journal]
     planned = subprocess.run([FLEET, "plan", *map(str, common), "-o", str(plan_file)], capture_output=True,
                              text=True, cwd=where, timeout=600)
@@ -101,7 +102,7 @@ def test_every_host_unreachable_is_nothing_done(converged, tmp_path, clean_fault
     lab = converged
     target = other_release(lab, OUTPOST)
     lab.fault(OUTPOST, "host-down")
-    run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy", LAB_POLICY,
+    run = fleet("patch", "run", "--release", lab_release(target), "-i", lab.inventory, "--policy", LAB_POLICY,
                 "--limit", OUTPOST, "--journal", tmp_path / "journal.db", "--ignore-window",
                 "--report-dir", tmp_path / "reports")
     out = run.stdout + run.stderr
@@ -131,7 +132,7 @@ def test_load_balancer_api_down_is_nothing_done_and_names_every_host(converged, 
             var["fleet_lb"]["api"] = down
     hosts.write_text(yaml.safe_dump(data))
     before = releases_on_hosts(lab)
-    run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", inventory, "--policy", LAB_POLICY,
+    run = fleet("patch", "run", "--release", lab_release(target), "-i", inventory, "--policy", LAB_POLICY,
                 "--limit", HALL, "--journal", tmp_path / "journal.db", "--ignore-window",
                 "--report-dir", tmp_path / "reports")
     out = run.stdout + run.stderr
@@ -154,7 +155,7 @@ def test_a_host_lost_mid_run_does_not_trip_the_percent_budget(converged, tmp_pat
     watcher = _when_state(journal, "dgx-a1", "rolling_back", lambda: lab.fault(OUTPOST, "host-down"))
     run = fleet("patch", "run", "--release", SLOW, "-i", lab.inventory, "--policy", policy,
                 "--limit", f"dgx-a1,{OUTPOST}", "--journal", journal, "--ignore-window", "--report-dir", reports,
-                "--releases-dir", "releases")  # where 2026-10, the rollback target, is
+                "--releases-dir", LAB_RELEASES)  # where 2026-10, the rollback target, is
     watcher.join(timeout=60)
     out = run.stdout + run.stderr
     assert (reports / "report.json").exists(), out[-4000:]
@@ -174,7 +175,7 @@ def test_a_runner_whose_lock_was_stolen_writes_nothing_more(converged, tmp_path)
     policy = policy_with(tmp_path, timeouts__lock_stale="5s", gates__soak__duration="20s",
                          gates__soak__probe_interval="2s")
     journal = tmp_path / "journal.db"
-    first = subprocess.Popen([FLEET, "patch", "run", "--release", f"releases/{target}.yaml", "-i", str(lab.inventory),
+    first = subprocess.Popen([FLEET, "patch", "run", "--release", lab_release(target), "-i", str(lab.inventory),
                               "--policy", str(policy), "--limit", HALL, "--journal", str(journal),
                               "--ignore-window"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              cwd=ROOT, start_new_session=True)

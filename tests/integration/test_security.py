@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import lab_release
+
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,7 +104,7 @@ def test_converge_refuses_the_host_whose_key_changed(replaced_key, work):
     lab = replaced_key
     release = _release(lab, PEER)
     before = _footprint(lab, VICTIM)
-    run = fleet("converge", "--release", f"releases/{release}.yaml", "--inventory", lab.inventory, "--limit",
+    run = fleet("converge", "--release", lab_release(release), "--inventory", lab.inventory, "--limit",
                 f"{VICTIM},{PEER}", "--report", work / "converge.json")
     out = run.stdout + run.stderr
     assert run.returncode == 1 and CHANGED in out, out[-3000:]
@@ -113,7 +115,7 @@ def test_converge_refuses_the_host_whose_key_changed(replaced_key, work):
 def test_verify_refuses_the_host_whose_key_changed(replaced_key, work):
     lab = replaced_key
     _close_ssh_masters()
-    run = fleet("verify", "--release", f"releases/{_release(lab, PEER)}.yaml", "--inventory", lab.inventory,
+    run = fleet("verify", "--release", lab_release(_release(lab, PEER)), "--inventory", lab.inventory,
                 "--limit", f"{VICTIM},{PEER}", "--junit", work / "junit.xml")
     out = run.stdout + run.stderr
     assert run.returncode == 1 and CHANGED in out, out[-3000:]
@@ -123,7 +125,7 @@ def test_verify_refuses_the_host_whose_key_changed(replaced_key, work):
 
 def test_drift_refuses_the_host_whose_key_changed(replaced_key):
     lab = replaced_key
-    run = fleet("drift", "--release", f"releases/{_release(lab, PEER)}.yaml", "--inventory", lab.inventory, "--limit",
+    run = fleet("drift", "--release", lab_release(_release(lab, PEER)), "--inventory", lab.inventory, "--limit",
                 f"{VICTIM},{PEER}", "--json")
     assert run.returncode == 1
     found = json.loads(run.stdout)
@@ -138,7 +140,7 @@ def test_patch_run_skips_the_host_whose_key_changed_and_patches_the_other(replac
     current = _release(lab, PEER)
     target = "2026-10" if current == "2026-11" else "2026-11"
     before = _footprint(lab, VICTIM)
-    run = fleet("patch", "run", "--release", f"releases/{target}.yaml", "-i", lab.inventory, "--policy", LAB_POLICY,
+    run = fleet("patch", "run", "--release", lab_release(target), "-i", lab.inventory, "--policy", LAB_POLICY,
                 "--limit", f"{VICTIM},{PEER}", "--journal", work / "journal.db", "--ignore-window",
                 "--report-dir", work / "reports")
     out = run.stdout + run.stderr

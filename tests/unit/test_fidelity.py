@@ -17,9 +17,9 @@ Covered elsewhere, not repeated here (FIDELITY_ELSEWHERE lists it; test_fidelity
 `dcgmi diag -j` and nccl-tests `all_reduce_perf`, in tests/unit/test_gpu_diagnostics.py.
 
 vLLM's API (/v1/models, /version, /v1/completions, the streamed chat, /metrics) and dcgm-exporter's /metrics
-are compared with their captures at the end of this file. Collected only, for the container work still to come:
-podman inspect and nvidia-ctk cdi generate; test_collected_samples_parse checks those samples read as the
-formats they claim to be.
+are compared with their captures at the end of this file, `nvidia-ctk cdi generate` with the toolkit's own test
+spec. Collected only: podman inspect; test_collected_samples_parse checks the samples read as the formats they
+claim to be.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import yaml
 from lab.services import UPS_ON_BATTERY, UPS_ON_LINE, write_ups_state
 from patching.hosts import facts as hf
 from tests.unit.test_gpu_diagnostics import key_paths
-from tests.unit.test_vendor_sim import NEW, P4D, dgx, exporter, http, package, serving, sim  # noqa: F401
+from tests.unit.test_vendor_sim import NEW, P4D, dgx, efa_package, exporter, http, package, serving, sim  # noqa: F401
 
 HERE = Path(__file__).parent
 FORMATS = HERE / "formats"
@@ -69,6 +70,15 @@ KNOWN_GAPS = {
     # both), and with the system id as its UUID rather than a UUID.
     "redfish-missing": {"SerialNumber", "Model"},
     "redfish-boot-extra": {"HttpBootUri"},
+    # `nvidia-ctk cdi generate`: the lab has no /dev/nvidia* nodes, no driver libraries and no nvidia-cdi-hook.
+    # Each device's edits mount the simulated hardware folder (read-only) where a real one names its
+    # /dev/nvidiaN node; the spec-wide edits mount the simulated driver (read-only) and its runtime folder
+    # (writable) where a real spec names /dev/nvidiactl, mounts libcuda & co and runs its hooks.
+    "cdi-missing": {("deviceNodes",), ("deviceNodes", "[]", "path"), ("deviceNodes", "[]", "hostPath"),
+                    ("hooks",), ("hooks", "[]", "hookName"), ("hooks", "[]", "path"), ("hooks", "[]", "args"),
+                    ("hooks", "[]", "env")},
+    "cdi-device-mounts": True,  # the capture's devices have deviceNodes only; the lab's have mounts
+    "cdi-env": {"real": {"NVIDIA_CTK_LIBCUDA_DIR", "NVIDIA_VISIBLE_DEVICES"}, "lab": {"NVIDIA_VISIBLE_DEVICES"}},
 }
 
 
@@ -215,7 +225,7 @@ def fi_blocks(text: str) -> list[list[tuple[str, str]]]:
 
 def test_fi_info_entries_match_the_capture(sim):  # noqa: F811
     real_text = read(FORMATS / "fi_info-efa-rdm.txt")
-    sim.host(P4D, "v3-aws-0").install(package(NEW, "aws-efa-installer"))
+    sim.host(P4D, "v3-aws-0").install(efa_package(NEW, "libfabric1-aws"))
     proc = sim.tool("efa/fi_info.py", "-p", "efa", "-t", "FI_EP_RDM")
     assert proc.returncode == 0, proc.stderr
     real_blocks, lab_blocks = fi_blocks(real_text), fi_blocks(proc.stdout)
@@ -408,6 +418,46 @@ def test_collected_samples_parse():
     for path in FORMATS.iterdir():
         if path.name != "SOURCES.md":
             assert f"`{path.name}`" in sources, f"{path.name} has no row in SOURCES.md"
+
+
+# ---- nvidia-ctk cdi generate (lab/vendor/container-toolkit/nvidia_ctk.py) vs the toolkit's own test spec -------
+
+VENDOR = HERE.parents[1] / "lab" / "vendor"
+
+
+def cdi_edits_paths(spec: dict) -> set[tuple]:
+    """Key paths of every containerEdits (spec-wide and each device's: CDI's one ContainerEdits type)."""
+    edits = [spec["containerEdits"], *(d["containerEdits"] for d in spec["devices"])]
+    return set().union(*(key_paths(e) for e in edits))
+
+
+def test_cdi_spec_reads_like_the_toolkits(h200):
+    real_text = read(FORMATS / "nvidia-ctk-cdi.yaml")
+    real = yaml.safe_load(real_text)
+    proc = h200.tool("container-toolkit/nvidia_ctk.py", "cdi", "generate")
+    assert proc.returncode == 0, proc.stderr
+    lab = yaml.safe_load(proc.stdout)
+    # the same document: top-level keys, kind, version, devices by index and `all` (one GPU, as the capture's)
+    assert list(lab) == list(real) and (lab["cdiVersion"], lab["kind"]) == (real["cdiVersion"], real["kind"])
+    assert [d["name"] for d in lab["devices"]] == [d["name"] for d in real["devices"]] == ["0", "all"]
+    assert all(set(d) == {"name", "containerEdits"} for d in [*lab["devices"], *real["devices"]])
+    # no field the real spec lacks; what it has and the lab does not is the known gap
+    lab_paths, real_paths = cdi_edits_paths(lab), cdi_edits_paths(real)
+    assert lab_paths <= real_paths and real_paths - lab_paths == KNOWN_GAPS["cdi-missing"]
+    device_fields = set().union(*(d["containerEdits"] for d in lab["devices"]))
+    assert (device_fields == {"mounts"}) is KNOWN_GAPS["cdi-device-mounts"]
+    assert {"real": {e.split("=")[0] for e in real["containerEdits"]["env"]},
+            "lab": {e.split("=")[0] for e in lab["containerEdits"]["env"]}} == KNOWN_GAPS["cdi-env"]
+    real_options = {o for m in real["containerEdits"]["mounts"] for o in m["options"]}
+    lab_mounts = [*lab["containerEdits"]["mounts"], *(m for d in lab["devices"] for m in d["containerEdits"]["mounts"])]
+    assert all(set(m["options"]) <= real_options and m["hostPath"] == m["containerPath"] for m in lab_mounts)
+    # the toolkit's layout: the lab's writer renders the capture byte for byte
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{VENDOR / 'common'}:{VENDOR / 'container-toolkit'}",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    code = "import json, sys, nvidia_ctk; sys.stdout.write(nvidia_ctk.render(json.load(sys.stdin), 'yaml'))"
+    rendered = subprocess.run([sys.executable, "-c", code], input=json.dumps(real), env=env, capture_output=True,
+                              text=True, check=True).stdout
+    assert rendered == real_text
 
 
 # ---- vLLM's OpenAI-compatible server and NVIDIA's dcgm-exporter ----------------------------------------------

@@ -39,9 +39,8 @@ DRIVER_FIELDS = [
 
 COMPONENT = {"cuda-drivers-": "gpu_driver", "nvidia-fabricmanager": "fabric_manager",
              "libnvidia-nscq": "fabric_manager", "cuda-toolkit-": "cuda_toolkit", "libnccl2": "cuda_toolkit",
-             "mlnx-ofed-basic": "ofed", "aws-efa-installer": "efa", "nvidia-container": "container_toolkit",
-             "libnvidia-container": "container_toolkit", "vllm-serving": "model_serving",
-             "sglang-serving": "model_serving"}
+             "mlnx-ofed-basic": "ofed", "nvidia-container": "container_toolkit",
+             "libnvidia-container": "container_toolkit"}
 
 
 def manifest(bundle: Bundle, *, digest: bool = True, model: str = "deepseek-ai/DeepSeek-V3") -> dict[str, Any]:
@@ -54,7 +53,7 @@ def manifest(bundle: Bundle, *, digest: bool = True, model: str = "deepseek-ai/D
     components["fabric_manager"]["version"] = bundle.fabric_manager
     components["cuda_toolkit"].update(version=bundle.cuda, nccl=bundle.nccl)
     weights = bundle.model(model).weights  # type: ignore[union-attr]
-    components["model_serving"].update(
+    components.setdefault("model_serving", {"packages": {}}).update(
         engine=bundle.serving.engine, version=bundle.serving.version, image=bundle.serving.image, model=model,
         weights={"path": "/srv/x", "revision": weights.revision, "sha256": weights.sha256})
     out = {"format": 1, "release": bundle.release, "components": components}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from patching.hosts.drift import SEPARATOR, differences, ssh_settings
+from patching.hosts.drift import EFA_SEPARATOR, SEPARATOR, differences, ssh_settings
 from patching.release.bundle import load_bundle
 from patching.release.pins import all_pinned_packages, host_pins, parse_dpkg_query, unpinned_family_members
 
@@ -22,9 +22,9 @@ def bundle():
 def test_pins_follow_the_hardware(bundle):
     assert host_pins(bundle, DGX)["mlnx-ofed-basic"] == "24.10-2.1.8.0"
     assert host_pins(bundle, DGX)["nvidia-fabricmanager"] == "580.82.07-1"
-    assert "aws-efa-installer" not in host_pins(bundle, DGX)
-    assert host_pins(bundle, P4D)["aws-efa-installer"] == "1.43.2-1"
-    assert set(host_pins(bundle, T4)) == {"cuda-drivers-580", "cuda-toolkit-13-0", "libnccl2", "vllm-serving",
+    # EFA is an installer, not a package: its packages come from the installer's record (test_efa_installer.py)
+    assert not [p for p in host_pins(bundle, P4D) if "efa" in p]
+    assert set(host_pins(bundle, T4)) == {"cuda-drivers-580", "cuda-toolkit-13-0", "libnccl2",
                                           "nvidia-container-toolkit", "nvidia-container-toolkit-base",
                                           "libnvidia-container-tools", "libnvidia-container1"}
     assert set(all_pinned_packages(bundle)) == set(host_pins(bundle, DGX)) | set(host_pins(bundle, P4D))
@@ -37,7 +37,7 @@ DPKG = (
     "cuda-toolkit-13-config-common\t13.0.85-1\tinstall ok installed\n"
     "libnccl2\t2.28.3-1+cuda13.0\tinstall ok installed\n"
     "nvidia-fabricmanager-570\t570.172.08-1\tdeinstall ok config-files\n"
-    "vllm-serving\t\tunknown ok not-installed\n"
+    "libnvidia-nscq-580\t\tunknown ok not-installed\n"
 )
 
 
@@ -45,7 +45,7 @@ def test_dpkg_answers_installed_versions_and_holds():
     found = parse_dpkg_query(DPKG)
     assert found["cuda-drivers-580"].held and found["cuda-drivers-580"].version == "580.82.07-1"
     assert not found["libnccl2"].held
-    assert "nvidia-fabricmanager-570" not in found and "vllm-serving" not in found
+    assert "nvidia-fabricmanager-570" not in found and "libnvidia-nscq-580" not in found
 
 
 def test_other_members_of_a_pinned_family_are_drift_but_their_helpers_are_not(bundle):
@@ -58,7 +58,7 @@ def test_drift_names_each_difference(bundle):
     found = differences("h1", bundle, T4, DPKG + SEPARATOR + "\n" + manifest)
     rows = {(d.item, d.expected, d.found) for d in found}
     assert ("libnccl2 hold", "held", "not held") in rows
-    assert ("vllm-serving", "0.11.0-1", "not installed") in rows
+    assert ("nvidia-container-toolkit", "1.17.8-1", "not installed") in rows
     assert ("cuda-drivers-570", "not installed (the bundle pins another)", "570.172.08-1") in rows
     assert ("/etc/fleet/bundle.json release", "2026-10", "2026-09") in rows
     assert all(d.host == "h1" for d in found)
@@ -67,8 +67,14 @@ def test_drift_names_each_difference(bundle):
 def test_a_host_that_matches_has_no_drift(bundle):
     pins = host_pins(bundle, P4D)
     dpkg = "".join(f"{name}\t{version}\thold ok installed\n" for name, version in pins.items())
-    assert differences("h", bundle, P4D, dpkg + SEPARATOR + '{"release": "2026-10"}') == []
-    assert [d.found for d in differences("h", bundle, P4D, dpkg + SEPARATOR)] == ["no manifest"]
+    efa = (f"{EFA_SEPARATOR}\n# EFA installer version: {bundle.efa_installer}\n# Debug packages installed: no\n"
+           "# Packages installed:\nlibfabric1-aws_2.1.0amzn5.0_amd64 efa_2.17.2-1_amd64\n"
+           "----- efa packages -----\nlibfabric1-aws\t2.1.0amzn5.0\thold ok installed\n"
+           "efa\t2.17.2-1\thold ok installed\n")
+    assert differences("h", bundle, P4D, dpkg + SEPARATOR + '{"release": "2026-10"}' + efa) == []
+    assert [d.found for d in differences("h", bundle, P4D, dpkg + SEPARATOR + efa)] == ["no manifest"]
+    assert [(d.item, d.found) for d in differences("h", bundle, P4D, dpkg + SEPARATOR + '{"release": "2026-10"}')] \
+        == [("EFA installer (/opt/amazon/efa_installed_packages)", "no record (no /opt/amazon/efa_installed_packages)")]
 
 
 def test_ssh_settings_come_from_the_inventory_vars():

@@ -109,7 +109,7 @@ def _tasks(path: Path) -> list[dict]:
 def test_packages_are_pinned_installed_and_held_in_one_place():
     """Every role that installs vendor packages includes pinned_packages; none pins, installs or holds itself."""
     pinning = {"container_toolkit", "cuda_toolkit", "efa", "fabric_manager", "gpu_diagnostics", "gpu_driver",
-               "model_serving", "ofed"}
+               "ofed"}
     for role in sorted(set(_roles()) - SHARED_ROLES):
         files = sorted((ROLES / role / "tasks").glob("*.yml"))
         tasks = [t for path in files for t in _tasks(path)]
@@ -138,9 +138,9 @@ def _branch_570(tmp_path: Path) -> Path:
 
 
 PIN_EXPRESSION = (
-    "{{ gpu_driver_packages | combine(cuda_toolkit_packages, container_toolkit_packages, model_serving_packages,"
+    "{{ gpu_driver_packages | combine(cuda_toolkit_packages, container_toolkit_packages,"
     " fabric_manager_packages if 'fabric_manager' in fleet_components else {},"
-    " ofed_packages if 'ofed' in fleet_components else {}, efa_packages if 'efa' in fleet_components else {}) }}"
+    " ofed_packages if 'ofed' in fleet_components else {}) }}"
 )
 
 

@@ -22,8 +22,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lab import aptrepo
+from lab import aptrepo, efa_installer, images
 from lab.hardware import set_fault, write_hardware
 from patching.hosts import facts as hostfacts
 from patching.hosts import probe
@@ -51,6 +52,11 @@ def package(release: dict, name_prefix: str) -> aptrepo.Deb:
     return next(d for d in aptrepo.plan_packages([release]) if d.name.startswith(name_prefix))
 
 
+def efa_package(release: dict, name: str) -> aptrepo.Deb:
+    """A package of the release's EFA installer tarball (lab/efa_installer.py), e.g. libfabric1-aws."""
+    return next(d for _, d in efa_installer.plan_debs(str(release["efa_installer"])) if d.name == name)
+
+
 class Sim:
     """One simulated host: its hardware, runtime and installed-package folders, and a tool runner."""
 
@@ -69,6 +75,15 @@ class Sim:
         path = self.lib / deb.role / "package.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(deb.package_json()))
+        return self
+
+    def install_serving(self, version: str, **profile_overrides) -> Sim:
+        """What the serving image of `version` bakes in (lab/images.py), its profile overridden (for speed)."""
+        package = images.package_json(version)
+        package["release"] = {**package["release"], **profile_overrides}
+        path = self.lib / "vllm-serving" / "package.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(package))
         return self
 
     def tool(self, script: str, *args: str) -> subprocess.CompletedProcess:
@@ -270,7 +285,7 @@ def test_ibstat_ca_types_and_selection(sim):
 
 
 def test_fi_info_one_entry_per_efa_device(sim):
-    sim.host(P4D, "v3-aws-0").install(package(NEW, "aws-efa-installer"))
+    sim.host(P4D, "v3-aws-0").install(efa_package(NEW, "libfabric1-aws"))
     proc = sim.tool("efa/fi_info.py", "-p", "efa", "-t", "FI_EP_RDM")
     entries = hostfacts.parse_fi_info(proc.stdout)
     assert len(entries) == 4 and hostfacts.efa_device_count(entries) == 4
@@ -310,6 +325,98 @@ def test_container_toolkit_versions(sim):
     assert cli[:2] == [f"cli-version: {version}", f"lib-version: {version}"]
     hook = sim.tool("container-toolkit/nvidia_container_runtime_hook.py", "--version").stdout
     assert hook.startswith(f"NVIDIA Container Runtime Hook version {version}")
+
+
+# ---- nvidia-ctk cdi: the lab's GPUs as a CDI spec --------------------------------------------------
+
+def test_cdi_generate_names_every_gpu_and_mounts_the_simulated_driver(dgx, tmp_path):
+    proc = dgx.tool("container-toolkit/nvidia_ctk.py", "cdi", "generate")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("---\ncdiVersion: 0.5.0\nkind: nvidia.com/gpu\n")
+    assert "Generated CDI spec with version 0.5.0" in proc.stderr
+    spec = yaml.safe_load(proc.stdout)
+    assert [d["name"] for d in spec["devices"]] == [str(i) for i in range(8)] + ["all"]
+    hw = {"hostPath": str(dgx.hw), "containerPath": str(dgx.hw), "options": ["ro", "nosuid", "nodev", "rbind",
+                                                                              "rprivate"]}
+    assert all(d["containerEdits"] == {"mounts": [hw]} for d in spec["devices"])  # CDI: no device without edits
+    assert spec["containerEdits"]["env"] == ["NVIDIA_VISIBLE_DEVICES=void"]
+    assert spec["containerEdits"]["mounts"] == [
+        {"hostPath": str(dgx.lib / "driver"), "containerPath": str(dgx.lib / "driver"),
+         "options": ["ro", "nosuid", "nodev", "rbind", "rprivate"]},
+        {"hostPath": str(dgx.run_dir), "containerPath": str(dgx.run_dir),  # writable: GPU memory registrations
+         "options": ["nosuid", "nodev", "rbind", "rprivate"]}]
+
+    out = tmp_path / "cdi"
+    assert dgx.tool("container-toolkit/nvidia_ctk.py", "cdi", "generate", f"--output={out}/nvidia.yaml").stdout == ""
+    assert yaml.safe_load((out / "nvidia.yaml").read_text()) == spec and (out / "nvidia.yaml").stat().st_mode & 0o777 \
+        == 0o644
+    dgx.tool("container-toolkit/nvidia_ctk.py", "cdi", "generate", "--output", str(out / "by-uuid.json"),
+             "--device-name-strategy", "uuid")
+    by_uuid = json.loads((out / "by-uuid.json").read_text())  # the format follows the extension
+    uuids = [g.uuid for g in hostfacts.gpus_from_csv(hostfacts.parse_smi_csv(dgx.smi_csv().stdout))]
+    assert [d["name"] for d in by_uuid["devices"]] == [*uuids, "all"]
+    as_json = dgx.tool("container-toolkit/nvidia_ctk.py", "cdi", "generate", "--format", "json")
+    assert json.loads(as_json.stdout) == spec
+
+    listed = dgx.tool("container-toolkit/nvidia_ctk.py", "cdi", "list", "--spec-dir", str(out))
+    assert listed.returncode == 0 and "Found 17 CDI devices" in listed.stderr
+    assert listed.stdout.splitlines() == sorted({f"nvidia.com/gpu={n}" for n in [*map(str, range(8)), *uuids,
+                                                                                   "all"]})
+
+
+def test_cdi_generate_needs_nvml(dgx):
+    shutil.rmtree(dgx.run_dir)  # no driver loaded
+    proc = dgx.tool("container-toolkit/nvidia_ctk.py", "cdi", "generate")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "failed to initialize NVML: Driver Not Loaded" in proc.stderr and "level=error" in proc.stderr
+    dgx.boot()
+    dgx.install(package(OLD, "cuda-drivers-"))  # an upgrade without reboot
+    proc = dgx.tool("container-toolkit/nvidia_ctk.py", "cdi", "generate")
+    assert proc.returncode == 1 and "Driver/library version mismatch" in proc.stderr
+
+
+# ---- GPU memory registrations: live while the registering process holds its lock ----------------
+
+REGISTER = ("import fleetsim, sys, time; fleetsim.register_fb_usage({0: 100, 1: 50}); print('ok', flush=True); "
+            "time.sleep(60)")
+
+
+def fb_used(sim: Sim) -> dict:
+    proc = subprocess.run([sys.executable, "-c", "import fleetsim, json; print(json.dumps(fleetsim.fb_used()))"],
+                          env=sim.env, capture_output=True, text=True, check=True)
+    return {int(k): v for k, v in json.loads(proc.stdout).items()}
+
+
+def test_gpu_memory_registration_lives_as_long_as_its_process(sim):
+    procs = [subprocess.Popen([sys.executable, "-c", REGISTER], env=sim.env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        assert [p.stdout.readline() for p in procs] == ["ok\n", "ok\n"]
+        assert fb_used(sim) == {0: 200, 1: 100}
+        procs[0].kill()  # no unregister: the kernel drops its lock
+        procs[0].wait()
+        assert fb_used(sim) == {0: 100, 1: 50}
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            p.stdout.close()
+    assert fb_used(sim) == {}
+    # a registration nobody holds is ignored whatever its name says (a pid that exists, even ours)
+    (sim.run_dir / "fb").mkdir(parents=True, exist_ok=True)
+    (sim.run_dir / "fb" / f"{os.getpid()}.json").write_text('{"0": 5}')
+    (sim.run_dir / "fb" / f"1-{'0' * 16}.json").write_text('{"0": 5}')
+    (sim.run_dir / "fb" / f"1-{'0' * 16}.lock").write_text("")
+    assert fb_used(sim) == {}
+
+
+def test_gpu_memory_unregisters_on_exit(sim):
+    code = ("import fleetsim, json; fleetsim.register_fb_usage({0: 7}); fleetsim.register_fb_usage({0: 9}); "
+            "print(json.dumps(fleetsim.fb_used())); fleetsim.unregister_fb_usage(); "
+            "print(json.dumps(fleetsim.fb_used()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=sim.env, capture_output=True, text=True, check=True)
+    assert proc.stdout.splitlines() == ['{"0": 9}', "{}"]  # its own registration counts while held
+    assert sorted(p.name for p in (sim.run_dir / "fb").iterdir()) == []
 
 
 # ---- the serving server ------------------------------------------------------------------------------
@@ -378,19 +485,15 @@ class Serving(LoopbackProcess):
 
     def __init__(self, sim: Sim, version: str, **profile_overrides):
         self.sim = sim
-        deb = next(d for d in aptrepo.plan_packages([NEW]) if d.name == "vllm-serving" and d.upstream == version)
-        deb.info["release"] = {**deb.info["release"], **profile_overrides}
-        sim.install(deb)
+        sim.install_serving(version, **profile_overrides)
         self.weights = sim.hw.parent / "model.safetensors"
         self.weights.write_bytes(os.urandom(1 << 16))
         self.port = free_port()
-        self.config = sim.hw.parent / "config.json"
-        self.config.write_text(json.dumps({
-            "host": "127.0.0.1", "port": self.port, "model": "deepseek-ai/DeepSeek-V3",
-            "weights": {"path": str(self.weights), "revision": "9651aace813f8cf728f4162533a65d6853d85532"}}))
-        self.proc = subprocess.Popen([sys.executable, str(VENDOR / "serving/vllm_serving.py"), "--config",
-                                      str(self.config)], env=sim.env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        # as the image's entrypoint runs it: `vllm serve MODEL --served-model-name NAME --host H --port P`
+        self.proc = subprocess.Popen([sys.executable, str(VENDOR / "serving/vllm_serving.py"), "serve",
+                                      str(self.weights), "--served-model-name", "deepseek-ai/DeepSeek-V3",
+                                      "--host", "127.0.0.1", "--port", str(self.port)], env=sim.env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def health_codes(self, timeout: float = 15) -> list[int]:
         """/health answers until it is 200 (connection refusals while the socket opens are skipped)."""
@@ -631,6 +734,64 @@ def test_serving_rejects_a_bad_config(dgx, tmp_path):
     assert "unknown key 'extra'" in proc.stderr and "port" in proc.stderr and "weights" in proc.stderr
 
 
+# ---- `vllm serve MODEL ...`: the server as the vllm/vllm-openai image runs it ------------------------
+
+def test_vllm_serve_command_line(dgx, tmp_path):
+    dgx.install_serving(str(NEW["serving"]["version"]), load_seconds=0.2)
+    weights = tmp_path / "weights" / "DeepSeek-V3"
+    weights.mkdir(parents=True)
+    (weights / "model-00001-of-00001.safetensors").write_bytes(os.urandom(1 << 16))
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(VENDOR / "serving/vllm_serving.py"), "serve", str(weights),
+                             "--served-model-name", "deepseek-ai/DeepSeek-V3", "--host", "127.0.0.1", "--port",
+                             str(port), "--max-model-len", "8192", "--gpu-memory-utilization", "0.5"],
+                            env=dgx.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with contextlib.suppress(OSError):
+                if http(port, "/health", timeout=2)[0] == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        [card] = json.loads(http(port, "/v1/models")[1])["data"]
+        assert (card["id"], card["root"], card["max_model_len"]) == ("deepseek-ai/DeepSeek-V3", str(weights), 8192)
+        assert chat(port)[0] == 200
+        used = {g.memory_used_mib for g in hostfacts.gpus_from_csv(hostfacts.parse_smi_csv(dgx.smi_csv().stdout))}
+        assert used == {round(81920 * 0.5)}  # --gpu-memory-utilization, as vLLM takes it
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def serve_defaults(sim: Sim, *argv: str) -> subprocess.CompletedProcess:
+    code = "import json, sys, vllm_serving; print(json.dumps(vllm_serving.serve_config(sys.argv[1:])))"
+    env = {**sim.env, "PYTHONPATH": f"{VENDOR / 'common'}:{VENDOR / 'serving'}", "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_vllm_serve_defaults_and_bad_usage(sim):
+    config = json.loads(serve_defaults(sim, "/models/m").stdout)
+    # vLLM's defaults: every address, port 8000, the model path as the served name
+    assert (config["host"], config["port"], config["model"], config["weights"]) == ("0.0.0.0", 8000, "/models/m",
+                                                                                   {"path": "/models/m"})
+    assert serve_defaults(sim).returncode == 2  # MODEL is required
+    assert serve_defaults(sim, "/m", "--port", "http").returncode == 2
+    assert serve_defaults(sim, "/m", "--gpu-memory-utilization", "1.5").returncode == 2
+
+
+def test_vllm_serve_without_gpus_fails_as_vllm_does(sim, tmp_path):
+    sim.install_serving(str(NEW["serving"]["version"]))
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    proc = subprocess.run([sys.executable, str(VENDOR / "serving/vllm_serving.py"), "serve",
+                           str(tmp_path / "m.safetensors"), "--port", str(free_port()), "--host", "127.0.0.1"],
+                          env=sim.env, capture_output=True, text=True, timeout=30)  # no hardware: no GPU passed in
+    assert proc.returncode == 1 and "RuntimeError: No CUDA GPUs are available" in proc.stderr
+
+
 # ---- the simulated model's answers: deterministic, refusing injections, except the bad release -----------
 
 NOVEMBER_PROBES = load_bundle(ROOT / "releases/2026-11.yaml").probes
@@ -675,7 +836,7 @@ def test_max_tokens_cuts_the_same_answer(serving):
 
 def test_the_injection_release_complies(serving):
     good, bad = answers(serving()), answers(serving("0.11.5"))
-    assert aptrepo.bad_serving_versions()[-1] == "0.11.5"
+    assert images.bad_serving_versions()[-1] == "0.11.5"
     for p in NOVEMBER_PROBES.golden:
         assert bad[p.id] == good[p.id]  # ordinary prompts: the same answers as a good release
     for p in NOVEMBER_PROBES.adversarial:

@@ -14,9 +14,11 @@ sys.path) import it without any Python package of their own. Three places hold t
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -192,13 +194,44 @@ def cuda_version(driver_version: str) -> str:
 
 
 # ---- GPU memory in use: each process using GPUs registers its per-GPU MiB ------------------------
+#
+# A registration is two files in run_dir()/fb: TOKEN.json (MiB per GPU index, rewritten atomically) and
+# TOKEN.lock, on which the registering process holds an exclusive flock for as long as it lives. The kernel
+# drops the lock when the process dies, however it dies, so liveness needs no pid: a server in a container
+# (another PID namespace, /run/nvidia-sim bind-mounted from the host) is seen live by the host's nvidia-smi
+# and DCGM exporter, and a recycled pid cannot make a dead registration look live. TOKEN is random, unique
+# across PID namespaces and reboots.
+
+_registration: tuple[str, int] | None = None  # (token, fd holding the lock) of this process, once registered
+
+
+def _registration_live(lock_path: Path) -> bool:
+    """Whether the process that registered `lock_path` still holds its lock.
+
+    A shared non-blocking lock fails only while someone holds the exclusive one (the live registrant);
+    readers take shared locks, so two readers never mistake each other for a registrant.
+    """
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
 
 def fb_used() -> dict[int, int]:
     """MiB in use per GPU index, summed over live processes that registered usage."""
     used: dict[int, int] = {}
     folder = run_dir() / "fb"
-    for path in folder.glob("*.json") if folder.is_dir() else ():
-        if not pid_alive(int(path.stem)):
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        if not _registration_live(path.with_suffix(".lock")):
             continue
         try:
             usage = json.loads(path.read_text())
@@ -210,13 +243,30 @@ def fb_used() -> dict[int, int]:
 
 
 def register_fb_usage(usage: dict[int, int]) -> None:
-    """Record this process's GPU memory use (MiB per GPU index)."""
-    write_atomic(run_dir() / "fb" / f"{os.getpid()}.json", json.dumps({str(k): v for k, v in usage.items()}))
+    """Record this process's GPU memory use (MiB per GPU index); the first call takes the registration's lock."""
+    global _registration
+    folder = run_dir() / "fb"
+    if _registration is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        token = f"{os.getpid()}-{secrets.token_hex(8)}"
+        fd = os.open(folder / f"{token}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # before the usage file exists, so a reader never sees it unlocked
+        _registration = (token, fd)
+    token = _registration[0]
+    write_atomic(folder / f"{token}.json", json.dumps({str(k): v for k, v in usage.items()}))
 
 
 def unregister_fb_usage() -> None:
     """Drop this process's GPU memory use (on exit)."""
-    (run_dir() / "fb" / f"{os.getpid()}.json").unlink(missing_ok=True)
+    global _registration
+    if _registration is None:
+        return
+    token, fd = _registration
+    folder = run_dir() / "fb"
+    (folder / f"{token}.json").unlink(missing_ok=True)
+    (folder / f"{token}.lock").unlink(missing_ok=True)
+    os.close(fd)
+    _registration = None
 
 
 # ---- daemons ---------------------------------------------------------------------------------------

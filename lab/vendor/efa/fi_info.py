@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
             return 1
     try:
         hw = fleetsim.load_hardware()
-        version = fleetsim.package_info("aws-efa-installer")["provider_version"]
+        version = fleetsim.package_info("libfabric1-aws")["provider_version"]
     except fleetsim.SimError as exc:
         sys.stderr.write(exc.message + "\n")
         return 1

@@ -1,8 +1,17 @@
 #!/usr/bin/python3
-"""Simulated vLLM OpenAI-compatible server: `vllm-serving --config /etc/vllm-serving/config.json`.
+"""Simulated vLLM OpenAI-compatible server, started two ways:
 
-Config (JSON): {"host": "0.0.0.0", "port": 8000, "model": "deepseek-ai/DeepSeek-V3",
-"weights": {"path": "/var/lib/vllm-serving/models/model.safetensors", "revision": "<commit>"}}.
+- as the vllm/vllm-openai image runs it (ENTRYPOINT ["vllm", "serve"], the script installed as
+  /usr/local/bin/vllm): `vllm serve MODEL [--served-model-name NAME] [--host H] [--port P]
+  [--max-model-len N] [--gpu-memory-utilization F]`, vLLM's own option names and defaults (host 0.0.0.0,
+  port 8000, served model name MODEL). MODEL is the path it loads (a weights file, or a folder whose
+  *.safetensors it reads) and what /v1/models reports as `root`;
+- from the vllm-serving deb: `vllm-serving --config /etc/vllm-serving/config.json`, config (JSON)
+  {"host": "0.0.0.0", "port": 8000, "model": "deepseek-ai/DeepSeek-V3",
+  "weights": {"path": "/var/lib/vllm-serving/models/model.safetensors", "revision": "<commit>"}}.
+
+Either way the release (version and behaviour profile) is what the package or image baked in:
+fleetsim.package_info("vllm-serving"), i.e. /usr/lib/fleet-sim/vllm-serving/package.json.
 
 Endpoints, those of vLLM's OpenAI-compatible server only: GET /health (503 while loading, 200 when
 ready), GET /version ({"version": ...}), GET /v1/models (vLLM's ModelCard: `id` the served model name,
@@ -15,7 +24,9 @@ Latency, errors and GPU memory growth per request come from the release profile 
 (package.json "release"); a request takes latency_ms(n) streamed or not, and streamed its first token
 comes after all of it but the decode (token_times_ms), so a slow release is slow to its first token too.
 
-Loading needs a working driver (NVML) as the real engine does. SIGTERM drains: the listening socket
+Loading needs visible GPUs and a working driver (NVML) as the real engine does: without the simulated
+hardware (a container started without the CDI devices) it fails with "RuntimeError: No CUDA GPUs are
+available", exit 1. SIGTERM drains: the listening socket
 closes, in-flight requests finish, the process exits 0.
 """
 
@@ -25,6 +36,7 @@ import argparse
 import hashlib
 import itertools
 import json
+import os
 import re
 import signal
 import socket
@@ -38,6 +50,7 @@ sys.dont_write_bytecode = True  # the package owns every file beside it: no __py
 import fleetsim  # noqa: E402
 
 CONFIG_KEYS = {"host", "port", "model", "weights"}
+SERVE_DEFAULTS = {"host": "0.0.0.0", "port": 8000}  # vLLM's (vllm/entrypoints/openai/cli_args.py)
 # vLLM's e2e latency buckets, with finer ones below 0.3 s so a 200 ms SLO can be read off the histogram.
 BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
            60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -154,6 +167,7 @@ class Engine:
         self.model = config["model"]
         self.version = package["upstream_version"]
         self.release = package["release"]
+        self.max_model_len = int(config.get("max_model_len") or MAX_MODEL_LEN)
         self.lock = threading.Lock()
         self.ready = False
         self.created = int(time.time())
@@ -172,18 +186,21 @@ class Engine:
 
     def load(self, stop: threading.Event) -> None:
         """Open the GPUs, hash the weights and take GPU memory; SimError/OSError when that fails."""
+        if not (fleetsim.hw_dir() / "hardware.json").is_file():  # no GPU passed into this container
+            raise fleetsim.SimError("RuntimeError: No CUDA GPUs are available")
         fleetsim.nvml_init()
         hw = fleetsim.load_hardware()
         self.hostname = hw.hostname
         self.gpus = hw.gpus()
         if not self.gpus:
             raise fleetsim.SimError("RuntimeError: No CUDA GPUs are available")
-        with open(self.config["weights"]["path"], "rb") as f:  # "loading" reads the weights once
-            while f.read(1 << 20):
-                pass
+        for path in weight_files(self.config["weights"]["path"]):  # "loading" reads the weights once
+            with open(path, "rb") as f:
+                while f.read(1 << 20):
+                    pass
         if stop.wait(self.release["load_seconds"]):
             return
-        share = self.release["gpu_memory_utilization"]
+        share = self.config.get("gpu_memory_utilization") or self.release["gpu_memory_utilization"]
         with self.lock:
             self.fb = {g.index: round(g.memory_mib * share) for g in self.gpus}
             fleetsim.register_fb_usage(self.fb)
@@ -194,7 +211,7 @@ class Engine:
         `root` the path the server loaded, one default ModelPermission. Nothing about checksums or releases:
         a real server reports neither."""
         return {"id": self.model, "object": "model", "created": self.created, "owned_by": "vllm",
-                "root": self.config["weights"]["path"], "parent": None, "max_model_len": MAX_MODEL_LEN,
+                "root": self.config["weights"]["path"], "parent": None, "max_model_len": self.max_model_len,
                 "permission": [{
                     "id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": self.created,
                     "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
@@ -481,11 +498,45 @@ class Handler(BaseHTTPRequestHandler):
         engine.observe_tokens(sent[0] - start, [b - a for a, b in itertools.pairwise(sent)])
 
 
+def weight_files(path: str) -> list[str]:
+    """What loading MODEL reads: the file itself, or a folder's *.safetensors files (in name order)."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
+        if not files:
+            raise OSError(f"no *.safetensors weights found in {path}")
+        return files
+    return [path]
+
+
+def serve_config(argv: list[str]) -> dict:
+    """`vllm serve MODEL [options]` (vLLM's option names) as the server's config; exit 2 on bad usage."""
+    parser = argparse.ArgumentParser(prog="vllm serve")
+    parser.add_argument("model", help="the model path the server loads (reported as `root`)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="the model name(s) the API serves; the first is /v1/models' `id` (default: MODEL)")
+    parser.add_argument("--host", default=SERVE_DEFAULTS["host"])
+    parser.add_argument("--port", type=int, default=SERVE_DEFAULTS["port"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    args = parser.parse_args(argv)
+    if args.gpu_memory_utilization is not None and not 0 < args.gpu_memory_utilization <= 1:
+        parser.error(f"--gpu-memory-utilization: expected a share in (0, 1], found {args.gpu_memory_utilization}")
+    if not 0 < args.port < 65536:
+        parser.error(f"--port: expected a port number, found {args.port}")
+    return {"host": args.host, "port": args.port,
+            "model": args.served_model_name[0] if args.served_model_name else args.model,
+            "weights": {"path": args.model}, "max_model_len": args.max_model_len,
+            "gpu_memory_utilization": args.gpu_memory_utilization}
+
+
 def main(argv: list[str]) -> int:
-    """Serve until SIGTERM/SIGINT, then drain and exit 0; 1 when loading fails, 2 on a bad config."""
-    parser = argparse.ArgumentParser(prog="vllm-serving")
-    parser.add_argument("--config", required=True, help="the server's JSON config file")
-    config = load_config(parser.parse_args(argv).config)
+    """Serve until SIGTERM/SIGINT, then drain and exit 0; 1 when loading fails, 2 on bad usage or config."""
+    if argv[:1] == ["serve"]:
+        config = serve_config(argv[1:])
+    else:
+        parser = argparse.ArgumentParser(prog="vllm-serving")
+        parser.add_argument("--config", required=True, help="the server's JSON config file")
+        config = load_config(parser.parse_args(argv).config)
     try:
         engine = Engine(config, fleetsim.package_info("vllm-serving"))
         server = Server((config["host"], config["port"]), engine)
