@@ -62,6 +62,17 @@ def inventory(stack: StackOpt = "lab", state_dir: DirOpt = None) -> None:
 
 
 @app.command()
+def releases(stack: StackOpt = "lab", state_dir: DirOpt = None) -> None:
+    """Print the folder of the lab's copies of the bundles, whose serving image is the lab's build of each release
+    (`fleet converge --release "$(fleet lab releases)/2026-10.yaml" ...`); exit 2 when the lab never wrote them."""
+    folder = _open(stack, state_dir).releases_dir
+    if not any(folder.glob("*.yaml")):
+        print(f"error: {folder}: no bundles: the lab writes them at `fleet lab up`", flush=True)
+        raise typer.Exit(2)
+    print(folder)
+
+
+@app.command()
 def fault(target: Annotated[str, typer.Argument(help="a host, or a UPS for ups-on-battery")],
           kind: Annotated[str, typer.Argument(help="one of: " + ", ".join(FAULTS))],
           clear: Annotated[bool, typer.Option(help="remove the fault")] = False,
