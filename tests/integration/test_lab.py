@@ -159,13 +159,33 @@ def _bundle_packages(lab, host: str, release: str) -> dict[str, str]:
     return pkgs  # EFA's packages: the installer's record (tests/hosts/test_fabric.py); the server: an image
 
 
+def _install_efa(lab, host: str, release: str) -> None:
+    """What AWS documents for an EFA host: fetch the installer tarball, check it, extract it, run it."""
+    from lab import efa_installer
+    from patching.release.bundle import load_bundle
+
+    bundle = load_bundle(lab_release(release))
+    hv = yaml.safe_load((lab.inventory / "hosts.yml").read_text())["all"]["hosts"][host]
+    url = f"{hv['fleet_artifacts_url']}/{efa_installer.artifact_path(bundle.efa_installer)}"
+    lab.ssh(host, " && ".join([
+        "d=$(mktemp -d)", 'cd "$d"', f"curl -fsS {url} -o efa.tar.gz",
+        f"echo '{bundle.efa_installer_sha256}  efa.tar.gz' | sha256sum -c --quiet", "tar xzf efa.tar.gz",
+        "cd aws-efa-installer", "./efa_installer.sh -y >/dev/null", 'rm -rf "$d"',
+    ]), timeout=300)
+
+
 @pytest.fixture(scope="module")
 def tooled(lab):
-    """The October bundle's vendor packages on every lab host."""
+    """The October bundle's vendor packages on every lab host, and its EFA installer on the EFA hosts."""
     from concurrent.futures import ThreadPoolExecutor
 
+    def tool(host: str) -> None:
+        _install(lab, host, _bundle_packages(lab, host, "2026-10"))
+        if yaml.safe_load((lab.inventory / "hosts.yml").read_text())["all"]["hosts"][host]["fleet_efa"]:
+            _install_efa(lab, host, "2026-10")
+
     with ThreadPoolExecutor(len(lab.hosts)) as pool:
-        list(pool.map(lambda h: _install(lab, h, _bundle_packages(lab, h, "2026-10")), lab.hosts))
+        list(pool.map(tool, lab.hosts))
     yield lab
     # the by-hand repository entry goes again: the vendor_repo role adds its own (one source, one Signed-By)
     for host in lab.hosts:
