@@ -48,6 +48,15 @@ def _parallel(hosts: Sequence[InventoryHost], work: Callable[[InventoryHost], Ou
         return dict(zip([h.name for h in hosts], pool.map(work, hosts), strict=True))
 
 
+def _serving_after_boot(host: InventoryHost, timeout_s: float) -> Outcome:
+    """The host's server, which its unit starts at boot, answering /health with 200 within `timeout_s`."""
+    last = probe.wait_healthy(f"http://{host.serving_address}", timeout_s)
+    if last is None:
+        return Outcome(True, "serving")
+    return Outcome(False, f"its server did not answer /health with 200 within {timeout_s:.0f}s after the reboot "
+                          f"({last})")
+
+
 class LbUnreachable(Exception):
     """A load balancer's API could not be asked (refused, no such socket, no AWS credentials, ...)."""
 
@@ -329,7 +338,10 @@ class FleetActions:
         return self._playbook("patch.yml", hosts, timeout_s, {"bundle_file": str(self._write_bundle(bundle))})
 
     def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
-        """Ansible's reboot module on the hosts whose loaded driver (nvidia-smi) is not the bundle's."""
+        """Ansible's reboot module on the hosts whose loaded driver (nvidia-smi) is not the bundle's; a rebooted
+        host is back when it runs the bundle's driver and its server, started at boot, answers /health with 200
+        (pulling nothing, loading its weights), within what is left of `timeout_s`."""
+        started = time.monotonic()
         query = "nvidia-smi --query-gpu=driver_version --format=csv,noheader"
         answers = self._command(hosts, query, timeout_s=60)
         needs = [h for h in hosts if answers[h.name][1] != 0 or
@@ -341,12 +353,19 @@ class FleetActions:
                                 module_args=f"reboot_timeout={max(60, int(timeout_s) - 30)}")
             rebooted = {e["event_data"]["host"] for e in run.events if e["event"] == "runner_on_ok"}
             after = self._command([h for h in needs if h.name in rebooted], query, timeout_s=60)
+            back = []
             for h in needs:
                 reachable, rc, stdout = after.get(h.name, (False, None, "did not come back"))
                 found = set(stdout.split())
                 ok = reachable and rc == 0 and found == {bundle.driver.version}
                 out[h.name] = Outcome(ok, f"rebooted; driver {', '.join(sorted(found)) or stdout[:120]}",
                                       timed_out=run.status == "timeout")
+                back += [h] if ok else []
+            left = max(10.0, timeout_s - (time.monotonic() - started))
+            serving = _parallel(back, lambda h: _serving_after_boot(h, left))
+            for h in back:
+                if not serving[h.name].ok:
+                    out[h.name] = Outcome(False, f"{out[h.name].detail}; {serving[h.name].detail}", timed_out=True)
         return out
 
     def gate_testinfra(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:

@@ -267,6 +267,28 @@ class ProbeFigures:
                 "output_tokens": list(self.output_tokens)}
 
 
+def wait_healthy(base_url: str, timeout_s: float, interval_s: float = 1.0) -> str | None:
+    """Poll vLLM's GET /health until it answers 200 (the server has loaded its weights) or `timeout_s` passes;
+    None when it did, else what it answered last (a status, or the connection's error). A server that starts
+    at boot (a container after a reboot) answers nothing, then 503 while loading, then 200."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while True:
+        try:
+            wait = max(0.5, time_left(deadline, 5.0))
+            with urllib.request.urlopen(f"{base_url}/health", timeout=wait) as resp:
+                if resp.status == 200:
+                    return None
+                last = f"/health answered {resp.status}"
+        except urllib.error.HTTPError as exc:
+            last = f"/health answered {exc.code}"
+        except (OSError, ValueError) as exc:
+            last = f"/health: {getattr(exc, 'reason', None) or exc}"
+        if time.monotonic() + interval_s > deadline:
+            return last
+        time.sleep(interval_s)
+
+
 def slo_probe(base_url: str, model: str | None, warmup: int, requests: int, timeout: float,
               deadline: float | None = None, stream: bool = True) -> ProbeFigures:
     """Warm-up requests (not measured), then `requests` sequential ones, measured; streamed (`chat_stream`)

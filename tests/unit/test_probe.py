@@ -378,3 +378,50 @@ def test_gpu_memory_is_read_per_gpu_and_mig_instances_are_added_up(fake_serving)
     assert probe.gpu_memory_by_gpu(server.url) == {"0": 15.0, "1": 20.0, "GPU-c": 30.0}
     with pytest.raises(ValueError, match="has no DCGM_FI_DEV_FB_USED"):
         probe.gpu_memory_by_gpu(fake_serving(metrics="vllm:num_requests_running 0\n").url)
+
+
+class BootingServer(ThreadingHTTPServer):
+    """/health as vLLM answers it while a container starts: 503 for the first `loading` asks, then 200."""
+
+    def __init__(self, loading: int):
+        self.asked = 0
+        self.loading = loading
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.asked += 1
+                self.send_response(503 if server.asked <= server.loading else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def test_wait_healthy_polls_through_loading_until_200():
+    server = BootingServer(loading=3)
+    try:
+        assert probe.wait_healthy(server.url, timeout_s=30, interval_s=0.01) is None
+        assert server.asked == 4  # three 503s, then the 200 it waited for
+    finally:
+        server.shutdown()
+
+
+def test_wait_healthy_says_what_it_saw_last_when_time_runs_out():
+    server = BootingServer(loading=10**6)
+    try:
+        assert probe.wait_healthy(server.url, timeout_s=0.3, interval_s=0.05) == "/health answered 503"
+    finally:
+        server.shutdown()
+    with socket.socket() as s:  # a port nobody listens on: the server's container has not started yet
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert "Connection refused" in probe.wait_healthy(f"http://127.0.0.1:{closed}", timeout_s=0.2, interval_s=0.05)
