@@ -16,7 +16,9 @@ others (a bastion, localhost) are ignored unless `--limit` names them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +87,15 @@ class FleetInventory:
 
     def pool_members(self, pool: str) -> list[InventoryHost]:
         """Every host of a pool, selected or not: disruption budgets are per whole pool."""
-        return [h for h in self.hosts.values() if h.pool == pool]
+        return list(self._by_pool.get(pool, ()))
+
+    @functools.cached_property
+    def _by_pool(self) -> dict[str, list[InventoryHost]]:
+        """The hosts grouped by pool, once (a plan asks for every pool: one scan, not one per pool)."""
+        by_pool: dict[str, list[InventoryHost]] = defaultdict(list)
+        for host in self.hosts.values():
+            by_pool[host.pool].append(host)
+        return dict(by_pool)
 
 
 class _HostVars(BaseModel):

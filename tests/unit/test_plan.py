@@ -182,3 +182,32 @@ def _render(plan: Plan) -> str:
     console = Console(width=300, record=True)
     console.print(render_plan(plan))
     return console.export_text()
+
+
+class CountingHosts(dict):
+    """The inventory's hosts, counting whole scans of them (values() and items())."""
+
+    scans = 0
+
+    def values(self):
+        CountingHosts.scans += 1
+        return super().values()
+
+    def items(self):
+        CountingHosts.scans += 1
+        return super().items()
+
+
+def test_the_plan_scans_the_hosts_a_fixed_number_of_times_whatever_the_pools(bundle):
+    """Linear in hosts and pools: 2,000 pools do not mean 2,000 scans of every host (issue 16)."""
+    from dataclasses import replace
+
+    pools = {f"pool{p}": {"site": f"site{p % 7}", "hosts": [f"h{p:04d}-{i}" for i in range(2)]} for p in range(2000)}
+    inv = make_inventory(pools)
+    counted = replace(inv, hosts=CountingHosts(inv.hosts))
+    CountingHosts.scans = 0
+    plan = build_plan(counted, policy(), bundle, now=NOW)
+    assert len(plan.hosts) == 4000 and len(plan.pools) == 2000
+    assert CountingHosts.scans < 10, CountingHosts.scans
+    assert counted.pool_members("pool7") == inv.pool_members("pool7") == [inv.hosts["h0007-0"], inv.hosts["h0007-1"]]
+    assert counted.pool_members("no-such-pool") == []
