@@ -8,7 +8,6 @@ with the CDI spec's mounts would see it.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -28,7 +27,7 @@ import yaml
 
 from lab import aptrepo, images
 from lab.hardware import write_hardware
-from tests.unit.test_vendor_sim import DGX, NEW, free_port, http, package
+from tests.unit.test_vendor_sim import DGX, NEW, free_port, http, package, wait_until_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE_DIRS = [ROOT / "releases", ROOT / "lab" / "bundles"]
@@ -230,13 +229,7 @@ def test_the_image_serves_under_chroot_in_its_own_pid_namespace(built, tmp_path)
                 "PATH": os.environ["PATH"]}
     used = [sys.executable, "-c", "import fleetsim, json; print(json.dumps(fleetsim.fb_used()))"]
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError):
-                if http(port, "/health", timeout=2)[0] == 200:
-                    break
-            assert server.poll() is None and time.monotonic() < deadline, server.communicate()
-            time.sleep(0.1)
+        wait_until_serving(port, server, timeout=30, interval=0.1)
         models = json.loads(http(port, "/v1/models")[1])["data"]
         assert [(m["id"], m["root"], m["max_model_len"]) for m in models] == [
             ("deepseek-ai/DeepSeek-V3", "/weights/deepseek", 4096)]

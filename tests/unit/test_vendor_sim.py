@@ -453,6 +453,18 @@ def stream_chat(port: int, **extra) -> tuple[str, bytes]:
         return response.headers["Content-Type"], response.read()
 
 
+def wait_until_serving(port: int, proc: subprocess.Popen, timeout: float, interval: float = 0.05) -> None:
+    """Until /health answers 200, the server process alive all along (its output shown when it died or the
+    time ran out); connection refusals while the socket opens are skipped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            if http(port, "/health", timeout=2)[0] == 200:
+                return
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(interval)
+
+
 def sse_chunks(body: bytes) -> list[dict]:
     """The chunks of an event stream that must be `data: {json}` events ending with `data: [DONE]`."""
     events = body.decode().split("\n\n")
@@ -747,13 +759,7 @@ def test_vllm_serve_command_line(dgx, tmp_path):
                              str(port), "--max-model-len", "8192", "--gpu-memory-utilization", "0.5"],
                             env=dgx.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            with contextlib.suppress(OSError):
-                if http(port, "/health", timeout=2)[0] == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.05)
+        wait_until_serving(port, proc, timeout=15)
         [card] = json.loads(http(port, "/v1/models")[1])["data"]
         assert (card["id"], card["root"], card["max_model_len"]) == ("deepseek-ai/DeepSeek-V3", str(weights), 8192)
         assert chat(port)[0] == 200
