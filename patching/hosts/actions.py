@@ -360,7 +360,8 @@ class FleetActions:
                 ok = reachable and rc == 0 and found == {bundle.driver.version}
                 out[h.name] = Outcome(ok, f"rebooted; driver {', '.join(sorted(found)) or stdout[:120]}",
                                       timed_out=run.status == "timeout")
-                back += [h] if ok else []
+                if ok:
+                    back.append(h)
             left = max(10.0, timeout_s - (time.monotonic() - started))
             serving = _parallel(back, lambda h: _serving_after_boot(h, left))
             for h in back:
