@@ -8,6 +8,7 @@ with the inputs the engine would have sent to the provider (camelCase, as `pulum
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import runpy
@@ -35,6 +36,17 @@ INSTANCE_TYPES: dict[str, dict[str, Any]] = {
 OUTPOST_OFFERS = ("c5.2xlarge", "g4dn.12xlarge", "g4dn.metal", "m5.2xlarge", "r5.2xlarge")
 AMI_ID = "ami-0a1b2c3d4e5f60718"
 AMI_NAME = "ubuntu/images/hvm-ssd/ubuntu-jammy-22.04-amd64-server-20261120"
+HOST_KEYS = "pulumi-python:dynamic/fleet:HostKeys"
+
+
+def mock_host_key(seed: str) -> str:
+    """A well-formed ssh-ed25519 public key derived from `seed`: what the HostKeys provider would have read off an
+    instance's console (the 32 key bytes are a hash, not a real curve point: nothing here verifies signatures)."""
+    def string(data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + data
+
+    blob = string(b"ssh-ed25519") + string(hashlib.sha256(seed.encode()).digest())
+    return "ssh-ed25519 " + base64.b64encode(blob).decode()
 
 
 @dataclass
@@ -90,6 +102,9 @@ class FleetMocks(pulumi.runtime.Mocks):
             state["latestVersion"] = 1
         elif args.typ == "aws:lb/targetGroup:TargetGroup":
             state["arn"] = f"arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/{args.name}/{short[:16]}"
+        elif args.typ == HOST_KEYS:  # the console output's keys, as the provider's create returns them
+            rid = args.inputs["instance_id"]
+            state["host_keys"] = [mock_host_key(rid)]
         elif args.typ == "pulumi-python:dynamic/fleet:BareMetalHost":
             rid = f"{args.inputs['endpoint']}/redfish/v1/Systems/{args.inputs.get('system_id') or '1'}"
             state |= {"serial_number": f"SN{short[:10].upper()}", "model": "DGXA100", "manufacturer": "NVIDIA",

@@ -9,7 +9,6 @@ This module does not import Pulumi, so the patch pipeline and the lab can read a
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from infra.model.access import ip_or_dns_name, parse_public_key
 from infra.model.amount import NonZeroAmount
 from infra.model.errors import InputError, Problem, field_path, load_yaml, nearest
 from infra.model.strict import StrictModel, validate
@@ -26,9 +26,8 @@ Name = Annotated[str, Field(pattern=NAME)]
 
 # 8-GPU SXM boards whose GPUs talk through NVSwitch: they need fabric manager and libnvidia-nscq.
 MAX_POOL_COUNT = 10_000  # instances a cloud pool may ask for: a typo beyond this would hang the planner
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.?$")
-_DOTTED_NUMBERS = re.compile(r"^[\d.]+$")
+USER = r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$"  # a login name: useradd's rules, and nothing a shell would split
+S3_BUCKET = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 NVSWITCH_GPUS = ("A100-SXM4-40GB", "A100-SXM4-80GB", "H100-SXM5-80GB", "H200-SXM5-141GB")
 GPU_MEMORY_MIB = {
     "A100-SXM4-40GB": 40960,
@@ -106,6 +105,48 @@ class AmiLookup(StrictModel):
         return value
 
 
+class Bastion(StrictModel):
+    """The jump host a cloud site's private hosts are reached through, and its host keys as the operator knows
+    them (from the bastion's own console output or its image build): the controller never trusts it on first use."""
+
+    host: str = Field(description="IP address or DNS name the controller reaches the bastion at")
+    port: int = Field(22, ge=1, le=65535)
+    user: str = Field(pattern=USER)
+    host_keys: list[str] = Field(description='its public host keys, "ssh-ed25519 AAAA..." (a comment is dropped)')
+
+    @field_validator("host")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return ip_or_dns_name(value)
+
+    @field_validator("host_keys")
+    @classmethod
+    def _keys(cls, value: list[str]) -> list[str]:
+        keys = []
+        for i, text in enumerate(value):
+            try:
+                kind, blob = parse_public_key(text)
+            except ValueError as exc:
+                raise ValueError(f"host_keys[{i}]: {exc}") from exc
+            keys.append(f"{kind} {blob}")
+        return keys
+
+
+class Access(StrictModel):
+    """How the controller reaches a cloud site's hosts: `direct` (SSH to the private address: the controller is in
+    the VPC or routed into it), `bastion` (SSH through the site's jump host, a ProxyCommand) or `ssm` (AWS Systems
+    Manager Session Manager, the amazon.aws collection's `aws_ssm` connection: no SSH at all, files through an S3
+    bucket). Host keys are checked against `known_hosts_file`, which `fleet known-hosts` fills."""
+
+    via: Literal["direct", "bastion", "ssm"] = "direct"
+    bastion: Bastion | None = None
+    ssm_bucket: str | None = Field(None, pattern=S3_BUCKET,
+                                   description="the S3 bucket the aws_ssm connection transfers files through")
+    # no whitespace: ssh reads UserKnownHostsFile's value as a list of files
+    known_hosts_file: str = Field("~/.ssh/known_hosts", pattern=r"^[^\s\"'\\]+$",
+                                  description="the controller's known_hosts file the SSH arguments name")
+
+
 class _Site(StrictModel):
     name: Name
     haproxy_api: str | None = Field(None, description="host:port of HAProxy's runtime API")
@@ -127,6 +168,8 @@ class AwsSite(_Site):
     root_volume_gb: int = Field(500, ge=8, le=16384)
     serving_cidrs: list[str] = Field([], description="clients allowed to the serving port besides the VPC")
     ssh_authorized_keys: list[str] = []
+    default_user: str = Field("ubuntu", pattern=USER, description="the AMI's login user (Ubuntu's refuse root)")
+    access: Access = Field(default_factory=lambda: Access())
 
     @field_validator("ssh_cidrs", "serving_cidrs")
     @classmethod
@@ -151,6 +194,8 @@ class OutpostSite(_Site):
     # Outposts racks have offered gp2 EBS; set gp3 where your rack lists it.
     root_volume_type: Literal["gp2", "gp3"] = "gp2"
     ssh_authorized_keys: list[str] = []
+    default_user: str = Field("ubuntu", pattern=USER, description="the AMI's login user (Ubuntu's refuse root)")
+    access: Access = Field(default_factory=lambda: Access())
 
     @field_validator("ssh_cidrs")
     @classmethod
@@ -197,7 +242,8 @@ class Host(StrictModel):
     pool: Name
     address: str | None = Field(None, description="IP address or DNS name the controller reaches the host at")
     ssh_port: int = Field(22, ge=1, le=65535)
-    ssh_user: str = "root"
+    ssh_user: str | None = Field(None, pattern=USER, description="default: root on-prem, the site's default_user "
+                                                              "on a cloud site")
     serving_port: int | None = Field(None, ge=1, le=65535)
     patch_ring: int = Field(1, ge=0, le=9, description="0 = canary ring")
     bmc: Bmc | None = None
@@ -208,18 +254,7 @@ class Host(StrictModel):
     @field_validator("address")
     @classmethod
     def _ip_or_dns_name(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        try:
-            ipaddress.ip_address(value)
-            return value
-        except ValueError:
-            pass
-        if _DOTTED_NUMBERS.match(value):  # 999.300.1.12 is a broken IPv4 address, not a name
-            raise ValueError("not a valid IP address")
-        if not _DNS_NAME.match(value):
-            raise ValueError("expected an IP address or a DNS name (letters, digits, '-', '.')")
-        return value
+        return None if value is None else ip_or_dns_name(value)
 
 
 class Pool(StrictModel):
@@ -277,6 +312,14 @@ class Fleet:
     def site_of(self, host: Host) -> AwsSite | OutpostSite | OnpremSite:
         """The site a host is at, through its pool."""
         return self.sites[self.pools[host.pool].site]
+
+    def ssh_user(self, host: Host) -> str:
+        """The user Ansible logs in as: the host's own, else root on-prem and the AMI's default user on a cloud
+        site (Ubuntu's AMIs refuse root and put the instance's keys on `ubuntu`)."""
+        if host.ssh_user:
+            return host.ssh_user
+        site = self.site_of(host)
+        return "root" if isinstance(site, OnpremSite) else site.default_user
 
     def pool_of(self, host: Host) -> Pool:
         """The pool a host belongs to."""
@@ -342,6 +385,10 @@ def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Prob
                     yield p(["pools", i, "count"], counted.count,
                             f"generates host {clash!r}, the name of hosts[{listed_hosts[clash]}]: rename one")
 
+    for i, cloud in enumerate(config.sites):
+        if isinstance(cloud, AwsSite | OutpostSite):
+            yield from _access_problems(cloud.access, ["sites", i, "access"], p)
+
     sites = {s.name: s for s in config.sites}
     pools = {pl.name: pl for pl in config.pools}
     for i, listed in enumerate(config.pools):
@@ -374,6 +421,24 @@ def _cross_check(config: FleetConfig, source: str, prefix: str) -> Iterable[Prob
                 yield p(["hosts", i, "serving_port"], f"{key[0]}:{key[1]}",
                         f"serving address and port already used by host {endpoints[key]!r}")
             endpoints.setdefault(key, host.name)
+
+
+def _access_problems(access: Access, at: list[Any], p: Any) -> Iterable[Problem]:
+    if access.via == "bastion":
+        if access.bastion is None:
+            yield p([*at, "bastion"], None, "required when via is 'bastion': the jump host's host, user and "
+                                            "host_keys")
+        elif not access.bastion.host_keys:
+            yield p([*at, "bastion", "host_keys"], [], "at least one public host key of the bastion "
+                                                       "(\"ssh-ed25519 AAAA...\"): its first connection is "
+                                                       "checked too, never trusted on first use")
+    elif access.bastion is not None:
+        yield p([*at, "bastion"], None, f"a bastion is used only with via: bastion (via is {access.via!r})")
+    if access.via == "ssm" and not access.ssm_bucket:
+        yield p([*at, "ssm_bucket"], None, "required when via is 'ssm': the S3 bucket the aws_ssm connection "
+                                           "transfers files through")
+    elif access.via != "ssm" and access.ssm_bucket:
+        yield p([*at, "ssm_bucket"], access.ssm_bucket, f"used only with via: ssm (via is {access.via!r})")
 
 
 def stack_file(stack: str, project_dir: str | Path = ".") -> Path:

@@ -13,12 +13,22 @@ from typing import Any
 
 import yaml
 
-from infra.model.fleet import GPU_MEMORY_MIB, Fleet, Host, OnpremSite
+from infra.model.access import ssh_common_args
+from infra.model.fleet import GPU_MEMORY_MIB, AwsSite, Fleet, Host, OnpremSite, OutpostSite
 
+SSM_CONNECTION = "amazon.aws.aws_ssm"
 HOST_VARS = (
     "ansible_host",
     "ansible_port",
     "ansible_user",
+    "ansible_become",
+    "ansible_connection",
+    "ansible_ssh_common_args",
+    "ansible_aws_ssm_instance_id",
+    "ansible_aws_ssm_region",
+    "ansible_aws_ssm_bucket_name",
+    "fleet_ssh_bastion",
+    "fleet_ssh_host_keys",
     "fleet_site",
     "fleet_site_kind",
     "fleet_pool",
@@ -68,7 +78,11 @@ def host_vars(fleet: Fleet, host: Host, endpoint: Endpoint | None = None) -> dic
     if address:
         hv["ansible_host"] = address
     hv["ansible_port"] = (endpoint.ssh_port if endpoint else None) or host.ssh_port
-    hv["ansible_user"] = host.ssh_user
+    hv["ansible_user"] = fleet.ssh_user(host)
+    if hv["ansible_user"] != "root":
+        hv["ansible_become"] = True  # the roles configure the machine: sudo from the login user
+    if isinstance(site, AwsSite | OutpostSite):
+        hv |= access_vars(site)
     hv |= {
         "fleet_site": site.name,
         "fleet_site_kind": site.kind,
@@ -95,6 +109,22 @@ def host_vars(fleet: Fleet, host: Host, endpoint: Endpoint | None = None) -> dic
         hv["fleet_ups_monitor_user"] = site.ups_monitor_user
     if endpoint:
         hv |= dict(endpoint.extra_vars)
+    return hv
+
+
+def access_vars(site: AwsSite | OutpostSite) -> dict[str, Any]:
+    """How Ansible reaches a cloud site's hosts (the site's `access`): SSH checked strictly against the controller's
+    known_hosts file, straight or through the site's bastion; or AWS Systems Manager (aws_ssm), which finds the
+    instance by its id (`ansible_aws_ssm_instance_id`, from the Pulumi outputs) and moves files through an S3
+    bucket. The host keys themselves (`fleet_ssh_host_keys`) come from the Pulumi outputs too."""
+    access = site.access
+    if access.via == "ssm":
+        return {"ansible_connection": SSM_CONNECTION, "ansible_aws_ssm_region": site.region,
+                "ansible_aws_ssm_bucket_name": access.ssm_bucket}
+    bastion = access.bastion.model_dump() if access.via == "bastion" and access.bastion else None
+    hv: dict[str, Any] = {"ansible_ssh_common_args": ssh_common_args(access.known_hosts_file, bastion)}
+    if bastion:
+        hv["fleet_ssh_bastion"] = bastion
     return hv
 
 
