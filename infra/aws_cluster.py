@@ -26,13 +26,16 @@ import pulumi_aws as aws
 
 from infra.aws_common import (
     IMDS_HOP_LIMIT,
+    access_extra_vars,
     fleet_tags,
+    host_keys,
     lookup_ami,
     render_user_data,
     security_group_rules,
     site_tags,
     ssm_instance_profile,
 )
+from infra.hostkeys_provider import HostKeys
 from infra.model.errors import InputError, Problem
 from infra.model.fleet import AwsSite, Fleet, Pool
 
@@ -55,12 +58,13 @@ def efa_network_interfaces(network_cards: int, efa_max: int | None, security_gro
     return interfaces
 
 
-def _nlb_endpoint(region: str, efa_devices: int):
-    def endpoint(values: list[str]) -> dict[str, Any]:
-        address, instance_id, target_group = values
+def _nlb_endpoint(site: AwsSite, efa_devices: int):
+    def endpoint(values: list[Any]) -> dict[str, Any]:
+        address, instance_id, target_group, keys = values
         return {"address": address, "extra_vars": {
-            "fleet_lb": {"kind": "nlb", "target_group": target_group, "target_id": instance_id, "region": region},
-            "fleet_efa_devices": efa_devices}}
+            "fleet_lb": {"kind": "nlb", "target_group": target_group, "target_id": instance_id,
+                         "region": site.region},
+            "fleet_efa_devices": efa_devices, **access_extra_vars(site, instance_id, keys)}}
 
     return endpoint
 
@@ -77,6 +81,7 @@ class GpuCluster(pulumi.ComponentResource):
     """`fleet:aws:GpuCluster`: the instances of every pool at one AWS site, and their network."""
 
     instances: dict[str, aws.ec2.Instance]
+    host_keys: dict[str, HostKeys]
     target_groups: dict[str, aws.lb.TargetGroup]
     endpoints: dict[str, pulumi.Output[dict[str, Any]]]
 
@@ -108,6 +113,7 @@ class GpuCluster(pulumi.ComponentResource):
                             "a Capacity Block cannot be deleted: destroy only drops it from state", resource=self)
 
         self.instances = {}
+        self.host_keys = {}
         self.target_groups = {}
         self.endpoints = {}
         for pool in pools:
@@ -137,8 +143,9 @@ class GpuCluster(pulumi.ComponentResource):
                     f"{host.name}-tg", target_group_arn=tg.arn, target_id=instance.id,
                     port=fleet.serving_port(host), region=region, opts=child)
                 self.instances[host.name] = instance
-                self.endpoints[host.name] = pulumi.Output.all(instance.private_ip, instance.id, tg.arn).apply(
-                    _nlb_endpoint(region, efa_devices))
+                keys = self.host_keys[host.name] = host_keys(host, instance, region, self)
+                self.endpoints[host.name] = pulumi.Output.all(
+                    instance.private_ip, instance.id, tg.arn, keys.host_keys).apply(_nlb_endpoint(site, efa_devices))
 
         self.register_outputs({
             "placement_group": self.placement_group.name,

@@ -11,6 +11,7 @@ import jinja2
 import pulumi
 import pulumi_aws as aws
 
+from infra.hostkeys_provider import HostKeys
 from infra.model.errors import InputError, Problem
 from infra.model.fleet import AmiLookup, AwsSite, Fleet, Host, OutpostSite
 
@@ -52,6 +53,20 @@ def render_user_data(fleet: Fleet, host: Host, ssh_authorized_keys: list[str]) -
                 "model": pool.model, "serving_port": fleet.serving_port(host)}
     return _template().render(host=host.name, site=pool.site, pool=pool.name, identity=json.dumps(identity),
                               ssh_authorized_keys=ssh_authorized_keys)
+
+
+def host_keys(host: Host, instance: aws.ec2.Instance, region: str, parent: pulumi.Resource) -> HostKeys:
+    """The instance's SSH host keys, read from its console output once cloud-init has printed them
+    (infra/hostkeys_provider.py): known before the first connection, never trusted on first use."""
+    return HostKeys(host.name, instance.id, region, opts=pulumi.ResourceOptions(parent=parent))
+
+
+def access_extra_vars(site: AwsSite | OutpostSite, instance_id: str, keys: list[str]) -> dict[str, Any]:
+    """The host vars only the resources know: the host keys; for Session Manager, the instance id it connects to."""
+    extra: dict[str, Any] = {"fleet_ssh_host_keys": list(keys)}
+    if site.access.via == "ssm":
+        extra["ansible_aws_ssm_instance_id"] = instance_id
+    return extra
 
 
 def lookup_ami(fleet: Fleet, site: AwsSite | OutpostSite, parent: pulumi.Resource) -> Any:

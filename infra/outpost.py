@@ -21,13 +21,16 @@ import pulumi_aws as aws
 
 from infra.aws_common import (
     IMDS_HOP_LIMIT,
+    access_extra_vars,
     fleet_tags,
+    host_keys,
     lookup_ami,
     render_user_data,
     security_group_rules,
     site_tags,
     ssm_instance_profile,
 )
+from infra.hostkeys_provider import HostKeys
 from infra.model.errors import InputError, Problem
 from infra.model.fleet import Fleet, OutpostSite, Pool
 
@@ -57,6 +60,7 @@ class OutpostSiteComponent(pulumi.ComponentResource):
     """`fleet:aws:OutpostSite`: a subnet on the Outpost, its local gateway association, and the pools' instances."""
 
     instances: dict[str, aws.ec2.Instance]
+    host_keys: dict[str, HostKeys]
     endpoints: dict[str, pulumi.Output[dict[str, Any]]]
 
     def __init__(self, name: str, args: OutpostSiteArgs, opts: pulumi.ResourceOptions | None = None):
@@ -105,6 +109,7 @@ class OutpostSiteComponent(pulumi.ComponentResource):
         self.ami_id: str = ami.id
 
         self.instances = {}
+        self.host_keys = {}
         self.endpoints = {}
         for pool in pools:
             for host in fleet.hosts_in(pool.name):
@@ -121,7 +126,9 @@ class OutpostSiteComponent(pulumi.ComponentResource):
                     # running GPU host is the patch pipeline's decision, not a side effect of `pulumi up`
                     region=region, opts=pulumi.ResourceOptions(parent=self, ignore_changes=["ami"]))
                 self.instances[host.name] = instance
-                self.endpoints[host.name] = instance.private_ip.apply(lambda ip: {"address": ip})
+                keys = self.host_keys[host.name] = host_keys(host, instance, region, self)
+                self.endpoints[host.name] = pulumi.Output.all(instance.private_ip, instance.id, keys.host_keys).apply(
+                    lambda values: {"address": values[0], "extra_vars": access_extra_vars(site, values[1], values[2])})
 
         self.register_outputs({
             "subnet": self.subnet.id,
