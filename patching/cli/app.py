@@ -116,6 +116,45 @@ def inventory(
         sys.stdout.write(text)
 
 
+@app.command("known-hosts")
+def known_hosts(
+    inventory: Annotated[list[str], typer.Option("--inventory", "-i", help="Ansible inventory source (repeatable)")],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="merge into this known_hosts file (the inventory's access.known_hosts_file, "
+                               "~/.ssh/known_hosts by default) instead of printing")] = None,
+) -> None:
+    """The SSH host keys the inventory records, as known_hosts lines: each cloud host's (`fleet_ssh_host_keys`,
+    read from its console output at `pulumi up`) and each bastion's (`fleet_ssh_bastion`, from the stack).
+
+    With -o the file keeps its other lines; lines for the same hosts are replaced; it is written atomically,
+    0600. Run it before the first Ansible run against new cloud hosts: their keys are then known, never
+    trusted on first use.
+    """
+    from infra.model.access import HostVarError, known_hosts_lines, merge_known_hosts
+    from patching.inventory.reader import load_inventory
+
+    fleet = load_inventory(inventory)
+    try:
+        lines = known_hosts_lines(fleet.vars)
+    except HostVarError as exc:
+        raise InputError.single(", ".join(inventory), f"{exc.host}.{exc.var}", exc.value, exc.message) from exc
+    if not lines:
+        say(f"{', '.join(inventory)}: no host records fleet_ssh_host_keys or fleet_ssh_bastion (cloud hosts get "
+            "their keys from `pulumi up`); nothing to write", stderr=True)
+        return
+    if output is None:
+        sys.stdout.write("".join(f"{line}\n" for line in lines))
+        return
+    target = output.expanduser()
+    if target.is_dir():
+        raise InputError.single("-o", "", str(output), "is a directory: give the known_hosts file to write")
+    try:
+        merge_known_hosts(target, lines)
+    except OSError as exc:
+        raise InputError.single("-o", "", str(output), f"cannot write it: {exc.strerror or exc}") from exc
+    say(f"wrote {len(lines)} host key line(s) to {target}", stderr=True)
+
+
 def _parse_date(text: str, option: str) -> dt.date:
     try:
         return dt.date.fromisoformat(text)

@@ -3,7 +3,8 @@
 Every connection the tool makes verifies the host's key against known_hosts (patching/hosts/
 ansible_env.py forces Ansible's checking on; drift's paramiko rejects unknown keys). An inventory can
 still ask SSH itself not to check: `StrictHostKeyChecking=no|off|accept-new` or
-`UserKnownHostsFile=/dev/null` in its SSH arguments, or `ansible_host_key_checking: false`. Such a
+`UserKnownHostsFile=/dev/null` in its SSH arguments (or in the ssh its ProxyCommand runs to reach a bastion),
+or `ansible_host_key_checking: false`. Such a
 host is bad input (exit 2, nothing touched) unless `--allow-unverified-host-keys` is given, and then
 every run says which hosts go unverified.
 """
@@ -41,17 +42,28 @@ def ssh_options(args: str) -> dict[str, str]:
     return options
 
 
+def _lax_options(args: str, depth: int = 0) -> list[str]:
+    """What an ssh argument string says that turns checking off, its ProxyCommand's own ssh included: the
+    connection to a bastion goes unverified as much as the one to the host (OpenSSH runs the ProxyCommand as
+    given; the outer ssh's options do not reach it)."""
+    options = ssh_options(args)
+    found = []
+    strict = options.get("stricthostkeychecking", "").lower()
+    if strict in _LAX:
+        found.append(f"StrictHostKeyChecking={strict}")
+    if options.get("userknownhostsfile", "").strip() == "/dev/null":
+        found.append("UserKnownHostsFile=/dev/null")
+    proxy = options.get("proxycommand", "")
+    if proxy and proxy.lower() != "none" and depth < 3:
+        found += [f"ProxyCommand: {what}" for what in _lax_options(proxy, depth + 1)]
+    return found
+
+
 def unverified(hostvars: Mapping[str, Any]) -> list[tuple[str, str]]:
     """(var, what it says) for each way a host's vars turn host-key checking off."""
     found = []
     for var in SSH_ARG_VARS:
-        text = str(hostvars.get(var) or "")
-        options = ssh_options(text)
-        strict = options.get("stricthostkeychecking", "").lower()
-        if strict in _LAX:
-            found.append((var, f"StrictHostKeyChecking={strict}"))
-        if options.get("userknownhostsfile", "").strip() == "/dev/null":
-            found.append((var, "UserKnownHostsFile=/dev/null"))
+        found += [(var, what) for what in _lax_options(str(hostvars.get(var) or ""))]
     for var in CHECKING_VARS:
         value = hostvars.get(var)
         if value is not None and str(value).strip().lower() in ("false", "no", "off", "0"):

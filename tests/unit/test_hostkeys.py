@@ -113,3 +113,31 @@ def test_every_ansible_run_goes_through_run_ansible():
     offenders = [str(p.relative_to(root)) for p in (root / "patching").rglob("*.py")
                  if "ansible_runner.run(" in p.read_text() or "ansible_runner.run_async(" in p.read_text()]
     assert offenders == []
+
+
+@pytest.mark.parametrize(("args", "what"), [
+    ('-o StrictHostKeyChecking=yes -o ProxyCommand="ssh -o StrictHostKeyChecking=no -W %h:%p jump@bastion"',
+     ["ProxyCommand: StrictHostKeyChecking=no"]),
+    ("-o 'ProxyCommand=ssh -o UserKnownHostsFile=/dev/null -W %h:%p bastion'",
+     ["ProxyCommand: UserKnownHostsFile=/dev/null"]),
+    ('-oProxyCommand="ssh -oStrictHostKeyChecking=accept-new -o UserKnownHostsFile=/dev/null -W %h:%p b"',
+     ["ProxyCommand: StrictHostKeyChecking=accept-new", "ProxyCommand: UserKnownHostsFile=/dev/null"]),
+    # a ProxyCommand whose own ssh goes through another ProxyCommand
+    ("""-o ProxyCommand="ssh -o 'ProxyCommand=ssh -o StrictHostKeyChecking=off -W %%h:%%p outer' -W %h:%p inner\"""",
+     ["ProxyCommand: ProxyCommand: StrictHostKeyChecking=off"]),
+])
+def test_a_proxy_command_that_turns_checking_off_is_unverified_too(args, what):
+    """The bastion's connection is the ProxyCommand's own ssh: the outer ssh's options do not reach it."""
+    assert [w for _, w in unverified({"ansible_ssh_common_args": args})] == what
+    (problem, *rest) = host_key_problems("inv.yml", {"v3-use1a-0": {"ansible_ssh_common_args": args}}, allow=False)
+    assert problem.field == "v3-use1a-0.ansible_ssh_common_args" and len(rest) == len(what) - 1
+
+
+def test_the_inventorys_own_bastion_args_are_verified():
+    from infra.model.access import ssh_common_args
+
+    bastion = {"host": "203.0.113.10", "port": 22, "user": "ubuntu"}
+    for identity in (None, "/keys/id_ed25519"):
+        assert unverified({"ansible_ssh_common_args": ssh_common_args("~/.ssh/known_hosts", bastion, identity)}) == []
+    assert unverified({"ansible_ssh_common_args": "-o ProxyCommand=none"}) == []
+    assert unverified({"ansible_ssh_common_args": '-o ProxyCommand="nc %h %p"'}) == []
