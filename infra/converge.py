@@ -78,15 +78,24 @@ def single_host_inventory(inventory: dict[str, Any], host: str) -> dict[str, Any
     return {"all": {"vars": root.get("vars", {}), "hosts": {host: root["hosts"][host]}, "children": children}}
 
 
-def converge_script(host: str, bundle_path: str) -> str:
-    """The shell script the command runs: write the inventory from $FLEET_INVENTORY, run the playbook, clean up."""
+def converge_script(host: str, bundle_path: str, known_hosts_file: str | None = None) -> str:
+    """The shell script the command runs: write the inventory from $FLEET_INVENTORY, run the playbook, clean up.
+
+    With `known_hosts_file` (a cloud host reached over SSH), the host's keys read from its console output and its
+    bastion's keys are first merged into that file (`fleet known-hosts`), the one its SSH arguments check keys
+    against strictly: the new host's first connection is verified, not trusted."""
     # Ansible's YAML inventory plugin wants a .json/.yml name, hence a file in a private temp dir.
     playbook = " ".join(shlex.quote(a) for a in [
         PLAYBOOK, "--limit", host, "-e", f"bundle_file={bundle_path}"])
+    known_hosts = ""
+    if known_hosts_file:
+        known_hosts = ("fl=.venv/bin/fleet; [ -x \"$fl\" ] || fl=fleet\n"
+                       f'"$fl" known-hosts -i "$d/inventory.json" -o {shlex.quote(known_hosts_file)}\n')
     return (
         "set -eu\n"
         'd=$(mktemp -d)\ntrap \'rm -rf "$d"\' EXIT\n'
         'printf \'%s\' "$FLEET_INVENTORY" > "$d/inventory.json"\n'
+        f"{known_hosts}"
         "pb=.venv/bin/ansible-playbook; [ -x \"$pb\" ] || pb=ansible-playbook\n"
         # whatever the caller's environment says: a day-0 converge verifies host keys too
         "export ANSIBLE_HOST_KEY_CHECKING=True\n"
@@ -96,11 +105,12 @@ def converge_script(host: str, bundle_path: str) -> str:
 
 def converge_host(host: str, identity: list[pulumi.Input[Any]], inventory: pulumi.Output[dict[str, Any]],
                   bundle: BundleRef, project_dir: Path, parent: pulumi.Resource,
-                  depends_on: Sequence[pulumi.Resource]) -> local.Command:
-    """The local command that converges one host; `identity` are the values that say which machine it is."""
+                  depends_on: Sequence[pulumi.Resource], known_hosts_file: str | None = None) -> local.Command:
+    """The local command that converges one host; `identity` are the values that say which machine it is;
+    `known_hosts_file` where a cloud host's console keys go before its first connection."""
     return local.Command(
         f"{host}-converge",
-        create=converge_script(host, bundle.path),
+        create=converge_script(host, bundle.path, known_hosts_file),
         dir=str(project_dir),
         environment={"FLEET_INVENTORY": inventory.apply(lambda inv: json.dumps(single_host_inventory(inv, host),
                                                                                sort_keys=True))},

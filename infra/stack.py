@@ -71,6 +71,7 @@ def _converge(fleet: Fleet, project_dir: Path, components: dict[str, SiteCompone
         component = components[fleet.site_of(host).name]
         identity: list[Any]
         depends: list[pulumi.Resource]
+        known_hosts: str | None = None
         if isinstance(component, Hall):
             bmh = component.hosts.get(name)
             identity = [bmh.id, bmh.serial_number] if bmh else [host.address]
@@ -78,4 +79,7 @@ def _converge(fleet: Fleet, project_dir: Path, components: dict[str, SiteCompone
         else:
             instance = component.instances[name]
             identity, depends = [instance.id], [instance]
-        converge_host(name, identity, inventory, bundle, project_dir, component, depends)
+            site = fleet.site_of(host)
+            if isinstance(site, AwsSite | OutpostSite) and site.access.via != "ssm":
+                known_hosts = site.access.known_hosts_file  # SSH: the first connection checks the console's keys
+        converge_host(name, identity, inventory, bundle, project_dir, component, depends, known_hosts)

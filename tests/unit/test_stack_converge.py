@@ -125,3 +125,33 @@ def test_a_bundle_that_breaks_a_compatibility_rule_is_refused_at_preview(tmp_pat
     text = str(info.value)
     assert "config.fleet:bundle: `fleet release check` refuses it: error: driver.version: CUDA 13.0.2 needs driver" \
            in text and "[cuda-driver-minimum;" in text and f"(value: '{path}')" in text
+
+
+def test_a_cloud_hosts_console_keys_are_known_before_its_first_connection(tmp_path, run):
+    """Day 0 on a new instance: its keys (read from the console by `pulumi up`) and its bastion's go into the
+    known_hosts file its SSH arguments name, then the playbook runs; an SSM or on-prem host gets no such step."""
+    scripts = {c.name.removesuffix("-converge"): c.inputs["create"] for c in run.of_type(COMMAND)}
+    with_step = sorted(h for h, s in scripts.items() if "known-hosts" in s)
+    assert with_step == [f"v3-use1{az}-{i}" for az in "ab" for i in range(4)]   # the bastion sites' hosts
+    assert "known-hosts -i \"$d/inventory.json\" -o '~/.ssh/known_hosts'\n" in scripts["v3-use1a-0"]
+    assert scripts["v3-use1a-0"].index("known-hosts") < scripts["v3-use1a-0"].index('"$pb" -i')
+
+    (tmp_path / ".venv/bin").mkdir(parents=True)
+    for tool in ("ansible-playbook", "fleet"):
+        (tmp_path / ".venv/bin" / tool).symlink_to(Path(sys.executable).parent / tool)
+    (tmp_path / "playbooks").mkdir()
+    (tmp_path / "playbooks/site.yml").write_text(
+        "- hosts: all\n  gather_facts: false\n  connection: local\n  tasks:\n"
+        "    - debug: msg=\"converge {{ inventory_hostname }}\"\n")
+    command = next(c for c in run.of_type(COMMAND) if c.name == "v3-use1a-0-converge").inputs
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, FLEET_INVENTORY=command["environment"]["FLEET_INVENTORY"], HOME=str(home),
+               ANSIBLE_NOCOLOR="1")
+    out = subprocess.run(["/bin/sh", "-c", command["create"]], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "converge v3-use1a-0" in out.stdout
+    hostvars = json.loads(command["environment"]["FLEET_INVENTORY"])["all"]["hosts"]["v3-use1a-0"]
+    lines = (home / ".ssh/known_hosts").read_text().splitlines()
+    assert sorted(lines) == sorted([f"{hostvars['ansible_host']} {hostvars['fleet_ssh_host_keys'][0]}",
+                                    f"203.0.113.10 {hostvars['fleet_ssh_bastion']['host_keys'][0]}"])
