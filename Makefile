@@ -6,7 +6,7 @@ BIN        := $(VENV)/bin
 PYTHON     ?= python3
 # Debian packages the lab and the tests use (checked with dpkg, installed only when missing).
 APT_PACKAGES := python3-venv python3-pip debootstrap systemd-container nut-server nut-client haproxy docker-registry \
-                dpkg-dev gnupg apt-utils openssh-client openssh-server socat iproute2 procps psmisc curl
+                dpkg-dev gnupg apt-utils nftables openssh-client openssh-server socat iproute2 procps psmisc curl
 
 .PHONY: all demo test test-unit test-integration lint system-packages venv clean device-wheels
 

@@ -36,9 +36,13 @@ RECIPE: Recipe = {
         "systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "python3-apt", "iproute2",
         "procps", "ca-certificates", "curl", "nut-client", "sudo", "less", "gnupg", "podman", "crun",
         "netavark",  # podman needs a container-network-stack; debootstrap resolves no virtual package
+        # cloud-init, as on an Ubuntu AMI: the lab's cloud-like hosts boot with it (lab/cloud.py), the others
+        # carry /etc/cloud/cloud-init.disabled. python3-cryptography needs python3-cffi-backend-api-max, a
+        # virtual package python3-cffi-backend provides
+        "cloud-init", "python3-cffi-backend",
     ],
     # bump when the post-install setup in `_configure` changes
-    "setup": 2,
+    "setup": 3,
 }
 
 # Units that make no sense in a container and only slow boots down.
@@ -73,6 +77,7 @@ def ensure_base(cache: Path, log: Callable[[str], None] = print) -> Path:
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
             raise RuntimeError(f"debootstrap failed (exit {proc.returncode}):\n{tail}")
+        _require_configured(work)
         _configure(work)
         (work / ".fleet-lab-base").write_text(json.dumps(RECIPE, indent=2))
         work.rename(target)
@@ -81,6 +86,16 @@ def ensure_base(cache: Path, log: Callable[[str], None] = print) -> Path:
             if old != target:
                 shutil.rmtree(old, ignore_errors=True)
         return target
+
+
+def _require_configured(root: Path) -> None:
+    """debootstrap exits 0 even when a package stayed unconfigured (a missing virtual dependency): refuse it."""
+    out = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package} ${Status}\n"],
+                         capture_output=True, text=True, check=True).stdout
+    broken = [line.split()[0] for line in out.splitlines()
+              if line.strip() and not line.endswith("install ok installed")]
+    if broken:
+        raise RuntimeError(f"debootstrap left packages unconfigured: {', '.join(broken)}")
 
 
 def _configure(root: Path) -> None:
@@ -99,5 +114,9 @@ def _configure(root: Path) -> None:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to("/dev/null")
+    # cloud-init's units, enabled as on a cloud image (debootstrap's chroot did not): its generator still
+    # leaves cloud-init out of a boot when /etc/cloud/cloud-init.disabled exists (every non-cloud lab host)
+    subprocess.run(["systemctl", f"--root={root}", "enable", "cloud-init-local.service", "cloud-init.service",
+                    "cloud-config.service", "cloud-final.service"], check=True, capture_output=True)
     # the lab's repositories are on loopback; a retry covers a repository server still starting
     (root / "etc/apt/apt.conf.d/99fleet-lab").write_text('Acquire::Retries "3";\n')

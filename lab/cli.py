@@ -86,11 +86,13 @@ def fault(target: Annotated[str, typer.Argument(help="a host, or a UPS for ups-o
 
 
 def _status_table(lab: Lab) -> None:
+    from lab.cloud import banner_as_jump_user, cloud_hosts
     from lab.control import ssh_banner
     from lab.services import port_in_use
 
     running = lab.daemon_pid()
     faults = lab.faults()
+    cloud = set(cloud_hosts(lab.fleet))
     table = Table(title=f"lab {lab.stack!r} ({'up' if running else 'down'}) — {lab.layout.root}")
     for col in ("host", "site", "pool", "ssh", "serving", "state", "boots", "faults"):
         table.add_column(col)
@@ -99,7 +101,9 @@ def _status_table(lab: Lab) -> None:
         st = lab.host_status(name) if running else {"state": "down"}
         state = st.get("state", "down")
         if state == "running":
-            state = "up" if ssh_banner(lab.ports.hosts[name].ssh, timeout=1) else "booting/unreachable"
+            port = lab.ports.hosts[name].ssh
+            up = banner_as_jump_user(port, timeout=1) if name in cloud else ssh_banner(port, timeout=1)
+            state = ("up" if up else "booting/unreachable") + (" (bastion)" if name in cloud else "")
         table.add_row(name, lab.fleet.site_of(host).name, host.pool, str(lab.ports.hosts[name].ssh),
                       str(lab.ports.hosts[name].serving), state, str(st.get("boots", "-")),
                       ", ".join(faults.get(name, [])))

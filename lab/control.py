@@ -19,6 +19,7 @@ from pathlib import Path
 from infra.model.errors import InputError
 from infra.model.fleet import Fleet, load_stack
 from infra.model.inventory import host_vars
+from lab import cloud as labcloud
 from lab import hosts as labhosts
 from lab import services
 from lab.base import ensure_base
@@ -28,7 +29,7 @@ from lab.layout import DEFAULT_PORT_BASE, LabState, Layout, Ports
 HOST_FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "nvlink-degraded", "host-down", "ssh-hang")
 UPS_FAULTS = ("ups-on-battery",)
 FAULTS = HOST_FAULTS + UPS_FAULTS
-NEEDED_COMMANDS = ["debootstrap", "systemd-nspawn", "haproxy", "ssh-keygen", "ssh", "dpkg-deb", "gpg",
+NEEDED_COMMANDS = ["debootstrap", "systemd-nspawn", "nft", "haproxy", "ssh-keygen", "ssh", "dpkg-deb", "gpg",
                    "apt-ftparchive", "upsc", "docker-registry"]
 
 Log = Callable[[str], None]
@@ -181,25 +182,35 @@ class Lab:
                                                              "bmc": services.new_secret()}))
         secrets = json.loads(secrets_file.read_text())
         known = []
+        cloud = set(labcloud.cloud_hosts(self.fleet))
         for name in sorted(self.fleet.hosts):
             dirs = self.layout.host(name)
             labhosts.mount_overlay(base, dirs)
-            hostkey = labhosts.write_host_files(dirs, name, self.ports.hosts[name].ssh, pubkey)
-            known.append(f"[127.0.0.1]:{self.ports.hosts[name].ssh} ssh-ed25519 {hostkey}")
+            hostkey = labhosts.write_host_files(dirs, name, self.ports.hosts[name].ssh, pubkey,
+                                                self._user_data(name, pubkey) if name in cloud else None)
+            if hostkey:
+                known.append(f"[127.0.0.1]:{self.ports.hosts[name].ssh} ssh-ed25519 {hostkey}")
             write_hardware(dirs.hw, name, host_vars(self.fleet, self.fleet.hosts[name]))
             dirs.desired.write_text("up")
+        if cloud:
+            dirs = self.layout.host(labcloud.BASTION)
+            labhosts.mount_overlay(base, dirs)
+            bastion_key = labcloud.write_bastion_files(dirs, self.ports.bastion, pubkey)
+            known.append(f"[127.0.0.1]:{self.ports.bastion} {bastion_key}")
+            dirs.desired.write_text("up")
         self.layout.known_hosts.write_text("\n".join(known) + "\n")
-        from lab.inventory import write_inventory
-
-        write_inventory(self.fleet, self.layout, self.ports, secrets)
         LabState(self.stack, str(self.project_dir), self.ports.base, hosts=sorted(self.fleet.hosts)).save(self.layout)
-        log(f"starting {len(self.fleet.hosts)} hosts and the lab services")
+        log(f"starting {len(self.fleet.hosts)} hosts" + (" and the bastion" if cloud else "") + " and the lab services")
         with open(self.layout.daemon_log, "a") as out:
             subprocess.Popen([sys.executable, "-m", "lab.daemon", str(self.layout.root)], stdin=subprocess.DEVNULL,
                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                              cwd=Path(__file__).resolve().parents[1])
         self._wait_daemon(timeout=60)
         self._publish_images(base, log)
+        host_keys = self._learn_host_keys(sorted(cloud), timeout, log)
+        from lab.inventory import write_inventory
+
+        write_inventory(self.fleet, self.layout, self.ports, secrets, host_keys)
         self.wait_hosts(sorted(self.fleet.hosts), timeout, log)
         for _, ups in services.ups_units(self.fleet):  # upsd answers WAIT until dummy-ups has read its file
             self._wait_ups(ups, {"OL", "OB"}, 30, "on line or battery power")
@@ -237,6 +248,33 @@ class Lab:
         written = write_releases(self.project_dir, self.layout.releases_dir, digests)
         log(f"the lab's bundles ({len(written)}), pinning its serving images: {self.layout.releases_dir}")
 
+    def _user_data(self, name: str, pubkey: str) -> str:
+        """A cloud-like host's user data, rendered by the Pulumi program's own template (infra/userdata.j2)."""
+        from infra.aws_common import render_user_data
+
+        return render_user_data(self.fleet, self.fleet.hosts[name], [pubkey.strip()])
+
+    def _learn_host_keys(self, names: list[str], timeout: float, log: Log) -> dict[str, list[str]]:
+        """Each cloud-like host's SSH host keys, read from its console output as the Pulumi program reads an
+        instance's (infra.model.access.host_keys_from_console): printed there by cloud-init at first boot."""
+        from infra.model.access import host_keys_from_console
+
+        keys: dict[str, list[str]] = {}
+        deadline = time.monotonic() + timeout
+        for name in names:
+            console = self.layout.host(name).console_log
+            while True:
+                text = console.read_text(errors="replace") if console.exists() else ""
+                if found := host_keys_from_console(text):
+                    keys[name] = found
+                    log(f"  {name}: {len(found)} host key(s) from its console output")
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"{name}: cloud-init printed no SSH host keys to its console within "
+                                   f"{timeout:.0f}s (see {console})")
+                time.sleep(0.5)
+        return keys
+
     def _ssh_key(self) -> str:
         self.layout.ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = self.layout.ssh_key
@@ -263,15 +301,26 @@ class Lab:
         """Wait until each host's sshd answers with its banner."""
         deadline = time.monotonic() + timeout
         pending = list(names)
+        cloud = set(labcloud.cloud_hosts(self.fleet))
+        if cloud:
+            pending.append(labcloud.BASTION)
+
+        def answers(name: str) -> bool:
+            if name == labcloud.BASTION:
+                return ssh_banner(self.ports.bastion)
+            if name in cloud:  # behind the bastion: only its jump user gets through
+                return labcloud.banner_as_jump_user(self.ports.hosts[name].ssh)
+            return ssh_banner(self.ports.hosts[name].ssh)
+
         while pending and time.monotonic() < deadline:
-            pending = [n for n in pending if not ssh_banner(self.ports.hosts[n].ssh)]
+            pending = [n for n in pending if not answers(n)]
             if pending:
                 time.sleep(0.5)
         if pending:
             raise LabError(f"hosts not reachable over SSH after {timeout:.0f}s: {', '.join(pending)} "
                            f"(console logs under {self.layout.root / 'hosts'})")
         for n in names:
-            log(f"  {n}: ssh on 127.0.0.1:{self.ports.hosts[n].ssh}")
+            log(f"  {n}: ssh on 127.0.0.1:{self.ports.hosts[n].ssh}" + (" (through the bastion)" if n in cloud else ""))
 
     # --- down --------------------------------------------------------------------------------------
 
@@ -328,18 +377,25 @@ class Lab:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.2)
-        for name in self.fleet.hosts:
+        for name in self.machines():
             try:
                 labhosts.unmount_overlay(self.layout.host(name))
             except subprocess.CalledProcessError:
                 subprocess.run(["umount", "-l", str(self.layout.host(name).merged)], check=False)
+        labcloud.firewall_down(self.ports.base)
         self.layout.lock_file.unlink(missing_ok=True)
+
+    def machines(self) -> list[str]:
+        """Every container of the lab: the fleet's hosts, and the bastion when the fleet has cloud-like hosts."""
+        return sorted(self.fleet.hosts) + ([labcloud.BASTION] if labcloud.cloud_hosts(self.fleet) else [])
 
     def leftovers(self) -> list[str]:
         """What a stopped lab left behind: processes, mounts, ports still in use, its lock file."""
         out = [f"process {pid} ({labhosts.process_name(pid)})" for pid in self._processes()]
-        out += [f"mount {self.layout.host(n).merged}" for n in self.fleet.hosts
+        out += [f"mount {self.layout.host(n).merged}" for n in self.machines()
                 if labhosts.is_mounted(self.layout.host(n).merged)]
+        if labcloud.firewall_present(self.ports.base):
+            out.append(f"nftables table inet {labcloud.firewall_table(self.ports.base)}")
         out += [f"port 127.0.0.1:{p}" for p in self.ports.all() if services.port_in_use(p)]
         if self.layout.lock_file.exists():
             out.append(f"lock {self.layout.lock_file}")

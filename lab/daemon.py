@@ -19,6 +19,7 @@ from pathlib import Path
 
 from infra.model.fleet import load_stack
 from lab import images, services
+from lab.cloud import BASTION, cloud_hosts, firewall_down, firewall_up
 from lab.hosts import HostSupervisor, unmount_overlay
 from lab.layout import LabState, Layout, Ports
 from lab.redfish import RedfishEmulator
@@ -89,10 +90,18 @@ class Daemon:
             svc.start()
         for svc in self.services:
             svc.ready()
-        for name in sorted(self.fleet.hosts):
+        cloud = cloud_hosts(self.fleet)
+        if cloud:  # the cloud-like hosts' private subnet, before any of them boots
+            firewall_up(self.ports.base, [self.ports.hosts[n].ssh for n in cloud])
+            self.log(f"firewall: SSH to {', '.join(cloud)} only through the bastion")
+        for name in self.machines():
             sup = HostSupervisor(name, self.layout.host(name), self.log)
             self.hosts[name] = sup
             sup.start()
+
+    def machines(self) -> list[str]:
+        """The containers: the fleet's hosts, and the bastion when some are cloud-like."""
+        return sorted(self.fleet.hosts) + ([BASTION] if cloud_hosts(self.fleet) else [])
 
     def shutdown(self) -> None:
         """Power the containers off, stop the services and the emulator, unmount the overlays."""
@@ -104,11 +113,12 @@ class Daemon:
             svc.stop()
         if self.redfish is not None:
             self.redfish.stop()
-        for name in self.fleet.hosts:
+        for name in self.machines():
             try:
                 unmount_overlay(self.layout.host(name))
             except Exception as exc:
                 self.log(f"{name}: unmount failed: {exc}")
+        firewall_down(self.ports.base)
         self._write_ready("stopped")
         self.log("stopped")
 

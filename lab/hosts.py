@@ -45,18 +45,17 @@ def unmount_overlay(dirs: HostDirs) -> None:
         subprocess.run(["umount", str(dirs.merged)], check=True)
 
 
-def write_host_files(dirs: HostDirs, name: str, ssh_port: int, authorized_key: str) -> str:
-    """Per-host identity written into the overlay before boot; returns the host's public SSH key."""
+def write_host_files(dirs: HostDirs, name: str, ssh_port: int, authorized_key: str,
+                     user_data: str | None = None) -> str | None:
+    """Per-host identity written into the overlay before boot; returns the host's public SSH key.
+
+    With `user_data`, the host is cloud-like (lab/cloud.py): cloud-init makes its keys and users at first
+    boot from that user data, nothing of ours goes in, and None is returned (its keys are on its console).
+    """
     root = dirs.merged
-    (root / "etc/hostname").write_text(name + "\n")
-    hosts = root / "etc/hosts"
-    hosts.write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
     machine_id = root / "etc/machine-id"
     if not machine_id.read_text().strip():
         machine_id.write_text(os.urandom(16).hex() + "\n")
-    (root / "etc/ssh/sshd_config.d/10-fleet-lab-listen.conf").write_text(
-        f"Port {ssh_port}\nListenAddress 127.0.0.1\n"
-    )
     # The container's systemd cannot kill a unit's cgroup here (no delegation from a host systemd:
     # "Failed to kill control group ... Input/output error"), so a service that leaves a child behind
     # (upsmon's privileged parent and unprivileged child) would block a reboot forever. Bounded stop
@@ -64,6 +63,19 @@ def write_host_files(dirs: HostDirs, name: str, ssh_port: int, authorized_key: s
     conf = root / "etc/systemd/system.conf.d"
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "10-fleet-lab.conf").write_text("[Manager]\nDefaultTimeoutStopSec=10s\n")
+    if user_data is not None:
+        from lab.cloud import write_cloud_host_files
+
+        write_cloud_host_files(dirs, name, ssh_port, user_data)
+        return None
+    (root / "etc/cloud").mkdir(parents=True, exist_ok=True)
+    (root / "etc/cloud/cloud-init.disabled").write_text("a lab host of a hall or an outpost, not an EC2 instance\n")
+    (root / "etc/hostname").write_text(name + "\n")
+    hosts = root / "etc/hosts"
+    hosts.write_text(f"127.0.0.1\tlocalhost\n127.0.1.1\t{name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+    (root / "etc/ssh/sshd_config.d/10-fleet-lab-listen.conf").write_text(
+        f"Port {ssh_port}\nListenAddress 127.0.0.1\n"
+    )
     key = root / "etc/ssh/ssh_host_ed25519_key"
     if not key.exists():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{name}", "-f", str(key)],

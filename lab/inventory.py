@@ -8,22 +8,39 @@ controller's lab services read it from the lab's secrets.json.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from infra.model.access import known_hosts_lines, merge_known_hosts, ssh_common_args
 from infra.model.fleet import Fleet
 from infra.model.inventory import Endpoint, build_inventory, host_vars
+from lab.cloud import BASTION, DEFAULT_USER, JUMP_USER, cloud_hosts
 from lab.hardware import EFA_DEVICES
 from lab.layout import Layout, Ports
 from lab.services import write_private
 
+SSH_SESSION_ARGS = "-o ControlMaster=auto -o ControlPersist=60s -o ConnectTimeout=10"
 
-def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpoint]:
-    """How Ansible reaches each lab host: loopback ports and SSH key, the lab's HAProxy, upsd and Redfish."""
-    ssh_args = (f"-o UserKnownHostsFile={layout.known_hosts} -o StrictHostKeyChecking=yes "
-                "-o ControlMaster=auto -o ControlPersist=60s -o ConnectTimeout=10")
+
+def lab_bastion(ports: Ports, bastion_keys: list[str]) -> dict[str, Any]:
+    """The lab's bastion as a stack declares one (infra/model/fleet.py Access.bastion)."""
+    return {"host": "127.0.0.1", "port": ports.bastion, "user": JUMP_USER, "host_keys": bastion_keys}
+
+
+def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports,
+                  host_keys: Mapping[str, list[str]] | None = None) -> dict[str, Endpoint]:
+    """How Ansible reaches each lab host: loopback ports and SSH key, the lab's HAProxy, upsd and Redfish.
+
+    The cloud-like hosts (lab/cloud.py) are reached as the program's inventory reaches an EC2 instance
+    behind a bastion: the AMI's default user with become, a ProxyCommand through the bastion, and the
+    host keys learnt from their console output (`host_keys`)."""
+    ssh_args = f"-o UserKnownHostsFile={layout.known_hosts} -o StrictHostKeyChecking=yes {SSH_SESSION_ARGS}"
+    host_keys = host_keys or {}
+    cloud = set(cloud_hosts(fleet))
+    bastion = lab_bastion(ports, bastion_host_keys(layout)) if cloud else None
     endpoints = {}
     for name, host in fleet.hosts.items():
         hp = ports.hosts[name]
@@ -42,6 +59,17 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
         }
         if (efa := EFA_DEVICES.get(fleet.pool_of(host).instance_type or "")) and fleet.site_of(host).kind == "aws":
             extra["fleet_efa_devices"] = efa  # what `pulumi up` exports from DescribeInstanceTypes
+        if name not in cloud:  # the lab's other containers let root in with the lab's key (an Outpost
+            extra["ansible_user"] = "root"  # instance would have its AMI's user: only the AWS site is cloud-like)
+        else:
+            extra |= {
+                "ansible_user": DEFAULT_USER,
+                "ansible_become": True,
+                "ansible_ssh_common_args": ssh_common_args(str(layout.known_hosts), bastion, str(layout.ssh_key))
+                + " " + SSH_SESSION_ARGS,
+                "fleet_ssh_bastion": bastion,
+                "fleet_ssh_host_keys": list(host_keys.get(name, [])),
+            }
         if host.bmc:
             extra["fleet_bmc"] = {"endpoint": f"http://127.0.0.1:{ports.redfish}", "system_id": name,
                                   "username": host.bmc.username, "verify_tls": False}
@@ -49,9 +77,20 @@ def lab_endpoints(fleet: Fleet, layout: Layout, ports: Ports) -> dict[str, Endpo
     return endpoints
 
 
-def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, secrets: dict[str, str]) -> Path:
-    """Write the lab's inventory (hosts.yml, secrets in group_vars/all) and return its folder."""
-    inv = build_inventory(fleet, lab_endpoints(fleet, layout, ports))
+def bastion_host_keys(layout: Layout) -> list[str]:
+    """The lab bastion's public host key(s), as its operator declares them in a stack."""
+    pub = layout.host(BASTION).merged / "etc/ssh/ssh_host_ed25519_key.pub"
+    return [" ".join(pub.read_text().split()[:2])] if pub.exists() else []
+
+
+def write_inventory(fleet: Fleet, layout: Layout, ports: Ports, secrets: dict[str, str],
+                    host_keys: Mapping[str, list[str]] | None = None) -> Path:
+    """Write the lab's inventory (hosts.yml, secrets in group_vars/all) and return its folder; the cloud-like
+    hosts' keys (learnt from their consoles) go into the lab's known_hosts the way `fleet known-hosts` puts them."""
+    inv = build_inventory(fleet, lab_endpoints(fleet, layout, ports, host_keys))
+    cloud_vars = {n: hv for n, hv in inv["all"]["hosts"].items() if hv.get("fleet_ssh_host_keys")}
+    if cloud_vars:
+        merge_known_hosts(layout.known_hosts, known_hosts_lines(cloud_vars))
     inv["all"]["vars"].update({
         "fleet_apt_repo_url": f"http://127.0.0.1:{ports.http}/apt/repo/",
         "fleet_apt_repo_keyring_url": f"http://127.0.0.1:{ports.http}/apt/fleet-lab-archive-keyring.gpg",

@@ -41,6 +41,7 @@ class Ports:
     redfish: int
     http: int  # apt repository and model-weights artifacts
     registry: int  # the OCI registry of the serving images (Debian's docker-registry)
+    bastion: int  # SSH of the bastion the cloud-like hosts are reached through (lab/cloud.py)
 
     @classmethod
     def plan(cls, fleet: Fleet, base: int = DEFAULT_PORT_BASE) -> Ports:
@@ -58,12 +59,14 @@ class Ports:
             redfish=base + 302,
             http=base + 303,
             registry=base + 304,
+            bastion=base + 305,
         )
 
     def all(self) -> list[int]:
         """Every port the lab listens on."""
         ports = [p for hp in self.hosts.values() for p in (hp.ssh, hp.serving, hp.gpu_metrics)]
-        return [*ports, *self.frontends.values(), self.haproxy_api, self.upsd, self.redfish, self.http, self.registry]
+        return [*ports, *self.frontends.values(), self.haproxy_api, self.upsd, self.redfish, self.http, self.registry,
+                self.bastion]
 
 
 @dataclass

@@ -215,7 +215,7 @@ def require_commands(commands: list[str]) -> list[str]:
     packages = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "haproxy": "haproxy",
                 "ssh-keygen": "openssh-client", "ssh": "openssh-client", "dpkg-deb": "dpkg-dev",
                 "gpg": "gnupg", "apt-ftparchive": "apt-utils", "upsc": "nut-client",
-                "docker-registry": "docker-registry"}
+                "docker-registry": "docker-registry", "nft": "nftables"}
     missing = [f"{c} (Debian package {packages.get(c, c)})" for c in commands if not shutil.which(c)]
     if not (NUT_DIR / "upsd").exists():
         missing.append("/lib/nut/upsd (Debian package nut-server)")

@@ -94,6 +94,9 @@ def differences(host: str, bundle: Bundle, hostvars: Mapping[str, Any], output: 
     return out
 
 
+SSH_CONNECTIONS = ("ssh", "smart", "paramiko", "paramiko_ssh")  # ansible_connection values drift can follow
+
+
 @dataclass(frozen=True)
 class SshSettings:
     """How to reach a host, from its inventory vars."""
@@ -105,6 +108,8 @@ class SshSettings:
     known_hosts: str | None
     strict: bool
     connect_timeout: int
+    proxy_command: str | None = None  # through a bastion: the ProxyCommand of ansible_ssh_common_args
+    become_user: str | None = None  # ansible_become: the commands run through `sudo -n -u` this user
 
 
 def ssh_settings(name: str, hostvars: Mapping[str, Any]) -> SshSettings:
@@ -120,7 +125,27 @@ def ssh_settings(name: str, hostvars: Mapping[str, Any]) -> SshSettings:
         known_hosts=options.get("userknownhostsfile"),
         strict=options.get("stricthostkeychecking", "yes").lower() not in ("no", "off", "accept-new"),
         connect_timeout=int(options.get("connecttimeout", 10)),
+        proxy_command=options.get("proxycommand") or None,
+        become_user=str(hostvars.get("ansible_become_user") or "root") if _truthy(hostvars.get("ansible_become"))
+        else None,
     )
+
+
+def _expand_proxy_command(command: str, host: str, port: int) -> str:
+    """ssh's ProxyCommand tokens: %h the host, %p the port, %% a percent sign."""
+    out, i = [], 0
+    while i < len(command):
+        if command[i] == "%" and i + 1 < len(command) and command[i + 1] in "hp%":
+            out.append({"h": host, "p": str(port), "%": "%%"}[command[i + 1]])
+            i += 2
+        else:
+            out.append(command[i])
+            i += 1
+    return "".join(out)
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "yes", "on", "1")
 
 
 def connection(name: str, hostvars: Mapping[str, Any]) -> Any:
@@ -132,7 +157,11 @@ def connection(name: str, hostvars: Mapping[str, Any]) -> Any:
     kwargs: dict[str, Any] = {"allow_agent": True}
     if s.key_file:
         kwargs |= {"key_filename": [s.key_file], "look_for_keys": False}
-    conn = Connection(s.host, user=s.user, port=s.port, connect_timeout=s.connect_timeout, connect_kwargs=kwargs)
+    # a ProxyCommand (a bastion) runs as ssh runs it, its inner ssh checking the bastion's key; %h and %p are filled
+    # in here: Fabric's own lookup would put port 22 for %p whatever the host's port
+    gateway = _expand_proxy_command(s.proxy_command, s.host, s.port) if s.proxy_command else None
+    conn = Connection(s.host, user=s.user, port=s.port, connect_timeout=s.connect_timeout, connect_kwargs=kwargs,
+                      gateway=gateway)
     conn.client.load_system_host_keys()
     if s.known_hosts:
         conn.client.load_host_keys(str(Path(s.known_hosts).expanduser()))
@@ -142,33 +171,43 @@ def connection(name: str, hostvars: Mapping[str, Any]) -> Any:
 
 
 def read_hosts(hostvars: Mapping[str, Mapping[str, Any]], command: str) -> dict[str, str | Exception]:
-    """Run `command` on every host at once; each host's stdout, or the exception that stopped it."""
-    from fabric import ThreadingGroup
+    """Run `command` on every host at once (through `sudo -n` where the inventory says become); each host's
+    stdout, or the exception that stopped it."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    conns = {name: connection(name, hv) for name, hv in hostvars.items()}
-    by_conn = {id(c): name for name, c in conns.items()}
-    group = ThreadingGroup.from_connections(list(conns.values()))
-    try:
-        results = group.run(command, hide=True, warn=True, in_stream=False)
-    except Exception as exc:  # GroupException: some hosts failed, the others' results are inside
-        results = getattr(exc, "result", None)
-        if results is None:
-            raise
-    finally:
-        group.close()
-    out: dict[str, str | Exception] = {}
-    for conn, result in results.items():
-        out[by_conn[id(conn)]] = result if isinstance(result, Exception) else result.stdout
-    return out
+    def one(name: str) -> str | Exception:
+        s = ssh_settings(name, hostvars[name])
+        run = command
+        if s.become_user is not None:
+            run = f"sudo -n -u {shlex.quote(s.become_user)} sh -c {shlex.quote(command)}"
+        try:
+            conn = connection(name, hostvars[name])
+        except Exception as exc:
+            return exc
+        try:
+            return str(conn.run(run, hide=True, warn=True, in_stream=False).stdout)
+        except Exception as exc:
+            return exc
+        finally:
+            conn.close()
+
+    names = sorted(hostvars)
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(names)))) as pool:
+        return dict(zip(names, pool.map(one, names), strict=True))
 
 
 def drift(bundle: Bundle, hostvars: Mapping[str, Mapping[str, Any]]) -> list[Difference]:
     """Every difference between the bundle and the hosts; an unreachable host is one difference."""
-    answers = read_hosts(hostvars, read_command(bundle))
+    not_ssh = {n: str(hv.get("ansible_connection")) for n, hv in hostvars.items()
+               if str(hv.get("ansible_connection") or "ssh").rsplit(".", 1)[-1] not in SSH_CONNECTIONS}
+    answers = read_hosts({n: hv for n, hv in hostvars.items() if n not in not_ssh}, read_command(bundle))
     out = []
     for name in sorted(hostvars):
         answer = answers.get(name)
-        if isinstance(answer, Exception) or answer is None:
+        if name in not_ssh:  # an SSM host, say: drift reads over SSH only, so this host was not read
+            out.append(Difference(name, "ssh", "reachable", f"not read: reached through {not_ssh[name]}, drift reads "
+                                  "over SSH only (fleet verify reads it through Ansible)"))
+        elif isinstance(answer, Exception) or answer is None:
             out.append(Difference(name, "ssh", "reachable", _reason(answer)))
         else:
             out += differences(name, bundle, hostvars[name], answer)

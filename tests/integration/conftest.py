@@ -9,13 +9,17 @@ session on a machine pays for debootstrap) and it uses ports 23000+, away from a
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from infra.model.access import proxy_command
+from lab.cloud import DEFAULT_USER, cloud_hosts
 from lab.control import Lab
+from lab.inventory import bastion_host_keys, lab_bastion
 from tests import cpuhog
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,13 +48,24 @@ class LabHandle:
     def hosts(self) -> list[str]:
         return sorted(self.lab.fleet.hosts)
 
-    def ssh_argv(self, host: str, timeout: int = 10) -> list[str]:
+    def cloud(self, host: str) -> bool:
+        """Whether `host` is cloud-like: reached through the bastion as the AMI's default user (lab/cloud.py)."""
+        return host in cloud_hosts(self.lab.fleet)
+
+    def ssh_argv(self, host: str, timeout: int = 10, user: str | None = None, via_bastion: bool = True) -> list[str]:
         layout = self.lab.layout
-        return ["ssh", "-i", str(layout.ssh_key), "-o", f"UserKnownHostsFile={layout.known_hosts}",
+        argv = ["ssh", "-i", str(layout.ssh_key), "-o", f"UserKnownHostsFile={layout.known_hosts}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}",
-                "-p", str(self.lab.ports.hosts[host].ssh), "root@127.0.0.1"]
+                "-p", str(self.lab.ports.hosts[host].ssh)]
+        if self.cloud(host) and via_bastion:
+            bastion = lab_bastion(self.lab.ports, bastion_host_keys(layout))
+            argv += ["-o", "ProxyCommand=" + proxy_command(bastion, str(layout.known_hosts), str(layout.ssh_key))]
+        return [*argv, f"{user or (DEFAULT_USER if self.cloud(host) else 'root')}@127.0.0.1"]
 
     def ssh(self, host: str, command: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+        """Run `command` as root on a lab host (through sudo on a cloud-like host, as its default user)."""
+        if self.cloud(host):
+            command = "sudo -n sh -c " + shlex.quote(command)
         proc = subprocess.run([*self.ssh_argv(host), command], capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{host}: `{command}` exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")

@@ -49,9 +49,10 @@ def test_up_then_down_leaves_nothing(tmp_path):
     up = subprocess.run([*fleet, "up", *args, "--port-base", str(base)], capture_output=True, text=True,
                         cwd=ROOT, timeout=600)
     assert up.returncode == 0, up.stdout + up.stderr
-    ports = range(base, base + 305)
+    ports = range(base, base + 306)
     assert len(_listening(ports)) >= 5 + 4, "hosts' sshd and the services should be listening"
     assert _mounts(state) and _lab_processes(state) and (state / "lab.lock").exists()
+    assert _nft_table(base), "the cloud-like hosts' firewall should be loaded"
     inv = subprocess.run([*fleet, "inventory", *args], capture_output=True, text=True, cwd=ROOT)
     ping = subprocess.run([Path(sys.executable).parent / "ansible", "-i", inv.stdout.strip(), "all", "-m", "ping",
                            "-o"], capture_output=True, text=True, timeout=120)
@@ -63,6 +64,11 @@ def test_up_then_down_leaves_nothing(tmp_path):
     assert _mounts(state) == []
     assert _listening(ports) == []
     assert not (state / "lab.lock").exists()
+    assert not _nft_table(base)
+
+
+def _nft_table(base: int) -> bool:
+    return subprocess.run(["nft", "list", "table", "inet", f"fleet_lab_{base}"], capture_output=True).returncode == 0
 
 
 def test_lab_up_refuses_without_root():

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.model.access import host_keys_from_console
 from patching.inventory.reader import load_inventory
 from patching.release.bundle import load_bundle
 from tests.integration.conftest import LAB_RELEASES
@@ -94,6 +95,36 @@ def test_drift_finds_nothing(converged):
     proc = fleet("drift", "--release", str(RELEASE), "--inventory", str(converged.inventory), "--json")
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == []
+
+
+def test_cloud_like_hosts_are_reached_through_the_bastion_as_their_default_user_only(converged):
+    """Issue 15: the lab's EC2-like hosts (lab/cloud.py) were converged above, and are verified and read by drift
+    above, the way the program's inventory reaches an instance: the AMI's default user with sudo, through the
+    bastion, host keys learnt from the console output before the first connection."""
+    cloud = [h for h in converged.hosts if converged.cloud(h)]
+    assert cloud == ["v3-aws-0", "v3-aws-1"]
+    known = converged.lab.layout.known_hosts.read_text().splitlines()
+    for host in cloud:
+        port = converged.lab.ports.hosts[host].ssh
+        # the only way in is the bastion: a direct connection to the host's port is refused (the private subnet)
+        proc = subprocess.run([*converged.ssh_argv(host, via_bastion=False), "true"], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 255 and "Connection refused" in proc.stderr, proc.stderr
+        # root is refused by the host itself (cloud-init's disable_root), with the key that logs `ubuntu` in
+        proc = subprocess.run([*converged.ssh_argv(host, user="root"), "id -u > /tmp/root-was-here"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 142, (proc.returncode, proc.stdout, proc.stderr)
+        assert 'Please login as the user "ubuntu" rather than the user "root"' in proc.stdout
+        assert converged.ssh(host, "test ! -e /tmp/root-was-here && echo absent").stdout.strip() == "absent"
+        # the default user gets root through sudo, as Ansible's become does
+        assert converged.ssh(host, "id -un").stdout.strip() == "root"
+        # the keys the controller trusts are the ones cloud-init generated on the host and printed to its console
+        on_host = {" ".join(line.split()[:2]) for line in converged.ssh(
+            host, "cat /etc/ssh/ssh_host_ecdsa_key.pub /etc/ssh/ssh_host_ed25519_key.pub "
+                  "/etc/ssh/ssh_host_rsa_key.pub").stdout.splitlines()}
+        trusted = {line.split(maxsplit=1)[1] for line in known if line.startswith(f"[127.0.0.1]:{port} ")}
+        console = converged.lab.layout.host(host).console_log.read_text(errors="replace")
+        assert trusted == on_host == set(host_keys_from_console(console))
 
 
 def test_bad_input_exits_2_before_any_host_is_touched(converged, tmp_path):
