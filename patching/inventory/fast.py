@@ -21,6 +21,7 @@ settings that change how vars merge, and a `FLEET_INVENTORY_PARSER=ansible` envi
 
 from __future__ import annotations
 
+import copy
 import json
 import keyword
 import os
@@ -56,7 +57,7 @@ class _NotOurs(Exception):
 class Rendered:
     """What the direct read found: hosts in Ansible's order, each with its merged vars, and the groups."""
 
-    hosts: dict[str, dict[str, Any]]
+    hosts: dict[str, dict[str, Any]]  # plain values (str keys, no tags), no object shared between hosts
     groups: dict[str, set[str]]  # every group Ansible would know ('all', 'ungrouped' first), name -> hosts
 
 
@@ -65,8 +66,8 @@ class _Loader(yaml.CSafeLoader if hasattr(yaml, "CSafeLoader") else yaml.SafeLoa
 
     def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
         for key, _ in node.value:
-            if key.tag == "tag:yaml.org,2002:merge":
-                raise _NotOurs("merge key")
+            if key.tag != "tag:yaml.org,2002:str":
+                raise _NotOurs("merge key or a key that is not a string")
         mapping = super().construct_mapping(node, deep=deep)
         if len(mapping) != len(node.value):
             raise _NotOurs("duplicate key")
@@ -140,8 +141,8 @@ def _read(source: Path) -> Rendered:
         raise _NotOurs("host_vars/")
     if Path("group_vars").exists() and Path("group_vars").resolve() != (inventory_dir / "group_vars").resolve():
         raise _NotOurs("group_vars/ in the working directory")
-    group_all = _group_vars_all(inventory_dir / "group_vars")
-    data = _load(inventory_file)
+    group_all, shared = _group_vars_all(inventory_dir / "group_vars")
+    data, aliases = _load(inventory_file)
     if not isinstance(data, dict) or set(data) != {"all"} or not isinstance(data["all"], dict):
         raise _NotOurs("not a single `all` group")
     top = data["all"]
@@ -154,10 +155,15 @@ def _read(source: Path) -> Rendered:
         raise _NotOurs("hosts/children not mappings")
     hosts: dict[str, dict[str, Any]] = {}
     base = {**all_vars, **group_all}
+    # each host gets its own copy of what it shares (Ansible's vars are copies too)
+    shared_values = [k for k, v in base.items() if isinstance(v, dict | list)]
     for name, own in hosts_in.items():
         if not isinstance(name, str) or not _HOST.match(name) or name in _LOCALHOST:
             raise _NotOurs("host name Ansible would expand or treat specially")
-        hosts[name] = {**base, **_vars(own, group=False)}
+        merged = {**base, **_vars(own, group=False)}
+        for key in shared_values if not (aliases or shared) else list(merged):
+            merged[key] = copy.deepcopy(merged[key])
+        hosts[name] = merged
     groups: dict[str, set[str]] = {"all": set(hosts), "ungrouped": set()}
     grouped: set[str] = set()
     for group, body in children.items():
@@ -174,12 +180,13 @@ def _read(source: Path) -> Rendered:
     return Rendered(hosts, groups)
 
 
-def _group_vars_all(folder: Path) -> dict[str, Any]:
+def _group_vars_all(folder: Path) -> tuple[dict[str, Any], bool]:
+    """group_vars/all's vars, and whether a file had YAML aliases (objects shared within it)."""
     if not folder.exists():
-        return {}
+        return {}, False
     entries = {p.name: p for p in folder.iterdir()}
     if not entries:
-        return {}
+        return {}, False
     if set(entries) == {"all"} and entries["all"].is_dir():
         files = sorted(entries["all"].iterdir())
         if any(not f.is_file() or f.name.startswith(".") or f.suffix not in _VARS_EXTS for f in files):
@@ -191,19 +198,25 @@ def _group_vars_all(folder: Path) -> dict[str, Any]:
     else:
         raise _NotOurs("group_vars/ with more than all")
     merged: dict[str, Any] = {}
+    aliases = False
     for path in files:
-        merged.update(_vars(_load(path), group=True))
-    return merged
+        data, has_aliases = _load(path)
+        merged.update(_vars(data, group=True))
+        aliases = aliases or has_aliases
+    return merged, aliases
 
 
-def _load(path: Path) -> Any:
+def _load(path: Path) -> tuple[Any, bool]:
+    """The file's data (only plain types: the loader refuses tags), and whether YAML aliases may share objects."""
     text = path.read_text(encoding="utf-8")
+    if "{{" in text or "{%" in text or "{#" in text:
+        raise _NotOurs("Jinja")  # anywhere, even in a comment: Ansible decides
     # Ansible's loader tries JSON first, then YAML
     try:
-        return json.loads(text, object_pairs_hook=_json_object)
+        return json.loads(text, object_pairs_hook=_json_object), False
     except json.JSONDecodeError:
         pass
-    return yaml.load(text, Loader=_Loader)
+    return yaml.load(text, Loader=_Loader), "*" in text
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -213,35 +226,21 @@ def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return mapping
 
 
+_NAMES_SEEN: set[str] = set()  # variable names already found valid (the same few recur on every host)
+
+
 def _vars(value: Any, *, group: bool) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise _NotOurs("vars not a mapping")
-    for key, item in value.items():
+    if group and any(key.startswith("ansible_") for key in value):
+        raise _NotOurs("ansible_* var on a group")
+    for key in value.keys() - _NAMES_SEEN:
         if not isinstance(key, str) or not _VAR.match(key) or keyword.iskeyword(key):
             raise _NotOurs("variable name")
-        if group and key.startswith("ansible_"):
-            raise _NotOurs("ansible_* var on a group")
-        _check_value(item)
+        _NAMES_SEEN.add(key)
     return value
-
-
-def _check_value(value: Any) -> None:
-    if isinstance(value, str):
-        if "{{" in value or "{%" in value or "{#" in value:
-            raise _NotOurs("Jinja")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise _NotOurs("a non-string key")
-            _check_value(key)
-            _check_value(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_value(item)
-    elif not (value is None or isinstance(value, bool | int | float)):
-        raise _NotOurs(f"a {type(value).__name__} value")
 
 
 def select(rendered: Rendered, fleet: Mapping[str, Any], limit: str) -> tuple[list[str] | None, list[str]]:

@@ -173,7 +173,8 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
         if not any(k in _HOST_KEYS for k in every):
             continue  # not a fleet host (a bastion, say), even when fleet-wide group vars reach it
         # the inventory's vars, not the magic ones (`groups` lists every host: copying it is quadratic)
-        all_vars[name] = plain({k: v for k, v in every.items() if k not in MAGIC_VARS})
+        own = {k: v for k, v in every.items() if k not in MAGIC_VARS}
+        all_vars[name] = own if rendered is not None else plain(own)  # read directly: plain values already
         hostvars = {k: v for k, v in all_vars[name].items() if k.startswith("fleet_") or k == "ansible_host"}
         try:
             record = _record(name, _HostVars.model_validate(hostvars))

@@ -169,7 +169,7 @@ def test_json_reads_the_same(tmp_path, calls, hybrid):
 
 @pytest.mark.parametrize("case", [
     "jinja", "vault", "unsafe", "host_vars", "top_key", "child_vars", "group_ansible_var", "host_range",
-    "nested_children", "other_group_vars", "anchor_merge", "timestamp",
+    "nested_children", "other_group_vars", "anchor_merge", "timestamp", "int_key", "executable",
 ])
 def test_what_it_does_not_understand_goes_through_ansible(tmp_path, calls, hybrid, case):
     inv = copy.deepcopy(hybrid)
@@ -196,12 +196,21 @@ def test_what_it_does_not_understand_goes_through_ansible(tmp_path, calls, hybri
         text = text.replace("fleet_name:", "fleet_raw: !unsafe '{x}'\n    fleet_name:", 1)
     elif case == "anchor_merge":
         text = text.replace("  vars:\n", "  vars:\n    base: &b {k: 1}\n    more: {<<: *b, j: 2}\n", 1)
+    elif case == "int_key":
+        text = text.replace("fleet_name:", "fleet_map: {1: one}\n    fleet_name:", 1)
     elif case == "timestamp":
         text = text.replace("fleet_name:", "fleet_when: 2026-01-01\n    fleet_name:", 1)
     path = _write(tmp_path, text)
     if case == "host_vars":
         (path.parent / "host_vars").mkdir()
         (path.parent / "host_vars" / f"{first}.yml").write_text("fleet_model: other\n")
+    elif case == "executable":  # Ansible's script plugin would run it
+        path.chmod(0o755)
+        before = calls["n"]
+        with contextlib.suppress(Exception):
+            reader.load_inventory([str(path)])
+        assert calls["n"] == before + 1
+        return
     elif case == "other_group_vars":
         (path.parent / "group_vars").mkdir()
         (path.parent / "group_vars" / f"{group}.yml").write_text("fleet_model: other\n")
@@ -258,3 +267,19 @@ def test_the_environment_forces_ansible(tmp_path, calls, hybrid, monkeypatch):
     monkeypatch.delenv(fast.PARSER_ENV)
     reader.load_inventory([str(path)])
     assert calls["n"] == 2
+
+
+def test_shared_objects_are_copies_as_with_ansible(tmp_path, calls, hybrid):
+    inv = copy.deepcopy(hybrid)
+    inv["all"]["vars"]["fleet_mirrors"] = [{"prefix": "docker.io/x", "insecure": True}]
+    names = list(inv["all"]["hosts"])
+    shared = {"kind": "nlb", "target_group_arn": "arn:x"}
+    for name in names[:2]:
+        inv["all"]["hosts"][name]["fleet_extra"] = shared  # safe_dump writes an anchor and an alias
+    path = _write(tmp_path, inv)
+    assert "*id" in path.read_text()
+    got = _load(path, None, ansible=False)
+    _same(path, calls)
+    a, b = (got.vars[n] for n in names[:2])
+    assert a["fleet_extra"] == b["fleet_extra"] and a["fleet_extra"] is not b["fleet_extra"]
+    assert a["fleet_mirrors"] == b["fleet_mirrors"] and a["fleet_mirrors"] is not b["fleet_mirrors"]
