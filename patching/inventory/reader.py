@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from infra.model.amount import Amount
 from infra.model.errors import InputError, Problem, check_yaml_aliases, collect, nearest
+from patching.inventory import fast
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +159,51 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
         raise InputError(problems)
     # anchored to the caller's working directory now: ansible-runner and the host checks run elsewhere
     source_list = [s if "," in s else str(Path(s).absolute()) for s in source_list]
-    manager, loader, warnings = _parse(source_list)
+    limit_text = limit if isinstance(limit, str) or limit is None else ",".join(limit)
+    # the shape `fleet inventory` renders is read directly (fast.py); anything else goes through Ansible
+    rendered = fast.read(source_list) if fast.limit_supported(limit_text) else None
+    manager: Any = None
+    if rendered is not None:
+        every_host: Iterator[tuple[str, Mapping[str, Any]]] = iter(rendered.hosts.items())
+    else:
+        manager, every_host = _ansible_hosts(source_list, label)
+    hosts: dict[str, InventoryHost] = {}
+    all_vars: dict[str, dict[str, Any]] = {}
+    for name, every in every_host:
+        if not any(k in _HOST_KEYS for k in every):
+            continue  # not a fleet host (a bastion, say), even when fleet-wide group vars reach it
+        # the inventory's vars, not the magic ones (`groups` lists every host: copying it is quadratic)
+        own = {k: v for k, v in every.items() if k not in MAGIC_VARS}
+        all_vars[name] = own if rendered is not None else plain(own)  # read directly: plain values already
+        hostvars = {k: v for k, v in all_vars[name].items() if k.startswith("fleet_") or k == "ansible_host"}
+        try:
+            record = _record(name, _HostVars.model_validate(hostvars))
+        except ValidationError as exc:
+            problems += [
+                Problem(label, f"{name}.{'.'.join(str(p) for p in err['loc'])}", _value(err), err["msg"])
+                for err in exc.errors()
+            ]
+            continue
+        hosts[name] = record
+    problems += _pool_disagreements(label, hosts)
+
+    selected = sorted(hosts)
+    if limit_text and rendered is not None:
+        matched, limit_problems = _select_rendered(rendered, hosts, limit_text, label)
+        problems += limit_problems
+        selected = matched
+    elif limit_text:
+        matched, limit_problems = _select(manager, hosts, limit_text, label)
+        problems += limit_problems
+        selected = matched
+    if problems:
+        raise InputError(problems)
+    return FleetInventory(tuple(source_list), hosts, tuple(selected), limit_text or None, all_vars)
+
+
+def _ansible_hosts(sources: list[str], label: str) -> tuple[Any, Iterator[tuple[str, Mapping[str, Any]]]]:
+    """Ansible's inventory manager and every host with its vars as a play sees them (any inventory)."""
+    manager, loader, warnings = _parse(sources)
     failed = [w for w in warnings if w.startswith("Unable to parse")]
     if failed:
         details = [w for w in warnings if w not in failed and not w.startswith("No inventory was parsed")]
@@ -169,35 +214,30 @@ def load_inventory(sources: Sequence[str | Path], limit: Sequence[str] | str | N
     # what a play would see, as `ansible-inventory --list` computes it: inventory vars, group vars by
     # depth and priority, and vars plugins (group_vars/ and host_vars/ next to the inventory)
     variables = VariableManager(loader=loader, inventory=manager)
-    hosts: dict[str, InventoryHost] = {}
-    all_vars: dict[str, dict[str, Any]] = {}
-    for host in manager.get_hosts("all"):
-        every = variables.get_vars(host=host, include_hostvars=False, stage="all")
-        if not any(k in _HOST_KEYS for k in every):
-            continue  # not a fleet host (a bastion, say), even when fleet-wide group vars reach it
-        # the inventory's vars, not the magic ones (`groups` lists every host: copying it is quadratic)
-        all_vars[host.name] = plain({k: v for k, v in every.items() if k not in MAGIC_VARS})
-        hostvars = {k: v for k, v in all_vars[host.name].items() if k.startswith("fleet_") or k == "ansible_host"}
-        try:
-            record = _record(host.name, _HostVars.model_validate(hostvars))
-        except ValidationError as exc:
-            problems += [
-                Problem(label, f"{host.name}.{'.'.join(str(p) for p in err['loc'])}", _value(err), err["msg"])
-                for err in exc.errors()
-            ]
-            continue
-        hosts[host.name] = record
-    problems += _pool_disagreements(label, hosts)
+    every = ((host.name, variables.get_vars(host=host, include_hostvars=False, stage="all"))
+             for host in manager.get_hosts("all"))
+    return manager, every
 
-    limit_text = limit if isinstance(limit, str) or limit is None else ",".join(limit)
-    selected = sorted(hosts)
-    if limit_text:
-        matched, limit_problems = _select(manager, hosts, limit_text, label)
-        problems += limit_problems
-        selected = matched
-    if problems:
-        raise InputError(problems)
-    return FleetInventory(tuple(source_list), hosts, tuple(selected), limit_text or None, all_vars)
+
+def _select_rendered(
+    rendered: fast.Rendered, hosts: Mapping[str, InventoryHost], limit: str, label: str
+) -> tuple[list[str], list[Problem]]:
+    """_select for an inventory read directly, with a limit fast.limit_supported() accepts: same answers."""
+    matched, unmatched = fast.select(rendered, hosts, limit)
+    if matched is None:
+        problems = []
+        for pattern in unmatched:
+            guess = nearest(pattern.lstrip("!&"), [*hosts, *rendered.groups])
+            hint = f"; did you mean {guess!r}?" if guess else ""
+            problems.append(Problem("--limit", "", pattern, f"matches no host or group in {label}{hint}"))
+        return [], problems
+    named = {p.strip().lstrip("&") for p in limit.split(",") if p.strip() and not p.strip().startswith("!")}
+    problems = [Problem("--limit", "", name, "is not a fleet host (it has no fleet_* variables)")
+                for name in matched if name not in hosts and name in named]
+    fleet = [name for name in matched if name in hosts]
+    if not fleet and not problems:
+        problems.append(Problem("--limit", "", limit, "selects no fleet host"))
+    return fleet, problems
 
 
 def _select(
