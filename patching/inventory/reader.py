@@ -225,13 +225,22 @@ def _select_rendered(
     """_select for an inventory read directly, with a limit fast.limit_supported() accepts: same answers."""
     matched, unmatched = fast.select(rendered, hosts, limit)
     if matched is None:
-        problems = []
-        for pattern in unmatched:
-            guess = nearest(pattern.lstrip("!&"), [*hosts, *rendered.groups])
-            hint = f"; did you mean {guess!r}?" if guess else ""
-            problems.append(Problem("--limit", "", pattern, f"matches no host or group in {label}{hint}"))
-        return [], problems
+        return [], [_no_match(pattern, [*hosts, *rendered.groups], label) for pattern in unmatched]
     named = {p.strip().lstrip("&") for p in limit.split(",") if p.strip() and not p.strip().startswith("!")}
+    return _fleet_selection(matched, named, hosts, limit)
+
+
+def _no_match(pattern: str, names: list[str], label: str) -> Problem:
+    """A --limit pattern that matches nothing, with the nearest host or group name as a hint."""
+    guess = nearest(pattern.lstrip("!&"), names)
+    hint = f"; did you mean {guess!r}?" if guess else ""
+    return Problem("--limit", "", pattern, f"matches no host or group in {label}{hint}")
+
+
+def _fleet_selection(matched: list[str], named: set[str], hosts: Mapping[str, InventoryHost],
+                     limit: str) -> tuple[list[str], list[Problem]]:
+    """The fleet hosts among those a limit matched. A pattern naming a non-fleet host is a mistake; a group or
+    wildcard that also covers one is not. Nothing of the fleet selected is a mistake too."""
     problems = [Problem("--limit", "", name, "is not a fleet host (it has no fleet_* variables)")
                 for name in matched if name not in hosts and name in named]
     fleet = [name for name in matched if name in hosts]
@@ -266,9 +275,7 @@ def _select(
         for pattern in split_host_pattern(limit):
             bare = pattern.lstrip("!&")
             if bare and not bare.startswith("@") and not manager.get_hosts(bare):
-                guess = nearest(bare, [*hosts, *manager.groups])
-                hint = f"; did you mean {guess!r}?" if guess else ""
-                problems.append(Problem("--limit", "", pattern, f"matches no host or group in {label}{hint}"))
+                problems.append(_no_match(pattern, [*hosts, *manager.groups], label))
         if problems:
             return [], problems
         try:
@@ -276,14 +283,8 @@ def _select(
             matched = sorted(h.name for h in manager.get_hosts("all"))
         except Exception as exc:  # Ansible raises AnsibleError for a missing @file or a malformed pattern
             return [], [Problem("--limit", "", limit, str(exc))]
-    # a pattern naming a non-fleet host is a mistake; a group or wildcard that also covers one is not
     named = {p.lstrip("&") for p in split_host_pattern(limit) if not p.startswith("!")}
-    problems = [Problem("--limit", "", name, "is not a fleet host (it has no fleet_* variables)")
-                for name in matched if name not in hosts and name in named]
-    fleet = [name for name in matched if name in hosts]
-    if not fleet and not problems:
-        problems.append(Problem("--limit", "", limit, "selects no fleet host"))
-    return fleet, problems
+    return _fleet_selection(matched, named, hosts, limit)
 
 
 def _parse(sources: list[str]) -> tuple[Any, Any, list[str]]:
