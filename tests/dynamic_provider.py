@@ -12,8 +12,10 @@ that is not the project's) and speaks the same gRPC calls.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,15 @@ class DynamicProviderProcess:
             self._proc.kill()
             _, err = self._proc.communicate()
         return err.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def provider_process(cwd: Path, config: dict[str, Any]) -> Iterator[DynamicProviderProcess]:
+    """A configured `pulumi.dynamic` process for the body; stopped after it, which must leave no traceback."""
+    proc = DynamicProviderProcess(cwd)
+    try:
+        proc.configure(config)
+        yield proc
+    finally:
+        stderr = proc.stop()
+    assert "Traceback" not in stderr, stderr

@@ -14,7 +14,7 @@ from pulumi.dynamic import Config, ConfigureRequest
 
 from infra.onprem import BareMetalHostProvider
 from lab.redfish import RedfishEmulator
-from tests.dynamic_provider import DynamicProviderProcess, serialized
+from tests.dynamic_provider import provider_process, serialized
 
 USER, PASSWORD = "admin", "redfish-Lab-pw"
 SYSTEMS = ["dgx-a1", "dgx-a2", "dgx-a3", "dgx-a4"]
@@ -123,9 +123,7 @@ def test_serialized_provider_in_a_fresh_pulumi_dynamic_process(bmc, tmp_path: Pa
     # `python -m pulumi.dynamic` in another interpreter, the password arriving through Configure.
     inputs = props(bmc, "dgx-a3", power_on=True, power_off_on_delete=True)
     inputs["__provider"] = serialized(BareMetalHostProvider())
-    proc = DynamicProviderProcess(tmp_path)
-    try:
-        proc.configure({"fleet:bmcPassword": PASSWORD, "aws:region": "us-east-1"})
+    with provider_process(tmp_path, {"fleet:bmcPassword": PASSWORD, "aws:region": "us-east-1"}) as proc:
         _, failures = proc.check("dgx-a3", inputs)
         assert failures == []
         id_, outs = proc.create("dgx-a3", inputs)
@@ -135,9 +133,6 @@ def test_serialized_provider_in_a_fresh_pulumi_dynamic_process(bmc, tmp_path: Pa
         assert read_id == id_ and read_outs["power_state"] == "On"
         proc.delete("dgx-a3", id_, read_outs)
         assert bmc.power_state("dgx-a3") == "Off"
-    finally:
-        stderr = proc.stop()
-    assert "Traceback" not in stderr, stderr
 
 
 def test_emulator_keeps_power_state_across_restarts(tmp_path):

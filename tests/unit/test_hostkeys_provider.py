@@ -15,7 +15,7 @@ from pulumi.runtime import rpc
 
 from infra.hostkeys_provider import HostKeysProvider, console_text
 from infra.model.access import host_keys_from_console
-from tests.dynamic_provider import DynamicProviderProcess, serialized
+from tests.dynamic_provider import provider_process, serialized
 from tests.stack_mocks import HOST_KEYS, hybrid_secrets, mock_host_key, run_program, stack_config
 
 CONSOLE = (Path(__file__).parent / "formats/ec2-console-cloud-init-23-jammy.txt").read_bytes().decode()
@@ -190,15 +190,10 @@ def test_the_keys_reach_the_inventory(run):
 def test_provider_from_the_program_runs_in_a_fresh_pulumi_dynamic_process(run, tmp_path):
     inputs = dict(run.named(HOST_KEYS, "v3-use1a-0").inputs)
     inputs["__provider"] = rpc.unwrap_rpc_secret(inputs["__provider"])
-    proc = DynamicProviderProcess(tmp_path)
-    try:
-        proc.configure({})
+    with provider_process(tmp_path, {}) as proc:
         checked, failures = proc.check("v3-use1a-0", inputs)
         assert failures == [] and checked["instance_id"] == inputs["instance_id"]
         _, failures = proc.check("v3-use1a-0", dict(inputs, instance_id="web-1"))
         assert failures == [("instance_id", "expected an EC2 instance id (i-...), got 'web-1'")]
         diff = proc.diff("v3-use1a-0", "x", inputs, dict(inputs, instance_id="i-0ffffffffffffffff"))
         assert list(diff.replaces) == ["instance_id"] and diff.deleteBeforeReplace
-    finally:
-        stderr = proc.stop()
-    assert "Traceback" not in stderr, stderr
