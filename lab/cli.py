@@ -87,8 +87,7 @@ def fault(target: Annotated[str, typer.Argument(help="a host, or a UPS for ups-o
 
 def _status_table(lab: Lab) -> None:
     from lab.cloud import banner_as_jump_user, cloud_hosts
-    from lab.control import ssh_banner
-    from lab.services import port_in_use
+    from lab.services import port_in_use, ssh_banner
 
     running = lab.daemon_pid()
     faults = lab.faults()

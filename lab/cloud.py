@@ -16,12 +16,14 @@ user's uid (containers share the machine's user ids).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
 
 from infra.model.fleet import Fleet
 from lab.layout import HostDirs
+from lab.services import ssh_banner
 
 BASTION = "lab-bastion"  # the bastion's container (machine) name
 JUMP_USER = "fleetjump"
@@ -52,10 +54,13 @@ def cloud_hosts(fleet: Fleet) -> list[str]:
     return sorted(n for n, h in fleet.hosts.items() if fleet.site_of(h).kind == "aws")
 
 
+def machines(fleet: Fleet) -> list[str]:
+    """Every container of a lab: the fleet's hosts, and the bastion when the fleet has cloud-like hosts."""
+    return sorted(fleet.hosts) + ([BASTION] if cloud_hosts(fleet) else [])
+
+
 def instance_id(name: str) -> str:
     """A stable, EC2-shaped instance id for a lab host."""
-    import hashlib
-
     return "i-" + hashlib.sha256(name.encode()).hexdigest()[:17]
 
 
@@ -144,10 +149,17 @@ def firewall_present(port_base: int) -> bool:
 
 
 def banner_as_jump_user(port: int, timeout: float = 2) -> bool:
-    """Whether the sshd on a cloud host's port greets the jump user (the only one the firewall lets through)."""
-    code = (f"import socket,sys\ntry:\n s=socket.create_connection(('127.0.0.1',{port}),{timeout})\n"
-            f" s.settimeout({timeout})\n sys.exit(0 if s.recv(64).startswith(b'SSH-') else 1)\n"
-            "except OSError:\n sys.exit(1)\n")
-    proc = subprocess.run(["setpriv", f"--reuid={JUMP_UID}", f"--regid={JUMP_UID}", "--clear-groups",
-                           "python3", "-c", code], capture_output=True, timeout=timeout + 10)
-    return proc.returncode == 0
+    """Whether the sshd on a cloud host's port greets the jump user (the only one the firewall lets through):
+    the lab's banner check (lab.services.ssh_banner), run in a child process with the jump user's ids."""
+    pid = os.fork()
+    if pid == 0:  # the child only connects and exits: nothing of the parent's state is touched
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(JUMP_UID)
+            os.setuid(JUMP_UID)
+            code = 0 if ssh_banner(port, timeout) else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) == 0

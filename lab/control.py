@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from lab import services
 from lab.base import ensure_base
 from lab.hardware import set_fault, write_hardware
 from lab.layout import DEFAULT_PORT_BASE, LabState, Layout, Ports
+from lab.services import ssh_banner
 
 HOST_FAULTS = ("gpu-missing", "ecc-errors", "ib-port-down", "nvlink-degraded", "host-down", "ssh-hang")
 UPS_FAULTS = ("ups-on-battery",)
@@ -74,15 +74,6 @@ def _ancestors(pid: int) -> set[int]:
             break
     return out
 
-
-def ssh_banner(port: int, timeout: float = 2) -> bool:
-    """Whether sshd answers on a loopback port (it sends its `SSH-` banner)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.settimeout(timeout)
-            return s.recv(64).startswith(b"SSH-")
-    except OSError:
-        return False
 
 
 @dataclass
@@ -386,8 +377,8 @@ class Lab:
         self.layout.lock_file.unlink(missing_ok=True)
 
     def machines(self) -> list[str]:
-        """Every container of the lab: the fleet's hosts, and the bastion when the fleet has cloud-like hosts."""
-        return sorted(self.fleet.hosts) + ([labcloud.BASTION] if labcloud.cloud_hosts(self.fleet) else [])
+        """Every container of the lab (lab.cloud.machines)."""
+        return labcloud.machines(self.fleet)
 
     def leftovers(self) -> list[str]:
         """What a stopped lab left behind: processes, mounts, ports still in use, its lock file."""

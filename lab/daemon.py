@@ -19,7 +19,7 @@ from pathlib import Path
 
 from infra.model.fleet import load_stack
 from lab import images, services
-from lab.cloud import BASTION, cloud_hosts, firewall_down, firewall_up
+from lab.cloud import cloud_hosts, firewall_down, firewall_up, machines
 from lab.hosts import HostSupervisor, unmount_overlay
 from lab.layout import LabState, Layout, Ports
 from lab.redfish import RedfishEmulator
@@ -94,14 +94,10 @@ class Daemon:
         if cloud:  # the cloud-like hosts' private subnet, before any of them boots
             firewall_up(self.ports.base, [self.ports.hosts[n].ssh for n in cloud])
             self.log(f"firewall: SSH to {', '.join(cloud)} only through the bastion")
-        for name in self.machines():
+        for name in machines(self.fleet):
             sup = HostSupervisor(name, self.layout.host(name), self.log)
             self.hosts[name] = sup
             sup.start()
-
-    def machines(self) -> list[str]:
-        """The containers: the fleet's hosts, and the bastion when some are cloud-like."""
-        return sorted(self.fleet.hosts) + ([BASTION] if cloud_hosts(self.fleet) else [])
 
     def shutdown(self) -> None:
         """Power the containers off, stop the services and the emulator, unmount the overlays."""
@@ -113,7 +109,7 @@ class Daemon:
             svc.stop()
         if self.redfish is not None:
             self.redfish.stop()
-        for name in self.machines():
+        for name in machines(self.fleet):
             try:
                 unmount_overlay(self.layout.host(name))
             except Exception as exc:

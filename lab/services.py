@@ -41,6 +41,15 @@ def wait_for_port(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
     return False
 
 
+def ssh_banner(port: int, timeout: float = 2) -> bool:
+    """Whether sshd answers on a loopback port (it sends its `SSH-` banner)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
 def port_in_use(port: int) -> bool:
     """Whether something listens on a loopback port."""
     with socket.socket() as s:
