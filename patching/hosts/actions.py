@@ -27,6 +27,7 @@ from patching.hosts.ansible_env import describe_ssh_failure, run_ansible
 from patching.hosts.toolpath import put_our_bin_first
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle, Probes, is_digest
+from patching.release.components import ordered
 from patching.release.pins import parse_manifest
 from patching.rollout.actions import Actions, ActionsUnavailable, HostSnapshot, LbState, Outcome, Results
 from patching.rollout.policy import Hardware, SloProbe, Soak
@@ -167,24 +168,28 @@ class FleetActions:
 
     def _playbook(self, playbook: str, hosts: Sequence[InventoryHost], timeout_s: float,
                   extravars: Mapping[str, Any] | None = None) -> dict[str, Outcome]:
+        """Each host's outcome of the playbook; measurements {"roles": the roles that ran a task on it}."""
         if not hosts:
             return {}
         run = self._ansible(playbook.removesuffix(".yml"), hosts, timeout_s, playbook=str(PLAYBOOKS / playbook),
                             extravars=dict(extravars or {}))
         timed_out = run.status == "timeout"
         failures = _failures(run)
+        roles = _roles_ran(run)
         stats = run.stats or {}
         failed_hosts = set(stats.get("failures", {})) | set(stats.get("dark", {}))
         out = {}
         for h in hosts:
+            ran = {"roles": roles.get(h.name, [])}
             if timed_out:
-                out[h.name] = Outcome(False, f"{playbook} ran past {timeout_s:.0f}s", timed_out=True)
+                out[h.name] = Outcome(False, f"{playbook} ran past {timeout_s:.0f}s", timed_out=True,
+                                      measurements=ran)
             elif h.name in failed_hosts or h.name in failures:
-                out[h.name] = Outcome(False, failures.get(h.name, f"{playbook} failed"))
+                out[h.name] = Outcome(False, failures.get(h.name, f"{playbook} failed"), measurements=ran)
             elif run.status != "successful" and not stats:
                 out[h.name] = Outcome(False, f"{playbook}: ansible-runner {run.status} (rc {run.rc})")
             else:
-                out[h.name] = Outcome(True, f"{playbook} ok")
+                out[h.name] = Outcome(True, f"{playbook} ok", measurements=ran)
         return out
 
     def _command(self, hosts: Sequence[InventoryHost], command: str, timeout_s: float = 60
@@ -333,9 +338,14 @@ class FleetActions:
             out[h] = outcome
         return out
 
-    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
-        """patch.yml with the bundle."""
-        return self._playbook("patch.yml", hosts, timeout_s, {"bundle_file": str(self._write_bundle(bundle))})
+    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float,
+              components: Mapping[str, frozenset[str]] | None = None) -> Results:
+        """patch.yml with the bundle; `fleet_patch_components` names, per host, the components it applies."""
+        extravars: dict[str, Any] = {"bundle_file": str(self._write_bundle(bundle))}
+        names = {h.name for h in hosts}
+        if only := {n: ordered(c) for n, c in (components or {}).items() if n in names}:
+            extravars["fleet_patch_components"] = only
+        return self._playbook("patch.yml", hosts, timeout_s, extravars)
 
     def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
         """Ansible's reboot module on the hosts whose loaded driver (nvidia-smi) is not the bundle's; a rebooted
@@ -556,6 +566,17 @@ def _failures(run: Any) -> dict[str, str]:
                 msg = describe_ssh_failure(str(msg))
             out.setdefault(host, f"{data.get('task', '?')}: {str(msg)[:300]}")
     return out
+
+
+def _roles_ran(run: Any) -> dict[str, list[str]]:
+    """host -> the roles with a task that ran on it (ok, changed or failed; skipped ones did not), sorted."""
+    out: dict[str, set[str]] = {}
+    for event in run.events:
+        if event.get("event") in ("runner_on_ok", "runner_on_failed"):
+            data = event.get("event_data", {})
+            if data.get("host") and data.get("role"):
+                out.setdefault(data["host"], set()).add(data["role"])
+    return {host: sorted(roles) for host, roles in out.items()}
 
 
 def _nlb_state(h: InventoryHost) -> LbState:

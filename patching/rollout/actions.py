@@ -94,8 +94,14 @@ class Actions(Protocol):
         """
         ...
 
-    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
-        """Converge the hosts to the bundle (the patch playbook); the Ansible result is the first gate."""
+    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float,
+              components: Mapping[str, frozenset[str]] | None = None) -> Results:
+        """Converge the hosts to the bundle (the patch playbook); the Ansible result is the first gate.
+
+        `components`: host -> the components (patching.release.components) to apply, the ones the bundle
+        change touches; a host not in it gets every component. measurements: {"roles": the roles that ran
+        a task on the host}.
+        """
         ...
 
     def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:

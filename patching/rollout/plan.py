@@ -32,6 +32,7 @@ from infra.model.errors import InputError, Problem, nearest
 from patching.inventory.reader import FleetInventory, InventoryHost
 from patching.release.bundle import Bundle
 from patching.release.compat import diff_bundles
+from patching.release.components import changed_components, ordered
 from patching.rollout.policy import Policy
 from patching.rollout.windows import MaintenanceCalendar, format_duration
 from patching.states import ALREADY_ON
@@ -102,6 +103,11 @@ class Plan:
         for name in wave.hosts:
             counts[self.hosts[name].pool] += 1
         return dict(counts)
+
+    def components_from(self, release: str | None) -> frozenset[str] | None:
+        """The components a host on `release` gets applied (those its bundle change touches; the same ones put
+        back on a rollback to it); None: every component (its bundle or the change is unknown)."""
+        return changed_components(self.diffs.get(release)) if release else None
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as plain JSON data (plan.json); `Plan.from_dict` reads it back."""
@@ -369,12 +375,14 @@ def render_plan(plan: Plan, *, max_names: int = 6) -> Group:
     for host in plan.hosts.values():
         by_current[host.current] += 1
     changes = Table(title="Version change per host")
-    for column in ("from", "to", "hosts", "pinned values that change"):
+    for column in ("from", "to", "hosts", "pinned values that change", "applied"):
         changes.add_column(column, overflow="fold")
     for release, count in sorted(by_current.items(), key=lambda kv: kv[0] or ""):
         diff = plan.diffs.get(release) if release else None
         what = "manifest unknown" if diff is None else "; ".join(_change(*c) for c in diff) or "nothing"
-        changes.add_row(release or "unknown", plan.release, str(count), what)
+        applied = plan.components_from(release)
+        changes.add_row(release or "unknown", plan.release, str(count), what,
+                        "every component" if applied is None else ", ".join(ordered(applied)) or "none")
     parts.append(changes)
     if plan.unhealthy:
         parts.append(_why_table(f"Out of service now: {len(plan.unhealthy)} host(s), counted against their pool's "

@@ -481,8 +481,9 @@ class Runner:
     def _applying(self, names: list[str], wave: _Wave) -> dict[str, Outcome]:
         """The bundle through patch.yml; the Ansible result is the first gate."""
         done = {n for n, f in wave.rejoining.items() if f.installed_release == self.bundle.release}
-        results = self._call(self.actions.apply, [n for n in names if n not in done], self.bundle,
-                             self.policy.timeouts.apply.total_seconds())
+        todo = [n for n in names if n not in done]
+        results = self._call(self.actions.apply, todo, self.bundle, self.policy.timeouts.apply.total_seconds(),
+                             self._components({n: self.plan.hosts[n].current for n in todo if n in self.plan.hosts}))
         results |= {n: Outcome(True, f"{self.bundle.release} already installed") for n in done}
         return self._judge(Gate.ANSIBLE, results, names, wave.index, Phase.ROLLOUT, self.bundle)
 
@@ -891,7 +892,9 @@ class Runner:
                 rollback.broken |= dict.fromkeys(group, f"the manifest of its previous bundle {release} is gone")
                 continue
             todo = [n for n in group if rollback.facts[n].installed_release != release]
-            applied = self._call(self.actions.apply, todo, bundle, self.policy.timeouts.apply.total_seconds())
+            # what the rollout applied, put back: the components the change from `release` touches
+            applied = self._call(self.actions.apply, todo, bundle, self.policy.timeouts.apply.total_seconds(),
+                                 self._components(dict.fromkeys(todo, release)))
             rollback.fail(self._judge(Gate.ANSIBLE, applied, todo, rollback.wave, Phase.ROLLBACK, bundle), todo,
                           f"apply {release}")
             group = [n for n in group if n not in rollback.broken]
@@ -981,6 +984,15 @@ class Runner:
 
     def _hosts(self, names: Iterable[str]) -> list[InventoryHost]:
         return [self.inventory.hosts[n] for n in names]
+
+    def _components(self, releases: Mapping[str, str | None]) -> dict[str, frozenset[str]]:
+        """host -> the components to apply to it, for each host whose change from `releases[host]` (the bundle it
+        ran before this run) is known (Plan.components_from); the others get every component."""
+        out = {}
+        for name, release in releases.items():
+            if (components := self.plan.components_from(release)) is not None:
+                out[name] = components
+        return out
 
     def _call(self, action: Callable[..., Results], names: Sequence[str], *args: Any) -> dict[str, Outcome]:
         if not names:

@@ -32,6 +32,7 @@ SLOW = LAB_RELEASES / "2026-11.1-slow-serving.yaml"
 MISMATCH = LAB_RELEASES / "2026-11.2-fm-mismatch.yaml"
 INJECTION = LAB_RELEASES / "2026-11.3-injection.yaml"
 NCCL_REGRESSION = LAB_RELEASES / "2026-11.4-nccl-regression.yaml"
+WEIGHTS_REFRESH = LAB_RELEASES / "2026-11.5-weights-refresh.yaml"
 
 
 def fleet(*args, env=None, timeout=1500) -> subprocess.CompletedProcess:
@@ -144,9 +145,42 @@ def test_rollout_paused_killed_resumed_with_zero_failed_requests(on_october, tmp
     for host in ("dgx-a1", "dgx-a2"):  # the driver changed: DCGM and NCCL ran, against the host's own figure
         [hardware] = [g for g in report["hosts"][host]["gates"] if g["gate"] == "hardware"]
         assert hardware["verdict"] == "passed" and "before the patch" in hardware["detail"], hardware
+        # only what the bundle changes was applied: the OFED, vendor repository and UPS monitor roles ran no task
+        roles = {r for g in report["hosts"][host]["gates"] if g["gate"] == "ansible"
+                 for r in g["measurements"].get("roles", [])}
+        assert {"gpu_driver", "fabric_manager", "cuda_toolkit", "container_toolkit", "model_serving"} <= roles
+        assert not roles & {"ofed", "vendor_repo", "ups_monitor", "efa"}, roles
     print(f"traffic during the rollout: {figures.as_dict()}")
     assert figures.sent > 100
     assert figures.failed == 0, f"lost requests during the rollout: {figures.failures}"
+
+
+def pid1_start(lab, host: str) -> str:
+    """When the host's init started (/proc/1/stat starttime, clock ticks since the machine booted): a reboot of
+    the host, a container in the lab, gives a new one."""
+    return lab.ssh(host, "cut -d' ' -f22 /proc/1/stat").stdout.strip()
+
+
+def test_a_weights_only_bundle_applies_serving_only_and_reboots_nothing(on_october, tmp_path):
+    """2026-11 -> the weights refresh -> back to 2026-11 on one host: each way the serving role is the only one
+    that runs a task, and the host is not rebooted; the gates (testinfra reads the served weights path) pass."""
+    lab = on_october
+    host = "dgx-a1"
+    if releases_on_hosts(lab)[host] != "2026-11":
+        converge_limit(lab, "2026-11", host)
+    started = pid1_start(lab, host)
+    for release, name in ((WEIGHTS_REFRESH, "2026-11.5-weights-refresh"), (LAB_RELEASES / "2026-11.yaml", "2026-11")):
+        reports = tmp_path / name
+        run = fleet("patch", "run", "--release", release, "-i", lab.inventory, "--policy", LAB_POLICY, "--limit",
+                    host, "--journal", tmp_path / f"{name}.db", "--report-dir", reports, "--ignore-window",
+                    "--releases-dir", LAB_RELEASES)
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
+        report = json.loads((reports / "report.json").read_text())
+        assert report["hosts"][host]["state"] == "done"
+        [ansible] = [g for g in report["hosts"][host]["gates"] if g["gate"] == "ansible"]
+        assert ansible["measurements"]["roles"] == ["model_serving"], ansible
+        assert releases_on_hosts(lab)[host] == name
+        assert pid1_start(lab, host) == started, f"{host} was rebooted for a weights-only bundle"
 
 
 def test_bad_serving_release_is_caught_by_the_canary_and_rolled_back(on_october, tmp_path, cpu_hog):

@@ -77,6 +77,8 @@ class FakeFleet:
     calls: list[tuple[str, tuple[str, ...], str]] = field(default_factory=list)
     on_call: Any = None  # callback(action, names) for tests that act mid-run (abort)
     limits: dict[str, float] = field(default_factory=dict)  # action -> the timeout_s it was last given
+    # (host, release, the components asked for: None is every one) for each host of each apply, in order
+    applied: list[tuple[str, str, frozenset[str] | None]] = field(default_factory=list)
 
     @classmethod
     def fresh(cls, inventory: FleetInventory, release: str = OLD, **kw: Any) -> FakeFleet:
@@ -160,7 +162,10 @@ class FakeFleet:
     def undrain(self, hosts: Sequence[InventoryHost], timeout_s: float) -> dict[str, Outcome]:
         return self._mutate("undrain", hosts, "", lambda h: h.update(lb="serving"))
 
-    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> dict[str, Outcome]:
+    def apply(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float,
+              components: Mapping[str, frozenset[str]] | None = None) -> dict[str, Outcome]:
+        for h in hosts:  # what each apply was asked to apply: None is every component
+            self.applied.append((h.name, bundle.release, (components or {}).get(h.name)))
         return self._mutate("apply", hosts, bundle.release,
                             lambda h: h.update(installed=bundle.release, digest=bundle.digest))
 

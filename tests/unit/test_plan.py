@@ -127,6 +127,12 @@ def test_version_diff_per_host_and_hosts_already_on_target(bundle, old_bundle):
     assert plan.diffs["2026-09"] is None  # manifest unknown
     text = _render(plan)
     assert "driver.version 580.82.07 -> 580.95.05" in text and "manifest unknown" in text
+    # what a patch applies: the components the change touches; every one where the change is unknown
+    assert plan.components_from("2026-10") == {"gpu_driver", "fabric_manager", "cuda_toolkit", "container_toolkit",
+                                               "model_serving"}
+    assert plan.components_from("2026-09") is None and plan.components_from(None) is None
+    assert "gpu_driver, fabric_manager, cuda_toolkit, container_toolkit, model_serving" in text.replace("\n", " ")
+    assert "every component" in text
 
 
 def test_predicted_duration_from_history():

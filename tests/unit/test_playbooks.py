@@ -95,7 +95,65 @@ def test_platform_table_is_in_converge_order():
     play = next(p for p in _yaml(PLAYBOOKS / "site.yml") if p["name"] == "Converge hosts to the bundle")
     included = {t["ansible.builtin.include_role"]["name"]: t["when"] for t in play["tasks"]
                 if "ansible.builtin.include_role" in t}
-    assert included == {role: f"'{component}' in fleet_components" for role, component in SITE_ROLES.items()}
+    assert included == {role: f"'{component}' in fleet_apply_components" for role, component in SITE_ROLES.items()}
+
+
+def _stub_roles(tmp_path: Path) -> Path:
+    """A role per component whose one task says it ran: the converge's includes, not the roles, under test."""
+    for row in _table():
+        tasks = tmp_path / "roles" / row["component"] / "tasks"
+        tasks.mkdir(parents=True)
+        (tasks / "main.yml").write_text(yaml.safe_dump([{"name": "Ran", "ansible.builtin.debug": {"msg": "ran"}}]))
+    return tmp_path / "roles"
+
+
+@pytest.mark.parametrize(("asked", "expected"), [
+    (None, None),  # every component of the host
+    ({"v3-aws-0": ["model_serving"]}, ["model_serving"]),
+    ({"v3-aws-0": ["model_serving", "gpu_driver", "fabric_manager", "ofed"]},
+     ["gpu_driver", "fabric_manager", "model_serving"]),
+    ({"v3-aws-0": []}, []),
+    ({"dgx-a1": ["ofed"]}, None),  # named for another host only
+])
+def test_a_patch_runs_the_roles_of_the_components_it_names_only(tmp_path, asked, expected):
+    """converge.yml's includes (its manifest stamp left out), Ansible judging their `when`s, on a lab host
+    (p4d: GPU, NVSwitch, EFA; no InfiniBand, no UPS): a role the patch does not name runs no task, nor one
+    the host lacks."""
+    includes = [t for t in _yaml(PLAYBOOKS / "tasks/converge.yml") if "ansible.builtin.include_role" in t]
+    playbook = tmp_path / "converge.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "Converge", "hosts": "all", "gather_facts": False,
+                                         "connection": "local", "tasks": includes}]))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ROOT / "ansible.cfg"), "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+           "ANSIBLE_STDOUT_CALLBACK": "json", "ANSIBLE_ROLES_PATH": str(_stub_roles(tmp_path))}
+    extra = ["-e", json.dumps({"fleet_patch_components": asked})] if asked is not None else []
+    proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(_lab_inventory(tmp_path)), str(playbook),
+                           "--limit", "v3-aws-0", "-e", f"ansible_python_interpreter={sys.executable}",
+                           "-e", f"@{PLAYBOOKS}/group_vars/all/platform.yml", *extra],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    ran = [t["task"]["name"].split(" : ")[0] for t in json.loads(proc.stdout)["plays"][0]["tasks"]
+           if t["task"]["name"].endswith(" : Ran") and not t["hosts"]["v3-aws-0"].get("skipped")]
+    everything = ["vendor_repo", "gpu_driver", "fabric_manager", "cuda_toolkit", "efa", "container_toolkit",
+                  "model_serving"]
+    assert ran == (everything if expected is None else expected)
+
+
+@pytest.mark.parametrize("asked", ['{"fleet_patch_components": {"v3-aws-0": ["kernel"]}}',
+                                   '{"fleet_patch_components": {"v3-aws-0": "model_serving"}}',
+                                   '{"fleet_patch_components": ["model_serving"]}'])
+def test_check_bundle_refuses_components_the_platform_table_lacks(tmp_path, asked):
+    playbook = tmp_path / "check.yml"
+    playbook.write_text(yaml.safe_dump([{"name": "Check", "hosts": "all", "gather_facts": False, "tasks": [
+        {"name": "Check", "ansible.builtin.import_tasks": str(PLAYBOOKS / "tasks/check-bundle.yml")}]}]))
+    proc = _ansible_json("ansible-playbook", "-i", str(_lab_inventory(tmp_path)), str(playbook),
+                         "-e", f"@{PLAYBOOKS}/group_vars/all/bundle.yml",
+                         "-e", f"@{PLAYBOOKS}/group_vars/all/platform.yml",
+                         "-e", f"bundle_file={ROOT / 'releases/2026-11.yaml'}",
+                         "-e", "fleet_artifacts_url=http://artifacts.example", "-e", asked)
+    assert proc.returncode != 0
+    failed = [r for task in json.loads(proc.stdout)["plays"][0]["tasks"] for r in task["hosts"].values()
+              if r.get("failed")]
+    assert failed and failed[0]["msg"].startswith("fleet_patch_components: expected"), failed
 
 
 def _tasks(path: Path) -> list[dict]:

@@ -161,6 +161,18 @@ def test_rollback_all_also_restores_earlier_waves(tmp_path):
     assert rolled == [("a3",), ("a2",), ("a1", "b1")]
 
 
+def test_only_the_components_the_bundle_changes_are_applied_and_put_back(tmp_path):
+    """2026-10 -> 2026-11 changes the driver (and so fabric manager), CUDA, the container toolkit and serving:
+    those are applied, OFED, EFA, the vendor repository and the UPS monitor are not; a rollback puts back the
+    same ones."""
+    h = Harness(tmp_path, {"rollback": "wave"})
+    h.fleet.slow[("a1", NEW)] = 480.0
+    h.run()
+    touched = frozenset({"gpu_driver", "fabric_manager", "cuda_toolkit", "container_toolkit", "model_serving"})
+    assert [(n, c) for n, r, c in h.fleet.applied if r == NEW] == [("a1", touched), ("b1", touched)]
+    assert [(n, c) for n, r, c in h.fleet.applied if r == OLD] == [("a1", touched), ("b1", touched)]
+
+
 def test_failures_within_budget_are_rolled_back_and_the_run_goes_on(tmp_path):
     h = Harness(tmp_path, {"budgets": {"per_wave": 1, "global": 2}})
     h.fleet.faults[("a2", "timeout:apply", NEW)] = "apply ran over 2700s"
