@@ -210,8 +210,10 @@ class Lab:
     def _publish(self, log: Log) -> None:
         www = self.layout.www
         www.mkdir(parents=True, exist_ok=True)
+        from lab.releases import SOURCES
+
         releases = self.project_dir / "releases"
-        count = services.publish_artifacts(self.layout, releases)
+        count = services.publish_artifacts(self.layout, [self.project_dir / d for d in SOURCES])
         log(f"artifact store: {count} weights file(s)")
         try:
             from lab.aptrepo import build_repo

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,13 +181,13 @@ def haproxy_service(layout: Layout, fleet: Fleet, ports: Ports) -> Service:
 
 # --- HTTP: apt repository + model weights ------------------------------------------------------
 
-def publish_artifacts(layout: Layout, releases_dir: Path) -> int:
-    """Synthetic weights for every model a release names, under www/artifacts, and the EFA installer
-    tarball of every EFA release the release files and the lab's bundles name (www/artifacts/efa/,
-    lab/efa_installer.py); returns the count of weights files."""
-    efa_installer.publish(layout.www / "artifacts", [releases_dir, efa_installer.BUNDLE_DIRS[1]])
+def publish_artifacts(layout: Layout, bundle_dirs: Sequence[Path]) -> int:
+    """Synthetic weights for every model a bundle in `bundle_dirs` names (the releases and the lab's own bundles,
+    lab/releases.py SOURCES), under www/artifacts, and the EFA installer tarball of every EFA release they name
+    (www/artifacts/efa/, lab/efa_installer.py); returns the count of weights files."""
+    efa_installer.publish(layout.www / "artifacts", bundle_dirs)
     count = 0
-    for release in sorted(releases_dir.glob("*.yaml")):
+    for release in sorted(p for d in bundle_dirs for p in d.glob("*.yaml")):
         data = yaml.safe_load(release.read_text()) or {}
         for model in data.get("models", []):
             weights = model["weights"]
