@@ -1,21 +1,33 @@
-"""Benchmark: the patch pipeline against the plain playbook a user would write, and the planner at scale.
+"""Benchmark: the patch pipeline against the plain playbook a user would write, against the bare operations a
+wave cannot avoid, a weights-only bundle against a driver bundle, and the planner at scale.
 
     .venv/bin/python bench/rollout.py               # needs root: uses a lab of its own (ports 25000+)
     .venv/bin/python bench/rollout.py --plan-only   # just the 10,000-host plan
 
 1. On the lab fleet, October -> November twice, from the same starting point:
-   - `fleet patch run` with every gate on and the soak set to zero (the lab policy otherwise);
-   - the baseline: `ansible-playbook playbooks/patch.yml --limit WAVE` for the same waves in turn,
-     no drain, no gates.
+   - `fleet patch run` with every gate on and the soak set to zero (the lab policy otherwise); it applies the
+     components the bundle change touches only (patching/release/components.py);
+   - the baseline: `ansible-playbook playbooks/patch.yml --limit WAVE -e gpu_driver_reboot_deferred=false` for
+     the same waves in turn (the role reboots into the new driver, as the pipeline does), no drain, no gates:
+     what a user would write, every component converged.
    It prints both times, their ratio, and the pipeline's own overhead: its time not spent inside a
    host action (Ansible runs, probes, host checks, waits).
-2. `fleet plan` over a generated 10,000-host JSON inventory: time and peak memory (a child process,
+2. `fleet patch run` of the lab's weights-only bundle (2026-11 -> 2026-11.5-weights-refresh): no reboot, the
+   serving role only; its time beside the driver bundle's.
+3. The physical bound, on the canary host (dgx-a1), each bare operation timed alone: the drain (HAProxy's
+   runtime API), installing the packages the change moves with dpkg alone (the November -> October set, the
+   same packages the other way: the host is on November by then), the reboot until SSH answers, the serving
+   container's restart until /health answers 200, and the gates' own sampling (the SLO probe's requests, the
+   DCGM diagnostic, the NCCL all-reduce sweep). Their sum against the pipeline's time for that host (its
+   draining to its done, from the journal).
+4. `fleet plan` over a generated 10,000-host JSON inventory: time and peak memory (a child process,
    so its peak is its own).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -57,7 +69,7 @@ class TimedActions:
         return timed
 
 
-def pipeline(inventory: Path, policy: Path, work: Path, release: Path
+def pipeline(inventory: Path, policy: Path, work: Path, release: Path, releases_dir: Path | None = None
              ) -> tuple[float, dict[str, float], list[list[str]]]:
     from patching.cli import patch as host_actions  # where `fleet patch run` gets its host actions
     from patching.cli.app import app
@@ -75,7 +87,7 @@ def pipeline(inventory: Path, policy: Path, work: Path, release: Path
     try:
         rc = app(["patch", "run", "--release", str(release), "-i", str(inventory),
                   "--policy", str(policy), "--journal", str(work / "journal.db"), "--report-dir", str(reports),
-                  "--ignore-window"],
+                  "--ignore-window", *(["--releases-dir", str(releases_dir)] if releases_dir else [])],
                  standalone_mode=False)
     finally:
         host_actions.make_actions = real
@@ -90,12 +102,111 @@ def pipeline(inventory: Path, policy: Path, work: Path, release: Path
 
 
 def baseline(inventory: Path, waves: list[list[str]], release: Path) -> float:
+    """patch.yml wave by wave, every component, the role rebooting into the new driver (no gates, no drain)."""
     started = time.monotonic()
     for hosts in waves:
         subprocess.run([BIN / "ansible-playbook", "-i", inventory, "playbooks/patch.yml", "-e",
-                        f"bundle_file={release}", "--limit", ",".join(hosts)], cwd=ROOT, check=True,
-                       capture_output=True)
+                        f"bundle_file={release}", "-e", "gpu_driver_reboot_deferred=false", "--limit",
+                        ",".join(hosts)], cwd=ROOT, check=True, capture_output=True)
     return time.monotonic() - started
+
+
+def host_times(journal: Path, host: str) -> tuple[float, dict[str, float]]:
+    """The host's time in the pipeline (its first draining to its done) and the time in each state, from the
+    journal."""
+    from patching.journal.store import Journal
+
+    rows = [r for r in Journal(journal).of_run(1).host_history() if r.host == host]
+    start = next(r.at for r in rows if r.state.value == "draining")
+    end = next(r.at for r in rows if r.state.value == "done")
+    per_state: dict[str, float] = defaultdict(float)
+    for row, after in itertools.pairwise(rows):
+        if row.at >= start:
+            per_state[row.state.value] += after.at - row.at
+    return end - start, dict(per_state)
+
+
+class BareHost:
+    """One lab host reached the way an operator's terminal would: plain ssh with the lab's key, strict host keys."""
+
+    def __init__(self, lab, name: str):
+        self.lab, self.name = lab, name
+        layout = lab.layout
+        self.argv = ["ssh", "-i", str(layout.ssh_key), "-o", f"UserKnownHostsFile={layout.known_hosts}",
+                     "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=2",
+                     "-p", str(lab.ports.hosts[name].ssh), "root@127.0.0.1"]
+
+    def run(self, command: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+        proc = subprocess.run([*self.argv, command], capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise SystemExit(f"{self.name}: `{command}` exited {proc.returncode}: {proc.stderr[-500:]}")
+        return proc
+
+    def timed(self, command: str) -> float:
+        started = time.monotonic()
+        self.run(command)
+        return time.monotonic() - started
+
+
+def bare_operations(lab, name: str, inventory: Path, policy_path: Path, old: Path, new: Path) -> dict[str, float]:
+    """Each operation a wave cannot avoid on host `name` (on `new` now), timed alone (module docstring, 3.)."""
+    from patching.hosts import probe
+    from patching.hosts.actions import haproxy_command
+    from patching.inventory.reader import load_inventory
+    from patching.release.bundle import load_bundle
+    from patching.release.pins import host_pins
+    from patching.rollout.policy import load_policy
+
+    fleet = load_inventory([inventory])
+    host, hostvars = fleet.hosts[name], fleet.vars[name]
+    policy, _ = load_policy(policy_path)
+    bare = BareHost(lab, name)
+    out: dict[str, float] = {}
+
+    api, backend = str(host.lb["api"]), str(host.lb.get("backend", host.pool))
+    started = time.monotonic()
+    haproxy_command(api, f"set server {backend}/{host.lb.get('server', name)} state drain")
+    out["drain (HAProxy API)"] = time.monotonic() - started
+
+    # the packages the change moves, downloaded first (not timed), then installed with dpkg alone
+    before, after = host_pins(load_bundle(new), hostvars), host_pins(load_bundle(old), hostvars)
+    moved = {p: v for p, v in after.items() if before.get(p) != v}
+    bare.run("rm -rf /var/tmp/bench-debs && mkdir /var/tmp/bench-debs && cd /var/tmp/bench-debs && "
+             "apt-get download -q " + " ".join(f"{p}={v}" for p, v in sorted(moved.items())))
+    out[f"dpkg -i of the {len(moved)} moved packages"] = bare.timed(
+        "dpkg -i --force-hold --force-downgrade /var/tmp/bench-debs/*.deb")
+
+    started = time.monotonic()
+    bare.run("systemctl reboot", check=False)
+    time.sleep(1)
+    while bare.run("true", check=False, timeout=10).returncode != 0:
+        if time.monotonic() - started > 300:
+            raise SystemExit(f"{name}: no SSH 300 s after its reboot")
+        time.sleep(0.2)
+    out["reboot until SSH answers"] = time.monotonic() - started
+
+    base_url = f"http://{host.serving_address()}"
+    if probe.wait_healthy(base_url, 300) is not None:
+        raise SystemExit(f"{name}: its server did not come back after the reboot")
+    started = time.monotonic()
+    bare.run("systemctl restart vllm-serving")
+    if (why := probe.wait_healthy(base_url, 300, interval_s=0.1)) is not None:
+        raise SystemExit(f"{name}: {why}")
+    out["serving container restart until /health 200"] = time.monotonic() - started
+
+    slo = policy.gates.slo
+    started = time.monotonic()
+    probe.slo_probe(base_url, host.model, slo.warmup_requests, slo.needed_requests(),
+                    slo.request_timeout.total_seconds())
+    out[f"SLO probe's sampling ({slo.warmup_requests} + {slo.needed_requests()} requests)"] = \
+        time.monotonic() - started
+    hw = policy.gates.hardware
+    out[f"dcgmi diag -r {hw.dcgm_level}"] = bare.timed(f"dcgmi diag -r {hw.dcgm_level} -j >/dev/null")
+    gpus = host.gpu_count or 8
+    out["all_reduce_perf -b 8 -e 8G -f 2"] = bare.timed(
+        f"/opt/nccl-tests/build/all_reduce_perf -b 8 -e 8G -f 2 -g {gpus} >/dev/null")
+    haproxy_command(api, f"set server {backend}/{host.lb.get('server', name)} state ready")
+    return out
 
 
 def rollout_bench(work: Path) -> None:
@@ -106,6 +217,7 @@ def rollout_bench(work: Path) -> None:
     try:
         inventory = lab.inventory_path()
         october, november = lab.releases_dir / "2026-10.yaml", lab.releases_dir / "2026-11.yaml"
+        refresh = lab.releases_dir / "2026-11.5-weights-refresh.yaml"
         policy_data = yaml.safe_load((ROOT / "lab/policy.yaml").read_text())
         policy_data["gates"]["soak"]["duration"] = "0s"
         policy = work / "policy.yaml"
@@ -115,10 +227,17 @@ def rollout_bench(work: Path) -> None:
         converge(inventory, october)
         print("fleet patch run 2026-10 -> 2026-11, gates on, soak 0 ...", flush=True)
         total, inside, waves = pipeline(inventory, policy, work / "pipeline", november)
+        canary = waves[0][0]
+        per_host, per_state = host_times(work / "pipeline" / "journal.db", canary)
+        print("fleet patch run 2026-11 -> 2026-11.5-weights-refresh, gates on, soak 0 ...", flush=True)
+        weights_total, _, _ = pipeline(inventory, policy, work / "weights", refresh, lab.releases_dir)
+        weights_host, weights_states = host_times(work / "weights" / "journal.db", canary)
         print("converging back to 2026-10 (not timed) ...", flush=True)
         converge(inventory, october)
         print(f"baseline: ansible-playbook patch.yml, the same {len(waves)} waves, no gates ...", flush=True)
         plain = baseline(inventory, waves, november)
+        print(f"the bare operations on {canary}, one at a time ...", flush=True)
+        bare = bare_operations(lab, canary, inventory, policy, october, november)
     finally:
         lab.down(log=lambda _: None)
     in_actions = sum(inside.values())
@@ -131,6 +250,19 @@ def rollout_bench(work: Path) -> None:
         print(f"  inside {name:<24}         {seconds:8.1f} s")
     print(f"pipeline's own overhead (not in actions):{total - in_actions:8.1f} s "
           f"({(total - in_actions) / total:.1%} of the run)")
+    print("\n== weights-only bundle against the driver bundle (same lab, same policy) ==")
+    print(f"{'':34}{'driver (10->11)':>16}{'weights (11->11.5)':>20}")
+    print(f"{'fleet patch run, 5 hosts':34}{total:14.1f} s{weights_total:18.1f} s")
+    print(f"{'canary ' + canary + ', draining to done':34}{per_host:14.1f} s{weights_host:18.1f} s")
+    for state in ("draining", "applying", "rebooting", "verifying", "undraining", "soaking"):
+        print(f"  {state:32}{per_state.get(state, 0):14.1f} s{weights_states.get(state, 0):18.1f} s")
+    print(f"\n== {canary}: the pipeline against the bare operations (driver bundle) ==")
+    for what, seconds in bare.items():
+        print(f"  {what:52}{seconds:8.1f} s")
+    bound = sum(bare.values())
+    print(f"  {'sum of the bare operations':52}{bound:8.1f} s")
+    print(f"  {'the pipeline, draining to done':52}{per_host:8.1f} s")
+    print(f"  {'ratio pipeline / bare sum':52}{per_host / bound:8.2f}x")
 
 
 def generated_inventory(path: Path, hosts: int) -> None:
