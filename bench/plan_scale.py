@@ -5,7 +5,8 @@
     .venv/bin/python bench/plan_scale.py --sizes 1000 10000
 
 The example stack (Pulumi.example-hybrid.yaml) with its cloud pools' `count` raised until the fleet has the
-size asked for, rendered with `render_inventory` (every var on each host, as `fleet inventory` writes it).
+size asked for, rendered with `render_inventory` (every var on each host, as `fleet inventory` writes it: YAML
+whose body is JSON), and the same inventory as Pulumi's plain JSON and as block-style YAML.
 Each measurement runs in a fresh interpreter: `load_inventory` + `build_plan` (the default policy, the
 2026-11 bundle), as `fleet plan` does without a journal. `seconds` is that call's wall time (imports
 excluded); `RSS MiB` is the child's peak resident memory (VmHWM, imports included: Linux's ru_maxrss would
@@ -33,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def scaled_inventory(hosts: int, path: Path) -> int:
-    """Write the example stack's inventory with about `hosts` hosts to `path` (YAML as `render_inventory` writes
-    it, or the same inventory as JSON when `path` ends in .json); the exact host count."""
+    """Write the example stack's inventory with about `hosts` hosts to `path`, as `render_inventory` writes it
+    (YAML whose body is JSON), as Pulumi's output (`.pulumi.json`) or as block-style YAML (`.block.yml`); the
+    exact host count."""
     import yaml
 
     from infra.model.fleet import fleet_config_from_stack, parse_fleet
@@ -49,13 +51,18 @@ def scaled_inventory(hosts: int, path: Path) -> int:
     for i, pool in enumerate(cloud):
         pool["count"] = each + (i < extra)
     fleet = parse_fleet(config, f"{stack} (cloud pools scaled to {hosts} hosts)", "config.fleet:")
-    if path.suffix == ".json":
-        from infra.model.inventory import build_inventory
+    from infra.model.inventory import build_inventory
 
-        path.write_text(json.dumps(build_inventory(fleet), indent=1))
+    if path.name.endswith(".pulumi.json"):  # `pulumi stack output ansible_inventory`: plain JSON
+        path.write_text(json.dumps(build_inventory(fleet), indent=2))
+    elif path.name.endswith(".block.yml"):  # the same as block-style YAML (what `fleet inventory` wrote before)
+        path.write_text(yaml.safe_dump(build_inventory(fleet), sort_keys=False, width=120))
     else:
         path.write_text(render_inventory(fleet))
     return len(fleet.hosts)
+
+
+FORMATS = {"rendered": "yml", "pulumi": "pulumi.json", "block-yaml": "block.yml"}
 
 
 def measure(inventory: str) -> dict[str, Any]:
@@ -96,24 +103,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--with-ansible", action="store_true", help="measure Ansible's parser above 1,000 hosts too")
-    parser.add_argument("--formats", nargs="+", choices=["yml", "json"], default=["yml", "json"],
-                        help="the rendered YAML, and the same inventory written as JSON (read with json, not YAML)")
+    parser.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS),
+                        help="rendered: as `fleet inventory` writes it (YAML whose body is JSON); pulumi: plain JSON "
+                             "as `pulumi stack output` prints it; block-yaml: the same as block-style YAML")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one)))
         return
-    print(f"{'hosts':>6} {'file':>5} {'MiB':>5} | {'fast s':>7} {'(load':>7} {'plan)':>6} {'RSS MiB':>8} | "
+    print(f"{'hosts':>6} {'file':>10} {'MiB':>5} | {'fast s':>7} {'(load':>7} {'plan)':>6} {'RSS MiB':>8} | "
           f"{'ansible s':>9} {'(load':>7} {'plan)':>6} {'RSS MiB':>8} | {'speed-up':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for size, fmt in [(s, f) for s in args.sizes for f in args.formats]:
-            path = Path(tmp) / f"inventory-{size}.{fmt}"
+            path = Path(tmp) / f"inventory-{size}.{FORMATS[fmt]}"
             hosts = scaled_inventory(size, path)
             quick = _child(path, "fast")
             slow = _child(path, "ansible") if args.with_ansible or size <= 1000 else None
             if slow is not None:
                 assert (slow["hosts"], slow["waves"]) == (quick["hosts"], quick["waves"]), (slow, quick)
-            line = (f"{hosts:>6} {fmt:>5} {path.stat().st_size / 2**20:>5.1f} | {quick['seconds']:>7.3f} "
+            line = (f"{hosts:>6} {fmt:>10} {path.stat().st_size / 2**20:>5.1f} | {quick['seconds']:>7.3f} "
                     f"{quick['load_s']:>7.3f} {quick['plan_s']:>6.3f} {quick['rss_mib']:>8.0f} | ")
             if slow is None:
                 line += f"{'(skipped: --with-ansible)':>35} | {'':>8}"

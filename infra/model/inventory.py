@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from infra.model.access import ssh_common_args
 from infra.model.fleet import GPU_MEMORY_MIB, AwsSite, Fleet, Host, OnpremSite, OutpostSite
@@ -179,6 +179,27 @@ def build_inventory(fleet: Fleet, endpoints: Mapping[str, Endpoint] | None = Non
 
 
 def render_inventory(fleet: Fleet, endpoints: Mapping[str, Endpoint] | None = None) -> str:
-    """The fleet's Ansible inventory as YAML, under a do-not-edit header naming its source."""
-    header = f"# Ansible inventory for fleet {fleet.name!r}, rendered from {fleet.source}. Do not edit.\n"
-    return header + yaml.safe_dump(build_inventory(fleet, endpoints), sort_keys=False, width=120)
+    """The fleet's Ansible inventory under a do-not-edit header naming its source: YAML whose body is JSON.
+
+    JSON is YAML too (Ansible's yaml plugin reads the file as YAML, comments and all), and the fleet commands
+    read it with a JSON parser (patching/inventory/fast.py): 10,000 hosts in well under a second, where
+    block-style YAML takes ten times as long. Values are ones YAML reads as JSON does (no float in exponent
+    form, no NaN: ValueError).
+    """
+    data = build_inventory(fleet, endpoints)
+    _check_yaml_reads_as_json(data, "all")
+    header = (f"# Ansible inventory for fleet {fleet.name!r}, rendered from {fleet.source}. Do not edit.\n"
+              "# YAML written as JSON (a subset of YAML): Ansible reads it as YAML, the fleet commands as JSON.\n")
+    return header + json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _check_yaml_reads_as_json(value: Any, where: str) -> None:
+    """A float JSON writes in exponent form (1e-05) or a non-finite one is a string to YAML 1.1 (Ansible)."""
+    if isinstance(value, float) and ("e" in repr(value) or not math.isfinite(value)):
+        raise ValueError(f"{where}: {value!r} would read back as a string; give it as a string or a plain decimal")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_yaml_reads_as_json(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_yaml_reads_as_json(v, f"{where}[{i}]")

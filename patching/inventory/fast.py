@@ -1,6 +1,8 @@
 """A direct reader for inventories in exactly the shape this tool renders; anything else -> None (Ansible reads it).
 
-`fleet inventory` (infra/model/inventory.py `render_inventory`) writes one YAML document
+`fleet inventory` (infra/model/inventory.py `render_inventory`) writes one YAML document, its body JSON under a
+comment header (read here as JSON, what YAML reads it as), `pulumi stack output ansible_inventory` the same
+document as plain JSON:
 
     all: {vars: {...}, hosts: {name: {vars...}}, children: {group: {hosts: {name: null}}}}
 
@@ -216,7 +218,43 @@ def _load(path: Path) -> tuple[Any, bool]:
         return json.loads(text, object_pairs_hook=_json_object), False
     except json.JSONDecodeError:
         pass
+    if (body := _json_under_comments(text)) is not None:
+        return body, False
     return yaml.load(text, Loader=_Loader), "*" in text
+
+
+_COMMENTS = re.compile(r"(?:[ \t]*(?:#[^\n]*)?\n)*")
+# JSON escapes that YAML 1.1 readers may take otherwise ("\/" is YAML 1.2's; escaped surrogate pairs): such a
+# document is read as YAML. (A float in exponent form or NaN/Infinity, strings to YAML 1.1: see the hooks.)
+_YAML_READS_OTHERWISE = re.compile(r"\\/|\\u[dD][89a-fA-F]")
+
+
+def _json_under_comments(text: str) -> Any:
+    """The data of a YAML document that is JSON under comment lines (`fleet inventory` writes it so), read as
+    JSON (what YAML reads it as, ten times faster); None when it is not exactly that."""
+    start = _COMMENTS.match(text)
+    body = text[start.end() if start else 0:]
+    if not body.startswith("{") or _YAML_READS_OTHERWISE.search(body):
+        return None
+    try:
+        return json.loads(body, object_pairs_hook=_json_object, parse_float=_plain_float,
+                          parse_constant=_not_yaml)
+    except (json.JSONDecodeError, _YamlReadsOtherwise):
+        return None
+
+
+class _YamlReadsOtherwise(Exception):
+    """JSON that YAML reads otherwise: the document is read as YAML."""
+
+
+def _plain_float(literal: str) -> float:
+    if "e" in literal or "E" in literal:
+        raise _YamlReadsOtherwise("a float in exponent form: a string to YAML 1.1")
+    return float(literal)
+
+
+def _not_yaml(literal: str) -> Any:
+    raise _YamlReadsOtherwise(f"{literal}: not JSON, a string to YAML")
 
 
 def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

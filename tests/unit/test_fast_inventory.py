@@ -283,3 +283,38 @@ def test_shared_objects_are_copies_as_with_ansible(tmp_path, calls, hybrid):
     a, b = (got.vars[n] for n in names[:2])
     assert a["fleet_extra"] == b["fleet_extra"] and a["fleet_extra"] is not b["fleet_extra"]
     assert a["fleet_mirrors"] == b["fleet_mirrors"] and a["fleet_mirrors"] is not b["fleet_mirrors"]
+
+
+def test_the_rendered_file_is_read_as_json_and_ansible_reads_it_as_yaml(tmp_path, calls, monkeypatch):
+    """`fleet inventory` writes JSON under a comment header: the fast path reads it with json (no YAML parse at
+    all), Ansible as YAML, and both give the same."""
+    path = _write(tmp_path, render_inventory(load_stack("example-hybrid", ROOT)))
+    with monkeypatch.context() as m:
+        m.setattr(fast.yaml, "load", lambda *a, **k: pytest.fail("the rendered file went through YAML"))
+        assert fast.read([str(path)]) is not None
+    inv = _same(path, calls)
+    assert len(inv.hosts) == 14
+
+
+@pytest.mark.parametrize(("value", "yaml_reads"), [
+    ("1e-05", "1e-05"),  # YAML 1.1 has no exponent-only float: a string
+    ("NaN", "NaN"),
+    ('"a\\/b"', "a/b"),  # YAML 1.2's escape, which PyYAML reads too
+    ("0.5", 0.5),
+    ('"caf\\u00e9"', "café"),
+])
+def test_json_that_yaml_reads_otherwise_is_left_to_the_yaml_reading(tmp_path, calls, value, yaml_reads):
+    text = ("# rendered\n{\"all\": {\"hosts\": {\"h1\": {\"ansible_host\": \"10.0.0.1\", \"fleet_x\": "
+            + value + "}}}}\n")
+    expected = yaml.safe_load(text)
+    assert expected["all"]["hosts"]["h1"]["fleet_x"] == yaml_reads
+    data, _ = fast._load(_write(tmp_path, text))
+    assert data == expected
+
+
+def test_render_refuses_a_value_yaml_would_read_back_otherwise(root=ROOT):
+    from infra.model.inventory import _check_yaml_reads_as_json
+
+    _check_yaml_reads_as_json({"a": [1, 0.25, "1e-05"]}, "all")
+    with pytest.raises(ValueError, match=r"all\.a\[1\]: 1e-05"):
+        _check_yaml_reads_as_json({"a": [1, 1e-05]}, "all")
