@@ -1,8 +1,9 @@
 """Benchmark: the patch pipeline against the plain playbook a user would write, against the bare operations a
-wave cannot avoid, a weights-only bundle against a driver bundle, and the planner at scale.
+wave cannot avoid, and a weights-only bundle against a driver bundle.
 
     .venv/bin/python bench/rollout.py               # needs root: uses a lab of its own (ports 25000+)
-    .venv/bin/python bench/rollout.py --plan-only   # just the 10,000-host plan
+
+(The planner at 10,000 hosts: bench/plan_scale.py.)
 
 1. On the lab fleet, October -> November twice, from the same starting point:
    - `fleet patch run` with every gate on and the soak set to zero (the lab policy otherwise); it applies the
@@ -14,14 +15,12 @@ wave cannot avoid, a weights-only bundle against a driver bundle, and the planne
    host action (Ansible runs, probes, host checks, waits).
 2. `fleet patch run` of the lab's weights-only bundle (2026-11 -> 2026-11.5-weights-refresh): no reboot, the
    serving role only; its time beside the driver bundle's.
-3. The physical bound, on the canary host (dgx-a1), each bare operation timed alone: the drain (HAProxy's
-   runtime API), installing the packages the change moves with dpkg alone (the November -> October set, the
-   same packages the other way: the host is on November by then), the reboot until SSH answers, the serving
-   container's restart until /health answers 200, and the gates' own sampling (the SLO probe's requests, the
-   DCGM diagnostic, the NCCL all-reduce sweep). Their sum against the pipeline's time for that host (its
-   draining to its done, from the journal).
-4. `fleet plan` over a generated 10,000-host JSON inventory: time and peak memory (a child process,
-   so its peak is its own).
+3. The physical bound, on the canary host (dgx-a1, on October), each bare operation timed alone, before the
+   pipeline runs (the host is converged back to October after): the drain (HAProxy's runtime API), installing
+   the packages November moves with dpkg alone (downloaded first, not timed), the reboot until SSH answers, the
+   serving container's restart until /health answers 200, and the gates' own sampling (the SLO probe's
+   requests, the DCGM diagnostic, the NCCL all-reduce sweep). Their sum against the pipeline's time for that
+   host (its draining to its done, from the journal).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,9 +42,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
 
 
-def converge(inventory: Path, release: Path) -> None:
+def converge(inventory: Path, release: Path, limit: str = "all") -> None:
     subprocess.run([BIN / "ansible-playbook", "-i", inventory, "playbooks/site.yml", "-e",
-                    f"bundle_file={release}"], cwd=ROOT, check=True, capture_output=True)
+                    f"bundle_file={release}", "--limit", limit], cwd=ROOT, check=True, capture_output=True)
 
 
 class TimedActions:
@@ -148,8 +146,9 @@ class BareHost:
         return time.monotonic() - started
 
 
-def bare_operations(lab, name: str, inventory: Path, policy_path: Path, old: Path, new: Path) -> dict[str, float]:
-    """Each operation a wave cannot avoid on host `name` (on `new` now), timed alone (module docstring, 3.)."""
+def bare_operations(lab, name: str, inventory: Path, policy_path: Path, new: Path) -> dict[str, float]:
+    """Each operation a wave cannot avoid on host `name` moving to bundle `new`, timed alone (module docstring,
+    3.); the host keeps the new packages (the caller converges it back)."""
     from patching.hosts import probe
     from patching.hosts.actions import haproxy_command
     from patching.inventory.reader import load_inventory
@@ -169,12 +168,13 @@ def bare_operations(lab, name: str, inventory: Path, policy_path: Path, old: Pat
     out["drain (HAProxy API)"] = time.monotonic() - started
 
     # the packages the change moves, downloaded first (not timed), then installed with dpkg alone
-    before, after = host_pins(load_bundle(new), hostvars), host_pins(load_bundle(old), hostvars)
-    moved = {p: v for p, v in after.items() if before.get(p) != v}
+    installed = dict(line.split() for line in bare.run(
+        "dpkg-query -W -f='${Package} ${Version}\\n'").stdout.splitlines() if len(line.split()) == 2)
+    moved = {p: v for p, v in host_pins(load_bundle(new), hostvars).items() if installed.get(p) != v}
     bare.run("rm -rf /var/tmp/bench-debs && mkdir /var/tmp/bench-debs && cd /var/tmp/bench-debs && "
              "apt-get download -q " + " ".join(f"{p}={v}" for p, v in sorted(moved.items())))
     out[f"dpkg -i of the {len(moved)} moved packages"] = bare.timed(
-        "dpkg -i --force-hold --force-downgrade /var/tmp/bench-debs/*.deb")
+        "dpkg -i --force-hold /var/tmp/bench-debs/*.deb")
 
     started = time.monotonic()
     bare.run("systemctl reboot", check=False)
@@ -185,7 +185,7 @@ def bare_operations(lab, name: str, inventory: Path, policy_path: Path, old: Pat
         time.sleep(0.2)
     out["reboot until SSH answers"] = time.monotonic() - started
 
-    base_url = f"http://{host.serving_address()}"
+    base_url = f"http://{host.serving_address}"
     if probe.wait_healthy(base_url, 300) is not None:
         raise SystemExit(f"{name}: its server did not come back after the reboot")
     started = time.monotonic()
@@ -225,19 +225,25 @@ def rollout_bench(work: Path) -> None:
 
         print("converging the lab to 2026-10 (not timed) ...", flush=True)
         converge(inventory, october)
+        canary = str(policy_data["canary"]["hosts"][0])
+        print(f"the bare operations of 2026-10 -> 2026-11 on {canary}, one at a time ...", flush=True)
+        bare = bare_operations(lab, canary, inventory, policy, november)
+        for what, seconds in bare.items():
+            print(f"  {what:52}{seconds:8.1f} s", flush=True)
+        print(f"converging {canary} back to 2026-10 (not timed) ...", flush=True)
+        converge(inventory, october, limit=canary)
         print("fleet patch run 2026-10 -> 2026-11, gates on, soak 0 ...", flush=True)
         total, inside, waves = pipeline(inventory, policy, work / "pipeline", november)
-        canary = waves[0][0]
+        print(f"  {total:.1f} s, waves {[len(w) for w in waves]}", flush=True)
         per_host, per_state = host_times(work / "pipeline" / "journal.db", canary)
         print("fleet patch run 2026-11 -> 2026-11.5-weights-refresh, gates on, soak 0 ...", flush=True)
         weights_total, _, _ = pipeline(inventory, policy, work / "weights", refresh, lab.releases_dir)
         weights_host, weights_states = host_times(work / "weights" / "journal.db", canary)
+        print(f"  {weights_total:.1f} s", flush=True)
         print("converging back to 2026-10 (not timed) ...", flush=True)
         converge(inventory, october)
         print(f"baseline: ansible-playbook patch.yml, the same {len(waves)} waves, no gates ...", flush=True)
         plain = baseline(inventory, waves, november)
-        print(f"the bare operations on {canary}, one at a time ...", flush=True)
-        bare = bare_operations(lab, canary, inventory, policy, october, november)
     finally:
         lab.down(log=lambda _: None)
     in_actions = sum(inside.values())
@@ -256,7 +262,7 @@ def rollout_bench(work: Path) -> None:
     print(f"{'canary ' + canary + ', draining to done':34}{per_host:14.1f} s{weights_host:18.1f} s")
     for state in ("draining", "applying", "rebooting", "verifying", "undraining", "soaking"):
         print(f"  {state:32}{per_state.get(state, 0):14.1f} s{weights_states.get(state, 0):18.1f} s")
-    print(f"\n== {canary}: the pipeline against the bare operations (driver bundle) ==")
+    print(f"\n== {canary}: the pipeline against the bare operations of 2026-10 -> 2026-11 ==")
     for what, seconds in bare.items():
         print(f"  {what:52}{seconds:8.1f} s")
     bound = sum(bare.values())
@@ -265,50 +271,11 @@ def rollout_bench(work: Path) -> None:
     print(f"  {'ratio pipeline / bare sum':52}{per_host / bound:8.2f}x")
 
 
-def generated_inventory(path: Path, hosts: int) -> None:
-    """A JSON inventory of `hosts` hosts in 50 pools over 5 sites, with the documented host vars."""
-    hostvars, groups = {}, defaultdict(list)
-    for i in range(hosts):
-        site, pool = f"site-{i % 5}", f"pool-{i % 50}"
-        name = f"gpu-{i:05d}"
-        hostvars[name] = {"ansible_host": f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", "fleet_site": site,
-                          "fleet_site_kind": "onprem", "fleet_pool": pool, "fleet_patch_ring": i % 3,
-                          "fleet_serving_port": 8000, "fleet_max_unavailable": "10%", "fleet_min_serving": 150,
-                          "fleet_model": "deepseek-ai/DeepSeek-V3",
-                          "fleet_lb": {"kind": "haproxy", "api": "10.0.0.1:9999", "backend": pool, "server": name}}
-        groups[f"pool_{pool.replace('-', '_')}"].append(name)
-    # Ansible's YAML inventory format, written as JSON (which its yaml plugin reads, and faster than YAML)
-    children = {g: {"hosts": dict.fromkeys(members)} for g, members in groups.items()}
-    path.write_text(json.dumps({"all": {"hosts": hostvars, "children": children}}))
-
-
-def plan_bench(work: Path, hosts: int = 10_000) -> None:
-    inventory = work / "inventory.json"
-    generated_inventory(inventory, hosts)
-    started = time.monotonic()
-    proc = subprocess.run([BIN / "fleet", "plan", "--release", "releases/2026-11.yaml", "-i", inventory,
-                           "-o", work / "plan.json"], cwd=ROOT, capture_output=True, text=True)
-    seconds = time.monotonic() - started
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if proc.returncode != 0:
-        raise SystemExit(proc.stderr[-2000:])
-    plan = json.loads((work / "plan.json").read_text())
-    print(f"\n== fleet plan over a generated {hosts:,}-host JSON inventory ==")
-    print(f"waves: {len(plan['waves'])}, planned hosts: {len(plan['hosts'])}")
-    print(f"time:        {seconds:8.1f} s")
-    print(f"peak memory: {peak_mib:8.0f} MiB")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan-only", action="store_true", help="skip the lab rollout")
-    parser.add_argument("--hosts", type=int, default=10_000, help="hosts in the generated inventory")
-    args = parser.parse_args()
+    parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
-        work = Path(tmp)
-        plan_bench(work, args.hosts)
-        if not args.plan_only:
-            rollout_bench(work)
+        rollout_bench(Path(tmp))
 
 
 if __name__ == "__main__":
