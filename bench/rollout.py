@@ -162,9 +162,10 @@ def bare_operations(lab, name: str, inventory: Path, policy_path: Path, new: Pat
     bare = BareHost(lab, name)
     out: dict[str, float] = {}
 
-    api, backend = str(host.lb["api"]), str(host.lb.get("backend", host.pool))
+    # the server in its backend, as drain.yml names it (lb_member_backend, lb_member_server)
+    api, server = str(host.lb["api"]), f"{host.lb.get('backend', host.pool)}/{host.lb.get('server', name)}"
     started = time.monotonic()
-    haproxy_command(api, f"set server {backend}/{host.lb.get('server', name)} state drain")
+    haproxy_command(api, f"set server {server} state drain")
     out["drain (HAProxy API)"] = time.monotonic() - started
 
     # the packages the change moves, downloaded first (not timed), then installed with dpkg alone
@@ -205,7 +206,7 @@ def bare_operations(lab, name: str, inventory: Path, policy_path: Path, new: Pat
     gpus = host.gpu_count or 8
     out["all_reduce_perf -b 8 -e 8G -f 2"] = bare.timed(
         f"/opt/nccl-tests/build/all_reduce_perf -b 8 -e 8G -f 2 -g {gpus} >/dev/null")
-    haproxy_command(api, f"set server {backend}/{host.lb.get('server', name)} state ready")
+    haproxy_command(api, f"set server {server} state ready")
     return out
 
 
