@@ -170,6 +170,50 @@ def test_tampered_driver_is_named_by_drift_and_verify(converged, tmp_path):
     assert fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
 
 
+# A package whose configure step waits while /run/fleet-test-hold exists: dpkg is killed inside it.
+CUT_SHORT = r"""
+set -eu
+d=$(mktemp -d) && mkdir -p "$d/p/DEBIAN"
+cat > "$d/p/DEBIAN/control" <<EOF
+Package: fleet-test-cut-short
+Version: 1.0
+Architecture: all
+Maintainer: fleet tests <root@localhost>
+Description: a package whose configure step the test cuts short
+EOF
+printf '#!/bin/sh\nwhile [ -e /run/fleet-test-hold ]; do sleep 0.2; done\n' > "$d/p/DEBIAN/postinst"
+chmod 755 "$d/p/DEBIAN/postinst" && dpkg-deb --build "$d/p" "$d/p.deb" > /dev/null
+touch /run/fleet-test-hold
+dpkg -i "$d/p.deb" > /dev/null 2>&1 < /dev/null &
+dpkg=$!
+# dpkg marks the package half-configured (in its journal) before it runs the postinst
+state() { dpkg-query -W -f='${db:Status-Status}' fleet-test-cut-short 2> /dev/null || true; }
+for _ in $(seq 150); do [ "$(state)" = half-configured ] && break; sleep 0.2; done
+[ "$(state)" = half-configured ]
+kill -9 "$dpkg"
+rm -rf /run/fleet-test-hold "$d"  # the orphaned postinst ends by itself
+"""
+
+
+def test_a_host_whose_dpkg_run_was_cut_short_converges(converged):
+    """A host that lost power during an apt run (CI saw one: its rollback cut short by the host going down)
+    keeps dpkg's journal of the run, and apt refuses every install until `dpkg --configure -a` finishes it.
+    A converge finishes it first, then converges; a real dpkg is killed here inside a package's postinst."""
+    host, inventory = "dgx-a2", str(converged.inventory)
+    converged.ssh(host, CUT_SHORT)
+    try:
+        refused = converged.ssh(host, "apt-get -y install dpkg", check=False)
+        assert refused.returncode == 100 and "dpkg was interrupted" in refused.stderr, refused.stderr
+        assert fleet("converge", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
+        status = converged.ssh(host, "dpkg-query -W -f='${db:Status-Status}' fleet-test-cut-short").stdout
+        assert status == "installed"  # its configure step ran to the end
+        assert converged.ssh(host, "ls -A /var/lib/dpkg/updates").stdout.strip() == ""
+    finally:
+        converged.ssh(host, "rm -f /run/fleet-test-hold; dpkg --configure -a; dpkg --purge fleet-test-cut-short",
+                      check=False)
+    assert fleet("drift", "--release", str(RELEASE), "--inventory", inventory, "--limit", host).returncode == 0
+
+
 def test_a_container_running_another_digest_is_named_by_drift_and_verify(converged, tmp_path):
     """Someone ran the next release's image by hand under the unit: podman says so, and both digests are named."""
     host, inventory = "r1-outpost-0", str(converged.inventory)
