@@ -7,7 +7,6 @@ Registered on the main app by `register(app)`. Exit codes as everywhere (DESIGN.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -97,8 +96,8 @@ def verify(
     release: ReleaseOpt,
     inventory: InventoryOpt,
     limit: LimitOpt = None,
-    workers: Annotated[int | None, typer.Option(help="parallel xdist workers (0: host by host in one process; "
-                                                       "default: one per host, at most twice the CPUs)")] = None,
+    workers: Annotated[int, typer.Option(help="xdist worker processes; 0 (default): one process that reads every "
+                                              "host at once, one SSH session per host, then runs the checks")] = 0,
     junit: Annotated[Path, typer.Option(help="JUnit XML report")] = Path("reports/verify.xml"),
     allow_unverified_host_keys: UnverifiedOpt = False,
 ) -> None:
@@ -110,9 +109,8 @@ def verify(
     from patching.inventory.target import load_target
 
     target = load_target(release, inventory, limit, allow_unverified_host_keys)
-    if workers is None:
-        workers = min(len(target.hosts), 2 * (os.cpu_count() or 1))
-    say(f"checking {len(target.hosts)} host(s) against {target.bundle.release} ({workers or 'no'} xdist workers)")
+    how = f"{workers} xdist workers" if workers else "every host read at once"
+    say(f"checking {len(target.hosts)} host(s) against {target.bundle.release} ({how})")
     with Progress(TextColumn("checks"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=out, transient=True, disable=not out.is_terminal) as progress:
         task = progress.add_task("", total=None)

@@ -388,7 +388,7 @@ class FleetActions:
             return {}
         junit = self._private_dir("testinfra") / "junit.xml"
         result = run_verify(self._write_bundle(bundle), Path(self.inventory.sources[0]), [h.name for h in hosts],
-                            workers=min(8, len(hosts)), junit=junit, timeout_s=timeout_s)
+                            workers=0, junit=junit, timeout_s=timeout_s)
         out = {}
         for h in hosts:
             checks = [c for c in result.checks if c.host == h.name]

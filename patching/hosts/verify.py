@@ -1,6 +1,6 @@
 """`fleet verify`: the host checks (tests/hosts, pytest-testinfra) against a bundle, with progress.
 
-The checks run in a pytest subprocess, hosts in parallel (pytest-xdist, one worker group per host);
+The checks run in a pytest subprocess, which reads every host at once (a thread and one SSH session per host);
 a small plugin (patching/hosts/verify_events.py) streams each finished check back, for the progress
 display and the summary; JUnit XML is written for CI.
 """
@@ -72,7 +72,8 @@ def run_verify(bundle_path: Path, inventory: Path, hosts: list[str] | tuple[str,
                extra_args: list[str] | None = None, timeout_s: float | None = None) -> VerifyResult:
     """Run the host checks for `hosts`; `on_check(result, total)` is called as each check finishes.
 
-    workers 0 runs the checks host by host in one process (no xdist). With `timeout_s`, pytest runs in
+    workers 0 runs the checks in one process (no xdist), which reads every host at once before the first
+    check (tests/hosts/conftest.py); N > 0 spreads the hosts over N xdist workers. With `timeout_s`, pytest runs in
     a process group of its own, killed whole (xdist workers, SSH sessions) when the time is up; the
     result is then `timed_out`, with the checks that had finished.
     """

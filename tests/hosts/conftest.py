@@ -1,19 +1,22 @@
 """The post-maintenance checklist: pytest-testinfra checks of every host against one bundle.
 
     pytest tests/hosts --bundle releases/2026-10.yaml --ansible-inventory INVENTORY \\
-        [--hosts 'ansible://PATTERN'] -n auto --dist loadgroup --junitxml reports/verify.xml
+        [--hosts 'ansible://PATTERN'] --junitxml reports/verify.xml
 
 (`fleet verify --release F --inventory I` runs exactly this, with a progress display and a summary.)
+Before the first check every host is read at once, a thread and one SSH session per host running every command
+its checks will ask for (tests/hosts/checks.py HostReadings.read_all); the checks then judge what was read.
 Expected values come from the bundle and the host's inventory vars; what the host has comes from
 its own tools, read with patching/hosts/facts.py's parsers. Each check asserts one fact and fails with
-"<host>: <what>: expected <value>, found <value>". All checks of a host run on one xdist worker
-(`--dist loadgroup`), so hosts are checked in parallel and each host's tools run once.
+"<host>: <what>: expected <value>, found <value>". Under xdist, all checks of a host run on one worker
+(`--dist loadgroup`), which reads the host when it reaches it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bundle", metavar="FILE", help="the release manifest the hosts must run (required)")
     group.addoption("--ups-min-charge", type=float, default=80.0, metavar="PERCENT",
                     help="lowest UPS battery charge that passes (default 80)")
+    group.addoption("--command-by-command", action="store_true",
+                    help="no reading ahead: each check runs its own command when it runs, host after host without "
+                         "xdist (slower; for comparison and debugging)")
     group.addoption("--host-vars", metavar="FILE",
                     help="YAML mapping of the fleet_* vars to check against, for hosts not reached through an "
                          "Ansible inventory (e.g. --hosts local:// on the host itself)")
@@ -128,8 +134,40 @@ def pins(bundle: Bundle, hostvars: dict[str, Any]) -> dict[str, str]:
 _FACTS: dict[str, HostReadings] = {}
 
 
-@pytest.fixture(scope="module")
-def facts(host, name: str, hostvars: dict[str, Any], bundle: Bundle) -> HostReadings:
+def _readings(host: Any, config: pytest.Config, bundle: Bundle) -> HostReadings:
+    """The host's readings, made once per process: every command its checks will run, read in one SSH session."""
+    name = _inventory_name(host)
     if name not in _FACTS:
-        _FACTS[name] = HostReadings(host, hostvars, all_pinned_packages(bundle))
+        path = config.getoption("--host-vars")
+        hostvars = _host_vars_file(path) if path else host.ansible.get_variables()
+        _FACTS[name] = HostReadings(host, hostvars, all_pinned_packages(bundle), bundle)
+        if not config.getoption("--command-by-command"):
+            _FACTS[name].read_all()
     return _FACTS[name]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _read_every_host_at_once(request: pytest.FixtureRequest, pytestconfig: pytest.Config) -> None:
+    """Before the first check, read every host at once: one thread and one SSH session per host, so the checks
+    that follow only judge what was read. Under xdist each worker reads its hosts as it reaches them."""
+    if hasattr(pytestconfig, "workerinput") or pytestconfig.getoption("--command-by-command"):
+        return
+    hosts: dict[str, Any] = {}
+    for item in request.session.items:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and (host := spec.params.get("_testinfra_host")) is not None:
+            hosts.setdefault(_inventory_name(host), host)
+    if len(hosts) < 2:
+        return
+    bundle = _load(pytestconfig)
+    if pytestconfig.getoption("--host-vars") is None:
+        for host in hosts.values():  # the inventory is parsed once, before the threads share it
+            host.ansible.get_variables()
+    with ThreadPoolExecutor(max_workers=min(32, len(hosts)), thread_name_prefix="read-host") as pool:
+        for future in [pool.submit(_readings, host, pytestconfig, bundle) for host in hosts.values()]:
+            future.result()
+
+
+@pytest.fixture(scope="module")
+def facts(host, pytestconfig: pytest.Config, bundle: Bundle) -> HostReadings:
+    return _readings(host, pytestconfig, bundle)

@@ -8,20 +8,20 @@ import re
 
 from patching.hosts import facts as hostfacts
 from patching.release.pins import EFA_RECORD_PATH, efa_differences, efa_read_command, split_efa_answer
-from tests.hosts.checks import expect, gpus_or_fail, only_where
+from tests.hosts.checks import FABRIC_MANAGER_VERSION, FI_INFO, expect, gpus_or_fail, only_where, unit_state_command
 
 
-def test_fabric_manager_active(name, host, hostvars):
+def test_fabric_manager_active(name, facts, hostvars):
     only_where(hostvars.get("fleet_nvswitch"), name, "no NVSwitch: fabric manager does not apply")
-    found = host.run("systemctl is-active nvidia-fabricmanager").stdout.strip() or "unknown"
+    found = facts.run(unit_state_command("nvidia-fabricmanager")).stdout.strip() or "unknown"
     expect(found == "active", name, "nvidia-fabricmanager.service", "active", found)
 
 
-def test_fabric_manager_equals_driver(name, host, facts, hostvars, bundle):
+def test_fabric_manager_equals_driver(name, facts, hostvars, bundle):
     only_where(hostvars.get("fleet_nvswitch"), name, "no NVSwitch: fabric manager does not apply")
     gpus = gpus_or_fail(facts, name, "fabric manager version", f"the loaded driver's ({bundle.driver.version})")
     loaded = sorted({g.driver_version or "N/A" for g in gpus})
-    result = host.run("nv-fabricmanager --version")
+    result = facts.run(FABRIC_MANAGER_VERSION)
     match = re.search(r"Fabric Manager version is\s*:\s*(\S+)", result.stdout)
     found = match.group(1) if match else f"exit {result.rc}: {(result.stderr or result.stdout).strip()}"
     expect(loaded == [found], name, "fabric manager version", f"the loaded driver's ({', '.join(loaded)})", found)
@@ -53,9 +53,9 @@ def test_ib_port_rate(name, facts, hostvars):
     expect(not bad, name, "InfiniBand port rate", want, "; ".join(bad))
 
 
-def test_efa_devices(name, host, hostvars):
+def test_efa_devices(name, facts, hostvars):
     only_where(hostvars.get("fleet_efa"), name, "not an EFA host")
-    result = host.run("/opt/amazon/efa/bin/fi_info -p efa -t FI_EP_RDM")
+    result = facts.run(FI_INFO)
     count = hostfacts.efa_device_count(hostfacts.parse_fi_info(result.stdout))
     found = f"{count}" if count else (result.stderr or result.stdout).strip() or f"exit {result.rc}"
     wanted = hostvars.get("fleet_efa_devices")  # what the instance type gets (pulumi up exports it)

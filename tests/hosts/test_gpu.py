@@ -5,7 +5,7 @@ from __future__ import annotations
 from patching.hosts import facts as hostfacts
 from patching.release.compat import version_key
 from patching.release.pins import SMI_PRODUCT_NAMES
-from tests.hosts.checks import expect, gpus_or_fail
+from tests.hosts.checks import expect, gpus_or_fail, nvcc_command
 
 
 def test_nvml_driver_version(name, facts, bundle):
@@ -26,9 +26,9 @@ def test_cuda_supported_by_driver(name, facts, bundle):
            "CUDA version the driver supports", want, found)
 
 
-def test_nvcc_release(name, host, bundle):
+def test_nvcc_release(name, facts, bundle):
     nvcc = f"/usr/local/cuda-{bundle.cuda_minor}/bin/nvcc"
-    result = host.run(f"{nvcc} --version")
+    result = facts.run(nvcc_command(bundle.cuda_minor))
     if result.rc != 0:
         expect(False, name, f"{nvcc} release", bundle.cuda_minor, f"exit {result.rc}: {result.stderr.strip()}")
     found = hostfacts.parse_nvcc_version(result.stdout).release

@@ -4,21 +4,12 @@ file's sha256 on disk, /version."""
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 from patching.hosts.facts import image_digest, serving_container
-from tests.hosts.checks import expect
-
-WEIGHTS_DIR = "/var/lib/model-serving/weights"  # the model_serving role's default
-
-
-def _address(hostvars) -> str:
-    bind = hostvars.get("fleet_serving_bind_address") or "127.0.0.1"
-    return "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+from tests.hosts.checks import expect, serving_address, unit_state_command, weights_file
 
 
 def _served(name, facts, hostvars, what, want) -> dict:
-    models = facts.served_models(hostvars["fleet_serving_port"], _address(hostvars))
+    models = facts.served_models(hostvars["fleet_serving_port"], serving_address(hostvars))
     if isinstance(models, str):
         expect(False, name, what, want, models)
     entry = next((m for m in models.get("data", []) if m.get("id") == hostvars["fleet_model"]), None)
@@ -27,9 +18,9 @@ def _served(name, facts, hostvars, what, want) -> dict:
     return entry
 
 
-def test_serving_unit_active(name, host, bundle):
+def test_serving_unit_active(name, facts, bundle):
     unit = f"{bundle.serving.engine}-serving"
-    found = host.run(f"systemctl is-active {unit}").stdout.strip() or "unknown"
+    found = facts.run(unit_state_command(unit)).stdout.strip() or "unknown"
     expect(found == "active", name, f"{unit}.service", "active", found)
 
 
@@ -45,15 +36,8 @@ def test_serving_model(name, facts, hostvars):
     _served(name, facts, hostvars, "served model", hostvars["fleet_model"])
 
 
-def _weights_file(hostvars, bundle) -> str:
-    """Where the role stages this bundle's weights for the host's model: <dir>/<model>/<revision>/<file>."""
-    weights = bundle.model(hostvars["fleet_model"]).weights
-    base = hostvars.get("model_serving_weights_dir") or WEIGHTS_DIR
-    return f"{base}/{hostvars['fleet_model']}/{weights.revision}/{PurePosixPath(weights.path).name}"
-
-
 def test_serving_weights_path(name, facts, hostvars, bundle):
-    want = _weights_file(hostvars, bundle)
+    want = weights_file(hostvars, bundle)
     found = _served(name, facts, hostvars, "served weights path", want).get("root")
     expect(found == want, name, "served weights path (/v1/models root)", want, found)
 
@@ -69,6 +53,6 @@ def test_serving_weights_sha256(name, facts, hostvars, bundle):
 
 def test_serving_version(name, facts, hostvars, bundle):
     want = bundle.serving.version
-    answer = facts.served_version(hostvars["fleet_serving_port"], _address(hostvars))
+    answer = facts.served_version(hostvars["fleet_serving_port"], serving_address(hostvars))
     found = answer.get("version") if isinstance(answer, dict) else answer
     expect(found == want, name, "serving version (/version)", want, found)

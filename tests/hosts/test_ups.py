@@ -3,7 +3,7 @@ upsmon watches them."""
 
 from __future__ import annotations
 
-from tests.hosts.checks import expect, only_where
+from tests.hosts.checks import expect, only_where, unit_state_command
 
 
 def _units(name, hostvars):
@@ -31,7 +31,7 @@ def test_ups_charge(name, facts, hostvars, pytestconfig):
     expect(not bad, name, "UPS battery charge", f">= {floor:g}% on every unit", "; ".join(bad))
 
 
-def test_upsmon_active(name, host, hostvars):
+def test_upsmon_active(name, facts, hostvars):
     _units(name, hostvars)
-    found = host.run("systemctl is-active nut-monitor").stdout.strip() or "unknown"
+    found = facts.run(unit_state_command("nut-monitor")).stdout.strip() or "unknown"
     expect(found == "active", name, "nut-monitor.service (upsmon)", "active", found)

@@ -144,26 +144,27 @@ def test_testinfra_over_its_limit_is_killed_with_all_it_started(tmp_path, monkey
     checks.mkdir()
     (checks / "conftest.py").write_text(
         "def pytest_addoption(parser):\n    parser.addoption('--bundle')\n")
-    (checks / "test_slow.py").write_text(
-        "import os, pathlib, time\n\n"
+    (checks / "test_slow.py").write_text(  # a check that hangs, with a child of its own (as an SSH session is)
+        "import os, pathlib, subprocess, time\n\n"
         "def test_slow():\n"
-        f"    pathlib.Path({str(pids)!r}).write_text(f'{{os.getpid()}} {{os.getppid()}}')\n"
+        f"    child = subprocess.Popen(['sleep', '{SLOW_S * 4}'])\n"
+        f"    pathlib.Path({str(pids)!r}).write_text(f'{{child.pid}} {{os.getpid()}}')\n"
         f"    time.sleep({SLOW_S * 4})\n")
     monkeypatch.setattr(hostverify, "HOST_CHECKS", checks)  # the suite: one check that hangs
     write_yaml(tmp_path / "inventory.yml", {"all": {"hosts": {"a1": {"ansible_host": "127.0.0.1"}}}})
     h = make_host("a1")
     actions = make_actions(tmp_path, monkeypatch, h)
     bundle = load_bundle(ROOT / "releases/2026-11.yaml")
-    limit = 10.0  # time for pytest and its xdist worker to start, well below the check's sleep
+    limit = 10.0  # time for pytest to start, well below the check's sleep
     started = time.monotonic()
     (outcome,) = actions.gate_testinfra([h], bundle, limit).values()
     assert time.monotonic() - started < SLOW_S * 2
     assert not outcome.ok and outcome.timed_out and outcome.detail.startswith("host checks ran past 10s")
-    worker, pytest_main = (int(p) for p in pids.read_text().split())
+    child, pytest_main = (int(p) for p in pids.read_text().split())
     deadline = time.monotonic() + 10
-    while not (_gone(worker) and _gone(pytest_main)) and time.monotonic() < deadline:
+    while not (_gone(child) and _gone(pytest_main)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _gone(worker) and _gone(pytest_main)
+    assert _gone(child) and _gone(pytest_main)
 
 
 # ---- UPS: degraded reads are "could not measure", named --------------------------------------------
