@@ -323,10 +323,14 @@ def _when_state(journal: Path, host: str, state: str, then, timeout: float = 900
     def watch() -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            row = None
             if journal.exists():
                 with contextlib.closing(sqlite3.connect(journal, timeout=10)) as db:
-                    row = db.execute("SELECT state FROM host_states WHERE host = ? ORDER BY id DESC LIMIT 1",
-                                     (host,)).fetchone()
+                    try:
+                        row = db.execute("SELECT state FROM host_states WHERE host = ? ORDER BY id DESC LIMIT 1",
+                                         (host,)).fetchone()
+                    except sqlite3.OperationalError:  # the file is there, its tables not yet
+                        row = None
                 if row and row[0] == state:
                     then()
                     return
