@@ -74,12 +74,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("pinned_package", all_pinned_packages(_load(metafunc.config)))
 
 
+def _testinfra_host(item: pytest.Item) -> Any:
+    """The testinfra host a check runs against (None for an item without one)."""
+    spec = getattr(item, "callspec", None)
+    return spec.params.get("_testinfra_host") if spec else None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # one xdist group per host: with --dist loadgroup a host's checks share a worker and its caches
     for item in items:
-        spec = getattr(item, "callspec", None)
-        host = spec.params.get("_testinfra_host") if spec else None
-        if host is not None:
+        if (host := _testinfra_host(item)) is not None:
             item.add_marker(pytest.mark.xdist_group(host.backend.get_pytest_id()))
 
 
@@ -120,10 +124,14 @@ def _host_vars_file(path: str) -> dict[str, Any]:
     return data
 
 
+def _hostvars(host: Any, config: pytest.Config) -> dict[str, Any]:
+    path = config.getoption("--host-vars")
+    return _host_vars_file(path) if path else host.ansible.get_variables()
+
+
 @pytest.fixture(scope="module")
 def hostvars(host, pytestconfig: pytest.Config) -> dict[str, Any]:
-    path = pytestconfig.getoption("--host-vars")
-    return _host_vars_file(path) if path else host.ansible.get_variables()
+    return _hostvars(host, pytestconfig)
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +146,7 @@ def _readings(host: Any, config: pytest.Config, bundle: Bundle) -> HostReadings:
     """The host's readings, made once per process: every command its checks will run, read in one SSH session."""
     name = _inventory_name(host)
     if name not in _FACTS:
-        path = config.getoption("--host-vars")
-        hostvars = _host_vars_file(path) if path else host.ansible.get_variables()
-        _FACTS[name] = HostReadings(host, hostvars, all_pinned_packages(bundle), bundle)
+        _FACTS[name] = HostReadings(host, _hostvars(host, config), all_pinned_packages(bundle), bundle)
         if not config.getoption("--command-by-command"):
             _FACTS[name].read_all()
     return _FACTS[name]
@@ -154,8 +160,7 @@ def _read_every_host_at_once(request: pytest.FixtureRequest, pytestconfig: pytes
         return
     hosts: dict[str, Any] = {}
     for item in request.session.items:
-        spec = getattr(item, "callspec", None)
-        if spec is not None and (host := spec.params.get("_testinfra_host")) is not None:
+        if (host := _testinfra_host(item)) is not None:
             hosts.setdefault(_inventory_name(host), host)
     if len(hosts) < 2:
         return
