@@ -38,6 +38,9 @@ CLOUD_CFG = f"""\
 datasource_list: [NoCloud]
 network: {{config: disabled}}
 disable_root: true
+# Ubuntu's images run in C.UTF-8 (Debian's cloud-init would set en_US.UTF-8, which the image does not have: its
+# locale module then fails cloud-config.service, and once a loaded machine never went on to cloud-final)
+locale: C.UTF-8
 system_info:
   default_user:
     name: {DEFAULT_USER}
