@@ -34,6 +34,17 @@ def lab_release(name: str) -> Path:
     return LAB_RELEASES / f"{name}.yaml"
 
 
+def ansible_failures(stdout: str) -> str:
+    """Each failed task of an ansible-playbook run's output, under its TASK line (a recap says only how many)."""
+    out, task = [], ""
+    for line in stdout.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line
+        elif line.startswith(("fatal: ", "failed: ")):
+            out += [task, line[:3000]]
+    return "\n".join(out)
+
+
 @dataclass
 class LabHandle:
     """What tests get: the lab, its inventory, and ways to reach and break its hosts."""

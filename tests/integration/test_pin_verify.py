@@ -23,7 +23,7 @@ import yaml
 from infra.model.access import host_keys_from_console
 from patching.inventory.reader import load_inventory
 from patching.release.bundle import load_bundle
-from tests.integration.conftest import LAB_RELEASES
+from tests.integration.conftest import LAB_RELEASES, ansible_failures
 
 pytestmark = pytest.mark.lab
 
@@ -59,7 +59,8 @@ def converged(lab):
     proc = subprocess.run([str(BIN / "ansible-playbook"), "-i", str(lab.inventory), "playbooks/site.yml",
                            "-e", f"bundle_file={LAB_RELEASES}/2026-10.yaml"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1800, env={"PATH": f"{BIN}:/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/root"})
-    print(f"first converge: {time.monotonic() - started:.0f}s\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+    print(f"first converge: {time.monotonic() - started:.0f}s\n{ansible_failures(proc.stdout)}\n"
+          f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
     assert proc.returncode == 0, "site.yml did not converge the lab (output above)"
     return lab
 
