@@ -52,6 +52,20 @@ def failed_checks(junit: Path) -> dict[tuple[str, str], str]:
     return out
 
 
+FIRST_CONVERGE: dict[str, str] = {}  # what the module's first converge printed
+
+
+def task_results(stdout: str, task: str) -> list[str]:
+    """The result lines (ok/changed/skipping/fatal) of every run of `task` in ansible-playbook's default output."""
+    out, inside = [], False
+    for line in stdout.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [", "PLAY ")):
+            inside = line.startswith(f"TASK [{task}]")
+        elif inside and line.startswith(("ok: ", "changed: ", "skipping: ", "fatal: ")):
+            out.append(line.split(" =>")[0])
+    return out
+
+
 @pytest.fixture(scope="module")
 def converged(lab):
     """The lab converged to 2026-10 the way users do it: plain ansible-playbook, repository ansible.cfg."""
@@ -62,6 +76,7 @@ def converged(lab):
     print(f"first converge: {time.monotonic() - started:.0f}s\n{ansible_failures(proc.stdout)}\n"
           f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
     assert proc.returncode == 0, "site.yml did not converge the lab (output above)"
+    FIRST_CONVERGE["stdout"] = proc.stdout
     return lab
 
 
@@ -81,6 +96,17 @@ def test_second_converge_changes_nothing(converged, tmp_path):
     changed = {h: r["changed_tasks"] for h, r in recap.items() if r["changed"]}
     assert not changed, f"a second converge changed tasks (not idempotent): {changed}"
     assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in recap.values())
+
+
+@pytest.mark.parametrize("task", ["model_serving : Fetch the model weights and check their sha256",
+                                  "model_serving : Look for the bundle's image in local storage"])
+def test_weights_and_image_are_staged_once_per_host(converged, task):
+    """site.yml stages the weights and the image before anything changes; the role's main tasks, later in the
+    same run, do not fetch and pull again."""
+    results = task_results(FIRST_CONVERGE["stdout"], task)
+    ran = sorted(r.split("[", 1)[1].rstrip("]") for r in results if not r.startswith("skipping"))
+    assert ran == converged.hosts, results
+    assert len([r for r in results if r.startswith("skipping")]) == len(converged.hosts), results
 
 
 def test_verify_passes(converged, tmp_path):
