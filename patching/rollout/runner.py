@@ -882,7 +882,7 @@ class Runner:
         rollback.fail(self._drain(serving), serving, "drain")
 
     def _rollback_apply(self, rollback: _Rollback) -> None:
-        """Per previous release: apply it where it is not installed, reboot if needed, verify with the gates."""
+        """Per previous release: apply it where it is not installed or an apply began, reboot if needed, verify."""
         by_release: dict[str, list[str]] = defaultdict(list)
         for name in rollback.live():
             by_release[rollback.previous[name]].append(name)
@@ -891,7 +891,10 @@ class Runner:
             if bundle is None:  # checked at start; only a manifest deleted mid-run gets here
                 rollback.broken |= dict.fromkeys(group, f"the manifest of its previous bundle {release} is gone")
                 continue
-            todo = [n for n in group if rollback.facts[n].installed_release != release]
+            # a host stamped with `release` whose apply of the new bundle started may be half-applied (the stamp
+            # is written last): it gets `release` applied again too
+            touched = {row.host for row in self.run.host_history() if row.state == HostState.APPLYING}
+            todo = [n for n in group if rollback.facts[n].installed_release != release or n in touched]
             # what the rollout applied, put back: the components the change from `release` touches
             applied = self._call(self.actions.apply, todo, bundle, self.policy.timeouts.apply.total_seconds(),
                                  self._components(dict.fromkeys(todo, release)))

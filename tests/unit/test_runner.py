@@ -205,6 +205,17 @@ def test_gpu_memory_leak_fails_the_soak(tmp_path):
     assert gate.host == "b1" and "GPU memory grows 2048 MiB/h > 512 MiB/h" in gate.data["detail"]
 
 
+def test_a_host_whose_apply_failed_gets_its_old_bundle_applied_again(tmp_path):
+    """A failed apply may have moved packages before it stopped; the host's stamp, written last, still names the
+    old bundle. Its rollback applies the old bundle anyway."""
+    h = Harness(tmp_path)
+    h.fleet.faults[("a1", "apply", NEW)] = "dpkg: error processing package cuda-drivers (--configure)"
+    h.run()
+    final = assert_consistent(tmp_path / "journal.db", h.fleet)
+    assert final["a1"] == "rolled_back"
+    assert [(n, r) for n, r, _ in h.fleet.applied if n == "a1"] == [("a1", NEW), ("a1", OLD)]
+
+
 def test_failed_rollback_leaves_the_host_drained_and_says_so_loudly(tmp_path):
     h = Harness(tmp_path)
     h.fleet.faults[("a1", "slo", "*")] = "connection reset"  # bad on any bundle
