@@ -886,14 +886,14 @@ class Runner:
         by_release: dict[str, list[str]] = defaultdict(list)
         for name in rollback.live():
             by_release[rollback.previous[name]].append(name)
+        # a host stamped with its previous release whose apply of the new bundle began may be half-applied (the
+        # stamp is written last): it gets that release applied again too
+        touched = {row.host for row in self.run.host_history() if row.state == HostState.APPLYING}
         for release, group in sorted(by_release.items()):
             bundle = self.resolve_bundle(release)
             if bundle is None:  # checked at start; only a manifest deleted mid-run gets here
                 rollback.broken |= dict.fromkeys(group, f"the manifest of its previous bundle {release} is gone")
                 continue
-            # a host stamped with `release` whose apply of the new bundle started may be half-applied (the stamp
-            # is written last): it gets `release` applied again too
-            touched = {row.host for row in self.run.host_history() if row.state == HostState.APPLYING}
             todo = [n for n in group if rollback.facts[n].installed_release != release or n in touched]
             # what the rollout applied, put back: the components the change from `release` touches
             applied = self._call(self.actions.apply, todo, bundle, self.policy.timeouts.apply.total_seconds(),
