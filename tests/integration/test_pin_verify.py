@@ -109,6 +109,20 @@ def test_weights_and_image_are_staged_once_per_host(converged, task):
     assert len([r for r in results if r.startswith("skipping")]) == len(converged.hosts), results
 
 
+def test_upsmon_stops_at_once_as_on_a_real_host(converged):
+    """The lab's systemd cannot kill a unit's cgroup (lab/hosts.py): upsmon's child outlived its stop until the
+    stop timeout killed it, 10 s on every lab reboot. Stopped now as a real host's systemd stops it: every process
+    of the unit gets SIGTERM, and the stop succeeds rather than timing out."""
+    host = "dgx-a2"
+    try:
+        converged.ssh(host, "systemctl stop nut-monitor")
+        assert converged.ssh(host, "systemctl show -p Result --value nut-monitor").stdout.strip() == "success"
+        assert converged.ssh(host, "pgrep -x upsmon", check=False).returncode == 1  # none left
+    finally:
+        converged.ssh(host, "systemctl start nut-monitor", check=False)
+    assert converged.ssh(host, "systemctl is-active nut-monitor").stdout.strip() == "active"
+
+
 def test_verify_passes(converged, tmp_path):
     junit = tmp_path / "verify.xml"
     proc = fleet("verify", "--release", str(RELEASE), "--inventory", str(converged.inventory), "--junit", str(junit))
