@@ -1,6 +1,6 @@
 """The real host actions behind `patching.rollout.actions.Actions`.
 
-Playbooks do the configuration (drain.yml, patch.yml, undrain.yml through ansible-runner); reads go
+Playbooks do the configuration (drain.yml, patch.yml, reboot.yml, undrain.yml through ansible-runner); reads go
 over the same SSH settings with ad-hoc Ansible modules (no fact gathering); the load balancer is read
 through HAProxy's runtime API (or the AWS target group); UPS units through NUT's network protocol;
 the serving gates are plain HTTP straight to each host. Nothing here decides: the runner does.
@@ -37,6 +37,9 @@ PLAYBOOKS = ROOT / "playbooks"
 ANSIBLE_CFG = ROOT / "ansible.cfg"
 MANIFEST = "/etc/fleet/bundle.json"
 SSH_TIMEOUT_S = 10
+# playbooks/reboot.yml's tasks, as its events name them
+REBOOT_READ, REBOOT_TASK = "Ask NVML which driver is loaded", "Reboot to load the bundle's driver"
+REBOOT_READ_AFTER = "Ask NVML which driver is loaded after the reboot"
 
 # HAProxy srv_admin_state bits: FMAINT, IMAINT, CMAINT, FDRAIN, IDRAIN, RMAINT, HMAINT
 _HAPROXY_OUT_OF_SERVICE = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20 | 0x40
@@ -348,35 +351,43 @@ class FleetActions:
         return self._playbook("patch.yml", hosts, timeout_s, extravars)
 
     def reboot_if_needed(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
-        """Ansible's reboot module on the hosts whose loaded driver (nvidia-smi) is not the bundle's; a rebooted
-        host is back when it runs the bundle's driver and its server, started at boot, answers /health with 200
-        (pulling nothing, loading its weights), within what is left of `timeout_s`."""
+        """playbooks/reboot.yml, one Ansible run: Ansible's reboot module on the hosts whose loaded driver
+        (nvidia-smi) is not the bundle's, and the driver each loaded. A rebooted host is back when it runs the
+        bundle's driver and its server, started at boot, answers /health with 200 (pulling nothing, loading its
+        weights), within what is left of `timeout_s`."""
+        if not hosts:
+            return {}
         started = time.monotonic()
-        query = "nvidia-smi --query-gpu=driver_version --format=csv,noheader"
-        answers = self._command(hosts, query, timeout_s=60)
-        needs = [h for h in hosts if answers[h.name][1] != 0 or
-                 set(answers[h.name][2].split()) != {bundle.driver.version}]
-        out: dict[str, Outcome] = {h.name: Outcome(True, "driver loaded, no reboot needed") for h in hosts
-                                   if h not in needs}
-        if needs:
-            run = self._ansible("reboot", needs, timeout_s, host_pattern="all", module="ansible.builtin.reboot",
-                                module_args=f"reboot_timeout={max(60, int(timeout_s) - 30)}")
-            rebooted = {e["event_data"]["host"] for e in run.events if e["event"] == "runner_on_ok"}
-            after = self._command([h for h in needs if h.name in rebooted], query, timeout_s=60)
-            back = []
-            for h in needs:
-                reachable, rc, stdout = after.get(h.name, (False, None, "did not come back"))
+        run = self._ansible("reboot", hosts, timeout_s, playbook=str(PLAYBOOKS / "reboot.yml"),
+                            extravars={"fleet_driver_version": bundle.driver.version,
+                                       "fleet_reboot_timeout": max(60, int(timeout_s) - 30)})
+        timed_out = run.status == "timeout"
+        tasks, failures = _task_results(run), _failures(run)
+        out: dict[str, Outcome] = {}
+        back = []
+        for h in hosts:
+            ran = tasks.get(h.name, {})
+            before, after = ran.get(REBOOT_READ), ran.get(REBOOT_READ_AFTER)
+            if before is not None and before[0] == "runner_on_ok" and ran.get(REBOOT_TASK, ("",))[0] == \
+                    "runner_on_skipped":
+                out[h.name] = Outcome(True, "driver loaded, no reboot needed")
+            elif after is not None and after[0] == "runner_on_ok":
+                rc, stdout = after[1].get("rc"), str(after[1].get("stdout", ""))
                 found = set(stdout.split())
-                ok = reachable and rc == 0 and found == {bundle.driver.version}
+                ok = rc == 0 and found == {bundle.driver.version}
                 out[h.name] = Outcome(ok, f"rebooted; driver {', '.join(sorted(found)) or stdout[:120]}",
-                                      timed_out=run.status == "timeout")
+                                      timed_out=timed_out)
                 if ok:
                     back.append(h)
-            left = max(10.0, timeout_s - (time.monotonic() - started))
-            serving = _parallel(back, lambda h: _serving_after_boot(h, left))
-            for h in back:
-                if not serving[h.name].ok:
-                    out[h.name] = Outcome(False, f"{out[h.name].detail}; {serving[h.name].detail}", timed_out=True)
+            else:
+                why = failures.get(h.name) or ("reboot.yml ran past its time" if timed_out else
+                                               f"reboot.yml did not finish (ansible-runner {run.status}, rc {run.rc})")
+                out[h.name] = Outcome(False, why, timed_out=timed_out)
+        left = max(10.0, timeout_s - (time.monotonic() - started))
+        serving = _parallel(back, lambda h: _serving_after_boot(h, left))
+        for h in back:
+            if not serving[h.name].ok:
+                out[h.name] = Outcome(False, f"{out[h.name].detail}; {serving[h.name].detail}", timed_out=True)
         return out
 
     def gate_testinfra(self, hosts: Sequence[InventoryHost], bundle: Bundle, timeout_s: float) -> Results:
@@ -565,6 +576,19 @@ def _failures(run: Any) -> dict[str, str]:
             if event.get("event") == "runner_on_unreachable":
                 msg = describe_ssh_failure(str(msg))
             out.setdefault(host, f"{data.get('task', '?')}: {str(msg)[:300]}")
+    return out
+
+
+def _task_results(run: Any) -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
+    """host -> task name -> (the event that ended the task on it: runner_on_ok, _failed, _skipped or
+    _unreachable, and the task's result)."""
+    out: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
+    for event in run.events:
+        kind = event.get("event")
+        if kind in ("runner_on_ok", "runner_on_failed", "runner_on_skipped", "runner_on_unreachable"):
+            data = event.get("event_data", {})
+            if data.get("host"):
+                out.setdefault(data["host"], {})[str(data.get("task", ""))] = (kind, data.get("res") or {})
     return out
 
 

@@ -11,6 +11,7 @@ import socketserver
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,60 @@ def test_fabric_judges_the_inventorys_hcas_and_lists_the_others(tmp_path, monkey
     assert out["down"].detail.startswith("mlx5_4 port 1 (cabled to leaf-rail4 port 2): Down/Disabled (not in")
     assert not out["unreachable"].ok and not out["unreachable"].measured
     assert out["no-ib"].ok
+
+
+# ---- the reboot step: playbooks/reboot.yml read through its events -------------------------------
+
+def _event(kind: str, host: str, task: str, **res) -> dict:
+    """An ansible-runner event as it reads them: the kind, and the host, task name and result in event_data."""
+    return {"event": f"runner_on_{kind}", "event_data": {"host": host, "task": task, "res": res}}
+
+
+def test_the_reboot_steps_task_names_are_the_playbooks():
+    import yaml
+
+    play = yaml.safe_load((ROOT / "playbooks/reboot.yml").read_text())[0]
+    assert [t["name"] for t in play["tasks"]] == [hostactions.REBOOT_READ, hostactions.REBOOT_TASK,
+                                                  hostactions.REBOOT_READ_AFTER]
+
+
+def test_reboot_reads_each_hosts_outcome_from_one_playbook_run(tmp_path, monkeypatch):
+    """Left running (its driver loaded), rebooted into the bundle's driver and serving, rebooted into another,
+    unreachable, and rebooted but its server not back: one Ansible run, each host's outcome from its events."""
+    bundle = load_bundle(ROOT / "releases/2026-11.yaml")
+    version, old = bundle.driver.version, "1.2.3"
+    names = ["loaded", "rebooted", "wrong", "gone", "silent"]
+    hosts = [make_host(n) for n in names]
+    actions = make_actions(tmp_path, monkeypatch, *hosts)
+    read, reboot, after = hostactions.REBOOT_READ, hostactions.REBOOT_TASK, hostactions.REBOOT_READ_AFTER
+    events = [_event("ok", "loaded", read, rc=0, stdout=f"{version}\n{version}"),
+              _event("skipped", "loaded", reboot), _event("skipped", "loaded", after)]
+    for name in ("rebooted", "wrong", "silent"):
+        events += [_event("ok", name, read, rc=18, stdout="Failed to initialize NVML: Driver/library version mismatch"),
+                   _event("ok", name, reboot, changed=True, rebooted=True),
+                   _event("ok", name, after, rc=0, stdout=f"{old if name == 'wrong' else version}\n" * 2)]
+    events.append(_event("unreachable", "gone", read, msg="ssh: connect to host 127.0.0.1 port 22: Connection refused"))
+    calls = []
+
+    def ansible(name, run_hosts, timeout_s, **kwargs):
+        calls.append((name, [h.name for h in run_hosts], kwargs))
+        return types.SimpleNamespace(events=events, status="failed", rc=4, stats={})
+
+    monkeypatch.setattr(actions, "_ansible", ansible)
+    monkeypatch.setattr(hostactions, "_serving_after_boot", lambda h, timeout_s: hostactions.Outcome(
+        h.name != "silent", "" if h.name != "silent" else "its server did not answer /health"))
+    out = actions.reboot_if_needed(hosts, bundle, 600)
+
+    assert [(c[0], c[1]) for c in calls] == [("reboot", names)]  # one run for every host
+    assert calls[0][2]["playbook"].endswith("playbooks/reboot.yml")
+    assert calls[0][2]["extravars"] == {"fleet_driver_version": version, "fleet_reboot_timeout": 570}
+    assert out["loaded"] == hostactions.Outcome(True, "driver loaded, no reboot needed")
+    assert out["rebooted"] == hostactions.Outcome(True, f"rebooted; driver {version}")
+    assert not out["wrong"].ok and out["wrong"].detail == f"rebooted; driver {old}"
+    assert not out["gone"].ok and out["gone"].detail.startswith(f"{read}: ")
+    assert "Connection refused" in out["gone"].detail
+    assert not out["silent"].ok and out["silent"].detail == f"rebooted; driver {version}; its server did not answer " \
+                                                             "/health"
 
 
 def test_fabric_output_that_is_not_ibstats_is_not_measured():
