@@ -1,9 +1,10 @@
 """The real host actions behind `patching.rollout.actions.Actions`.
 
-Playbooks do the configuration (drain.yml, patch.yml, reboot.yml, undrain.yml through ansible-runner); reads go
-over the same SSH settings with ad-hoc Ansible modules (no fact gathering); the load balancer is read
-through HAProxy's runtime API (or the AWS target group); UPS units through NUT's network protocol;
-the serving gates are plain HTTP straight to each host. Nothing here decides: the runner does.
+Playbooks do the configuration and the reads of several steps (drain.yml, patch.yml, reboot.yml, hardware.yml,
+undrain.yml through ansible-runner: one Ansible start for the whole step); other reads go over the same SSH
+settings with ad-hoc Ansible modules (no fact gathering); the load balancer is read through HAProxy's runtime
+API (or the AWS target group); UPS units through NUT's network protocol; the serving gates are plain HTTP
+straight to each host. Nothing here decides: the runner does.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ SSH_TIMEOUT_S = 10
 # playbooks/reboot.yml's tasks, as its events name them
 REBOOT_READ, REBOOT_TASK = "Ask NVML which driver is loaded", "Reboot to load the bundle's driver"
 REBOOT_READ_AFTER = "Ask NVML which driver is loaded after the reboot"
+# playbooks/hardware.yml's
+HARDWARE_DCGM, HARDWARE_NCCL = "Run the DCGM diagnostic", "Run the NCCL all-reduce sweep"
 
 # HAProxy srv_admin_state bits: FMAINT, IMAINT, CMAINT, FDRAIN, IDRAIN, RMAINT, HMAINT
 _HAPROXY_OUT_OF_SERVICE = 0x01 | 0x02 | 0x04 | 0x08 | 0x10 | 0x20 | 0x40
@@ -467,41 +470,39 @@ class FleetActions:
 
 
     def check_hardware(self, hosts: Sequence[InventoryHost], hw: Hardware, timeout_s: float) -> Results:
-        """`dcgmi diag` on each host, then nccl-tests' all-reduce over its `fleet_gpu_count` GPUs (one ad-hoc
-        run per distinct count), each within `timeout_s`; patching/hosts/hardware.py reads the output."""
+        """playbooks/hardware.yml, one Ansible run within `timeout_s`: `dcgmi diag` on each host, then nccl-tests'
+        all-reduce over its `fleet_gpu_count` GPUs; patching/hosts/hardware.py reads the output."""
+        if not hosts:
+            return {}
         started = time.monotonic()
         figures: dict[str, dict[str, Any]] = {h.name: {} for h in hosts}
-        reached: dict[str, str | None] = {h.name: None for h in hosts}  # name -> why it could not be reached
-        for name, (reachable, rc, stdout) in self._command(hosts, hardware.dcgm_command(hw.dcgm_level),
-                                                           timeout_s).items():
-            if not reachable:
-                reached[name] = stdout
+        sweeps: dict[str, str] = {}
+        for h in hosts if hw.nccl else ():
+            if h.gpu_count:
+                sweeps[h.name] = hardware.nccl_command(hw.nccl_tests, h.gpu_count)
             else:
-                figures[name] |= hardware.dcgm_figures(rc, stdout, hw.dcgm_level)
-        if hw.nccl:
-            by_count: dict[int, list[InventoryHost]] = {}
-            for h in hosts:
-                if reached[h.name] is not None:
-                    continue
-                if not h.gpu_count:
-                    figures[h.name]["nccl_error"] = "the inventory gives no fleet_gpu_count for the host"
-                    continue
-                by_count.setdefault(h.gpu_count, []).append(h)
-            for count, group in sorted(by_count.items()):
-                command = hardware.nccl_command(hw.nccl_tests, count)
-                left = max(timeout_s - (time.monotonic() - started), 1)
-                for name, (reachable, rc, stdout) in self._command(group, command, left).items():
-                    if not reachable:
-                        reached[name] = stdout
-                    else:
-                        figures[name] |= hardware.nccl_figures(rc, stdout, command, count)
-        timed_out = time.monotonic() - started > timeout_s
+                figures[h.name]["nccl_error"] = "the inventory gives no fleet_gpu_count for the host"
+        run = self._ansible("hardware", hosts, timeout_s, playbook=str(PLAYBOOKS / "hardware.yml"),
+                            extravars={"fleet_dcgm_command": hardware.dcgm_command(hw.dcgm_level),
+                                       "fleet_nccl_commands": sweeps})
+        timed_out = run.status == "timeout" or time.monotonic() - started > timeout_s
+        tasks, failures = _task_results(run), _failures(run)
         out = {}
         for h in hosts:
-            if reached[h.name] is not None:
-                out[h.name] = Outcome(False, f"unreachable: {reached[h.name]}", measured=False)
-            else:
-                out[h.name] = Outcome(True, "", timed_out, figures[h.name])
+            ran = tasks.get(h.name, {})
+            dcgm, sweep = ran.get(HARDWARE_DCGM), ran.get(HARDWARE_NCCL)
+            if dcgm is None or dcgm[0] != "runner_on_ok" or (h.name in sweeps and (
+                    sweep is None or sweep[0] != "runner_on_ok")):
+                why = failures.get(h.name) or (f"ran past {timeout_s:g}s" if timed_out else
+                                               f"hardware.yml did not finish (ansible-runner {run.status})")
+                out[h.name] = Outcome(False, f"unreachable: {why}", timed_out, measured=False)
+                continue
+            figures[h.name] |= hardware.dcgm_figures(dcgm[1].get("rc"), str(dcgm[1].get("stdout", "")),
+                                                     hw.dcgm_level)
+            if sweep is not None and h.name in sweeps:
+                figures[h.name] |= hardware.nccl_figures(sweep[1].get("rc"), str(sweep[1].get("stdout", "")),
+                                                         sweeps[h.name], h.gpu_count or 0)
+            out[h.name] = Outcome(True, "", timed_out, figures[h.name])
         return out
 
 

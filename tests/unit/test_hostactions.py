@@ -22,7 +22,7 @@ from patching.hosts.toolpath import BIN, path_with_our_bin
 from patching.inventory.reader import FleetInventory, InventoryHost, load_inventory
 from patching.release.bundle import load_bundle
 from patching.rollout.actions import ActionsUnavailable, HostSnapshot
-from patching.rollout.policy import SloProbe, Soak
+from patching.rollout.policy import Hardware, SloProbe, Soak
 from tests.conftest import ROOT, write_yaml
 from tests.unit.test_probe import SLOW_S, fake_serving  # noqa: F401 - fixture
 
@@ -332,6 +332,57 @@ def test_reboot_reads_each_hosts_outcome_from_one_playbook_run(tmp_path, monkeyp
     assert "Connection refused" in out["gone"].detail
     assert not out["silent"].ok and out["silent"].detail == f"rebooted; driver {version}; its server did not answer " \
                                                              "/health"
+
+
+def test_the_hardware_steps_task_names_are_the_playbooks():
+    import yaml
+
+    play = yaml.safe_load((ROOT / "playbooks/hardware.yml").read_text())[0]
+    assert [t["name"] for t in play["tasks"]] == [hostactions.HARDWARE_DCGM, hostactions.HARDWARE_NCCL]
+
+
+def test_hardware_reads_both_tools_of_every_host_from_one_playbook_run(tmp_path, monkeypatch):
+    """DCGM and the NCCL sweep over each host's own GPU count, hosts of 8 and 4 GPUs in one run; a host without
+    a GPU count gets DCGM only and says why; a host that cannot be reached is not measured."""
+    formats = ROOT / "tests/unit/formats"
+    dcgm, sweep = (formats / "dcgmi-diag-r1.json").read_text(), (formats / "all_reduce_perf-8xA100.txt").read_text()
+    hosts = [make_host("a100", gpu_count=8), make_host("t4", gpu_count=4), make_host("uncounted"),
+             make_host("gone", gpu_count=8)]
+    actions = make_actions(tmp_path, monkeypatch, *hosts)
+    events = []
+    for name in ("a100", "t4", "uncounted"):
+        events.append(_event("ok", name, hostactions.HARDWARE_DCGM, rc=0, stdout=dcgm))
+    events += [_event("ok", "a100", hostactions.HARDWARE_NCCL, rc=0, stdout=sweep),
+               _event("ok", "t4", hostactions.HARDWARE_NCCL, rc=0, stdout=sweep),
+               _event("skipped", "uncounted", hostactions.HARDWARE_NCCL),
+               _event("unreachable", "gone", hostactions.HARDWARE_DCGM, msg="ssh: connect to host 127.0.0.1 port 22: "
+                                                                           "Connection timed out")]
+    calls = []
+
+    def ansible(name, run_hosts, timeout_s, **kwargs):
+        calls.append((name, [h.name for h in run_hosts], kwargs))
+        return types.SimpleNamespace(events=events, status="failed", rc=4, stats={})
+
+    monkeypatch.setattr(actions, "_ansible", ansible)
+    hw = Hardware(dcgm_level=1, nccl_tests="/opt/nccl-tests/build/all_reduce_perf")
+    out = actions.check_hardware(hosts, hw, 300)
+
+    assert len(calls) == 1 and calls[0][1] == ["a100", "t4", "uncounted", "gone"]
+    assert calls[0][2]["extravars"] == {
+        "fleet_dcgm_command": "dcgmi diag -r 1 -j",
+        "fleet_nccl_commands": {"a100": "/opt/nccl-tests/build/all_reduce_perf -b 8 -e 8G -f 2 -g 8",
+                                "t4": "/opt/nccl-tests/build/all_reduce_perf -b 8 -e 8G -f 2 -g 4",
+                                "gone": "/opt/nccl-tests/build/all_reduce_perf -b 8 -e 8G -f 2 -g 8"}}
+    a100 = out["a100"]
+    assert a100.ok and a100.measured and a100.measurements["dcgm"]["level"] == 1
+    assert a100.measurements["nccl"]["gpus"] == 8 and a100.measurements["nccl"]["busbw_gbps"] > 0
+    # the 8-GPU table given to the 4-GPU host is read against that host's own sweep
+    assert out["t4"].measurements["nccl_error"] == "`/opt/nccl-tests/build/all_reduce_perf -b 8 -e 8G -f 2 -g 4` " \
+                                                   "ran over 8 GPU(s); the host has 4"
+    assert out["uncounted"].measurements["nccl_error"] == "the inventory gives no fleet_gpu_count for the host"
+    assert "dcgm" in out["uncounted"].measurements
+    assert not out["gone"].ok and not out["gone"].measured
+    assert out["gone"].detail.startswith(f"unreachable: {hostactions.HARDWARE_DCGM}: ")
 
 
 def test_fabric_output_that_is_not_ibstats_is_not_measured():
